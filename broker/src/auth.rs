@@ -1,0 +1,228 @@
+//! Caller authentication: API keys presented as `authorization: Bearer <key>`.
+//!
+//! Keys are configured by name, roles and the SHA-256 of the key, so the configuration holds
+//! no usable secret. A presented key is hashed and looked up; because keys carry at least 256
+//! bits of entropy, a hash-table lookup on the digest leaks nothing useful through timing.
+
+use std::{collections::HashMap, fmt, sync::Arc};
+
+use serde::Deserialize;
+
+use crate::{
+    error::{BrokerError, BrokerResult},
+    secret::{SecretDigest, sha256},
+};
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The Cognito trigger: issues tokens for asserted claims.
+    Trigger,
+    /// An internal service: introspects tokens and exchanges Cognito tokens.
+    Service,
+    /// An operator: everything, including revoking and listing any account's tokens.
+    Admin,
+}
+
+impl Role {
+    /// Returns the role's configuration name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trigger => "trigger",
+            Self::Service => "service",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The configured name, used in logs (never the key).
+    pub name: String,
+    /// The roles it holds.
+    pub roles: Vec<Role>,
+}
+
+impl Caller {
+    /// Whether the caller holds any of `roles`.
+    pub fn has_any(&self, roles: &[Role]) -> bool {
+        self.roles.iter().any(|r| roles.contains(r))
+    }
+}
+
+/// Returns the caller if it holds one of `roles`.
+///
+/// # Errors
+///
+/// `Unauthenticated` without a caller, `PermissionDenied` when it lacks every role.
+pub fn require<'a>(caller: Option<&'a Caller>, roles: &[Role]) -> BrokerResult<&'a Caller> {
+    let caller = caller.ok_or(BrokerError::Unauthenticated(
+        "this call needs a credential: send `authorization: Bearer <api key>`",
+    ))?;
+    if caller.has_any(roles) {
+        Ok(caller)
+    } else {
+        let needed: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+        Err(BrokerError::PermissionDenied(format!(
+            "caller {:?} lacks the role this call needs (one of: {})",
+            caller.name,
+            needed.join(", ")
+        )))
+    }
+}
+
+/// An API key as configured: name, roles, and the hex SHA-256 of the key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The caller's name.
+    pub name: String,
+    /// Its roles.
+    pub roles: Vec<Role>,
+    /// Lowercase or uppercase hex of the key's SHA-256 (`printf %s "$KEY" | sha256sum`).
+    pub sha256: String,
+}
+
+/// Maps presented credentials to callers.
+pub struct Authenticator {
+    keys: HashMap<SecretDigest, Arc<Caller>>,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("api_keys", &self.keys.len())
+            .finish()
+    }
+}
+
+impl Authenticator {
+    /// Builds the key table.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the key whose digest is not 64 hex digits, whose name is empty, or
+    /// whose digest is configured twice.
+    pub fn new(keys: &[ApiKeyConfig]) -> Result<Self, String> {
+        let mut table = HashMap::new();
+        for key in keys {
+            if key.name.trim().is_empty() {
+                return Err("an api key has an empty name".into());
+            }
+            let digest: SecretDigest = hex::decode(key.sha256.trim())
+                .ok()
+                .and_then(|bytes| bytes.try_into().ok())
+                .ok_or_else(|| {
+                    format!(
+                        "api key {:?}: sha256 must be 64 hex digits (the SHA-256 of the key)",
+                        key.name
+                    )
+                })?;
+            let caller = Arc::new(Caller {
+                name: key.name.clone(),
+                roles: key.roles.clone(),
+            });
+            if table.insert(digest, caller).is_some() {
+                return Err(format!(
+                    "api key {:?}: the same key is configured twice",
+                    key.name
+                ));
+            }
+        }
+        Ok(Self { keys: table })
+    }
+
+    /// Authenticates the value of the `authorization` header, if any.
+    ///
+    /// No header means an anonymous caller (`Ok(None)`): some calls need none. A header that
+    /// is present but not a known bearer key is an error even where none is needed, so a
+    /// misconfigured client learns of it at once.
+    ///
+    /// # Errors
+    ///
+    /// `Unauthenticated` for a malformed header or an unknown key. The message never repeats
+    /// the credential.
+    pub fn authenticate(&self, authorization: Option<&str>) -> BrokerResult<Option<Arc<Caller>>> {
+        let Some(header) = authorization else {
+            return Ok(None);
+        };
+        let credential = header
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, credential)| credential.trim())
+            .filter(|credential| !credential.is_empty())
+            .ok_or(BrokerError::Unauthenticated(
+                "the authorization header must be `Bearer <api key>`",
+            ))?;
+        self.keys
+            .get(&sha256(credential.as_bytes()))
+            .cloned()
+            .map(Some)
+            .ok_or(BrokerError::Unauthenticated("unknown api key"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authenticator() -> Authenticator {
+        Authenticator::new(&[ApiKeyConfig {
+            name: "ops".into(),
+            roles: vec![Role::Admin],
+            sha256: hex::encode(sha256(b"tbk_secret")),
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn known_key_authenticates_as_its_caller() {
+        let caller = authenticator()
+            .authenticate(Some("Bearer tbk_secret"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(caller.name, "ops");
+        assert!(caller.has_any(&[Role::Admin]));
+    }
+
+    #[test]
+    fn missing_header_is_anonymous_and_bad_header_is_rejected() {
+        let auth = authenticator();
+        assert!(auth.authenticate(None).unwrap().is_none());
+        for bad in ["tbk_secret", "Basic tbk_secret", "Bearer ", "Bearer tbk_other"] {
+            let err = auth.authenticate(Some(bad)).unwrap_err();
+            assert!(matches!(err, BrokerError::Unauthenticated(_)), "{bad}");
+            assert!(!err.to_string().contains("tbk_"), "error echoes the key");
+        }
+    }
+
+    #[test]
+    fn role_checks_distinguish_anonymous_from_forbidden() {
+        let trigger = Caller {
+            name: "t".into(),
+            roles: vec![Role::Trigger],
+        };
+        assert!(matches!(
+            require(None, &[Role::Admin]),
+            Err(BrokerError::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            require(Some(&trigger), &[Role::Admin]),
+            Err(BrokerError::PermissionDenied(_))
+        ));
+        assert!(require(Some(&trigger), &[Role::Trigger, Role::Admin]).is_ok());
+    }
+
+    #[test]
+    fn malformed_digest_is_a_config_error() {
+        let err = Authenticator::new(&[ApiKeyConfig {
+            name: "x".into(),
+            roles: vec![],
+            sha256: "abc".into(),
+        }])
+        .unwrap_err();
+        assert!(err.contains("64 hex digits"));
+    }
+}

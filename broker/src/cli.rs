@@ -1,0 +1,137 @@
+//! The `tokenbroker` command line: flags, dev mode, and the small key-management helpers.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+use tracing::{info, warn};
+
+use crate::{
+    config::{ENV_CONFIG_FILE, ProcessEnv, Settings},
+    dev,
+    startup::{Application, shutdown_signal},
+    telemetry,
+};
+
+/// tokenbroker: mints, rotates, revokes and introspects refresh and access tokens over gRPC.
+///
+/// With no config file and no API keys configured, it runs in dev mode: an embedded store
+/// under ./data, a listener on 127.0.0.1:50051, and three generated API keys (admin, trigger,
+/// service), printed once and written to ./data/dev-keys.env.
+///
+/// Every setting can also come from the environment as TOKENBROKER_<SECTION>__<FIELD>, for
+/// example TOKENBROKER_SERVER__LISTEN=0.0.0.0:50051; see the README's configuration reference.
+#[derive(Debug, Parser)]
+#[command(name = "tokenbroker", version)]
+pub struct Args {
+    /// TOML config file. Without one (and without TOKENBROKER_API_KEYS) the broker runs in
+    /// dev mode.
+    #[arg(long, short, env = ENV_CONFIG_FILE, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on; overrides server.listen.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Data directory of the embedded store; overrides store.embedded.dir.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Something other than serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Commands other than serving.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generates a new API key and prints it with the config entry that admits it.
+    GenKey {
+        /// The caller name to put in the entry.
+        #[arg(long, default_value = "my-service")]
+        name: String,
+        /// The role to grant: trigger, service or admin.
+        #[arg(long, default_value = "service")]
+        role: String,
+    },
+    /// Reads an API key from stdin and prints its SHA-256, for `api_keys[].sha256`.
+    HashKey,
+    /// Checks the configuration and exits.
+    CheckConfig,
+}
+
+/// Runs the command line.
+///
+/// # Errors
+///
+/// Any failure to configure, start or run the broker, with context.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    match &args.command {
+        Some(Command::GenKey { name, role }) => return gen_key(name, role),
+        Some(Command::HashKey) => return hash_key(),
+        _ => {}
+    }
+    let mut settings = Settings::load(args.config.as_deref(), &ProcessEnv)?;
+    if let Some(listen) = args.listen {
+        settings.server.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        settings.store.embedded.dir = dir;
+    }
+    if matches!(args.command, Some(Command::CheckConfig)) {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    telemetry::init(&settings.log)?;
+
+    if args.config.is_none() && settings.api_keys.is_empty() {
+        let keys = dev::generate_dev_keys();
+        let dir = settings.store.embedded.dir.clone();
+        dev::write_keys_file(&dir, &keys).with_context(|| {
+            format!("failed to write {}", dir.join(dev::DEV_KEYS_FILE).display())
+        })?;
+        settings.api_keys = keys.iter().map(|k| k.config.clone()).collect();
+        println!(
+            "tokenbroker is running in dev mode: embedded store in {dir}, no config file.\n\
+             These API keys are valid until the process exits (also in {dir}/{file}):\n\n{exports}",
+            dir = dir.display(),
+            file = dev::DEV_KEYS_FILE,
+            exports = dev::render_exports(&keys),
+        );
+        warn!("dev mode: generated api keys; do not use in production");
+    } else if settings.api_keys.is_empty() {
+        warn!("no api keys configured: only RefreshTokens and Revoke by secret can succeed");
+    }
+
+    let app = Application::build(settings).await?;
+    info!(address = %app.local_addr(), "listening");
+    app.run_until_stopped(shutdown_signal()).await
+}
+
+fn gen_key(name: &str, role: &str) -> anyhow::Result<()> {
+    if !matches!(role, "trigger" | "service" | "admin") {
+        anyhow::bail!("role must be trigger, service or admin, not {role:?}");
+    }
+    let key = dev::generate_api_key();
+    println!(
+        "API key (give it to the caller; it is not stored anywhere):\n  {}\n\n\
+         Config entry:\n  [[api_keys]]\n  name = {name:?}\n  roles = [{role:?}]\n  sha256 = \"{}\"",
+        key.expose_secret(),
+        dev::api_key_digest(&key),
+    );
+    Ok(())
+}
+
+fn hash_key() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("failed to read the key from stdin")?;
+    let key = SecretString::from(line.trim().to_owned());
+    if key.expose_secret().is_empty() {
+        anyhow::bail!("no key on stdin");
+    }
+    println!("{}", dev::api_key_digest(&key));
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! Typed settings: defaults, then an optional TOML file, then `TOKENBROKER_<SECTION>__<FIELD>`
+//! environment overrides.
+//!
+//! The environment is read through [`Env`], so tests pass a map instead of touching the
+//! process environment. An override's value is read as a TOML value when it parses as one
+//! (`600`, `true`, `["admin"]`) and as a plain string otherwise (`127.0.0.1:50051`, `./data`).
+
+use std::{
+    collections::HashMap,
+    fmt, fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{auth::ApiKeyConfig, store::Durability};
+
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "TOKENBROKER_";
+/// Separator between nested keys in an override (`TOKENBROKER_SERVER__LISTEN`).
+pub const ENV_SEPARATOR: &str = "__";
+/// Environment variable naming the config file (same as `--config`); not a setting itself.
+pub const ENV_CONFIG_FILE: &str = "TOKENBROKER_CONFIG";
+
+/// A source of environment variables.
+pub trait Env {
+    /// Returns every variable whose name starts with `prefix`.
+    fn vars_with_prefix(&self, prefix: &str) -> Vec<(String, String)>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn vars_with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with(prefix))
+            .collect()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn vars_with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        self.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// Every setting of the broker.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// The gRPC listener.
+    pub server: ServerSettings,
+    /// Where tokens are kept.
+    pub store: StoreSettings,
+    /// Token lifetimes and windows.
+    pub tokens: TokenSettings,
+    /// Log output.
+    pub log: LogSettings,
+    /// The API keys callers authenticate with. Empty with no config file: dev mode.
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+/// `[server]`: the gRPC listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// How long shutdown waits for in-flight calls before it stops anyway.
+    pub shutdown_grace_seconds: u64,
+    /// Deadline applied to every call, shortened by the client's own `grpc-timeout`.
+    pub request_timeout_seconds: u64,
+}
+
+/// Which store backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// The embedded SQLite file.
+    Embedded,
+}
+
+/// `[store]`: the token store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// The backend.
+    pub backend: StoreBackend,
+    /// Most email → account mappings cached in memory.
+    pub account_cache_capacity: u64,
+    /// `[store.embedded]`.
+    pub embedded: EmbeddedSettings,
+}
+
+/// `[store.embedded]`: the SQLite store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedSettings {
+    /// Data directory; the database is `tokenbroker.db` inside it.
+    pub dir: PathBuf,
+    /// `normal` (survives a process crash) or `full` (fsync per commit; survives power loss).
+    pub durability: Durability,
+    /// How often expired tokens are deleted.
+    pub cleanup_interval_seconds: u64,
+}
+
+/// `[tokens]`: lifetimes and windows, all in seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSettings {
+    /// Access token lifetime when a request asks for none.
+    pub access_ttl_seconds: u64,
+    /// Refresh token lifetime when a request asks for none.
+    pub refresh_ttl_seconds: u64,
+    /// Longest access token lifetime a request may ask for.
+    pub max_access_ttl_seconds: u64,
+    /// Longest refresh token lifetime a request may ask for.
+    pub max_refresh_ttl_seconds: u64,
+    /// How long after a rotation the consumed refresh token may be presented again.
+    pub refresh_grace_seconds: u64,
+    /// How long an IssueTokens idempotency key keeps returning the same pair.
+    pub idempotency_window_seconds: u64,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG`, when set, wins.
+    pub filter: String,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            shutdown_grace_seconds: 10,
+            request_timeout_seconds: 10,
+        }
+    }
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Embedded,
+            account_cache_capacity: 100_000,
+            embedded: EmbeddedSettings::default(),
+        }
+    }
+}
+
+impl Default for EmbeddedSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("./data"),
+            durability: Durability::Normal,
+            cleanup_interval_seconds: 60,
+        }
+    }
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        Self {
+            access_ttl_seconds: 600,
+            refresh_ttl_seconds: 3600,
+            max_access_ttl_seconds: 3600,
+            max_refresh_ttl_seconds: 30 * 24 * 3600,
+            refresh_grace_seconds: 10,
+            idempotency_window_seconds: 30,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+impl TokenSettings {
+    /// The default access token lifetime.
+    pub fn access_ttl(&self) -> Duration {
+        Duration::from_secs(self.access_ttl_seconds)
+    }
+    /// The default refresh token lifetime.
+    pub fn refresh_ttl(&self) -> Duration {
+        Duration::from_secs(self.refresh_ttl_seconds)
+    }
+}
+
+/// A configuration that cannot be used, with a message saying where and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// Where the settings came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// Built-in defaults and environment overrides only.
+    Defaults,
+    /// A config file (plus overrides).
+    File,
+}
+
+impl Settings {
+    /// Loads the settings: defaults, then `file` if given, then overrides from `env`.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the file, variable or field that is wrong.
+    pub fn load(file: Option<&Path>, env: &impl Env) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = fs::read_to_string(path).map_err(|err| {
+                    ConfigError(format!("cannot read config file {}: {err}", path.display()))
+                })?;
+                text.parse::<toml::Table>().map_err(|err| {
+                    ConfigError(format!("config file {} is not valid TOML: {err}", path.display()))
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut overrides = env.vars_with_prefix(ENV_PREFIX);
+        overrides.sort();
+        for (name, value) in overrides {
+            if name == ENV_CONFIG_FILE {
+                continue;
+            }
+            apply_override(&mut table, &name, &value)?;
+        }
+        let settings: Settings = toml::Value::Table(table)
+            .try_into()
+            .map_err(|err: toml::de::Error| ConfigError(format!("invalid settings: {err}")))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.tokens;
+        let checks = [
+            (t.access_ttl_seconds == 0, "tokens.access_ttl_seconds must be at least 1"),
+            (t.refresh_ttl_seconds == 0, "tokens.refresh_ttl_seconds must be at least 1"),
+            (
+                t.access_ttl_seconds > t.max_access_ttl_seconds,
+                "tokens.access_ttl_seconds is over tokens.max_access_ttl_seconds",
+            ),
+            (
+                t.refresh_ttl_seconds > t.max_refresh_ttl_seconds,
+                "tokens.refresh_ttl_seconds is over tokens.max_refresh_ttl_seconds",
+            ),
+            (
+                t.max_access_ttl_seconds > u64::from(u32::MAX)
+                    || t.max_refresh_ttl_seconds > u64::from(u32::MAX),
+                "token ttl maxima must fit in 32 bits",
+            ),
+            (
+                self.server.request_timeout_seconds == 0,
+                "server.request_timeout_seconds must be at least 1",
+            ),
+            (
+                self.store.embedded.cleanup_interval_seconds == 0,
+                "store.embedded.cleanup_interval_seconds must be at least 1",
+            ),
+        ];
+        match checks.iter().find(|(bad, _)| *bad) {
+            Some((_, message)) => Err(ConfigError((*message).to_owned())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Sets the key path named by `TOKENBROKER_A__B__C` to `value` in `table`.
+fn apply_override(table: &mut toml::Table, name: &str, value: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = name[ENV_PREFIX.len()..]
+        .split(ENV_SEPARATOR)
+        .map(str::to_lowercase)
+        .collect();
+    if path.iter().any(String::is_empty) {
+        return Err(ConfigError(format!(
+            "environment variable {name}: empty key (use {ENV_PREFIX}SECTION{ENV_SEPARATOR}FIELD)"
+        )));
+    }
+    let (last, sections) = path.split_last().expect("split yields at least one key");
+    let mut current = table;
+    for section in sections {
+        let entry = current
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry.as_table_mut().ok_or_else(|| {
+            ConfigError(format!("environment variable {name}: {section} is not a section"))
+        })?;
+    }
+    current.insert(last.clone(), parse_env_value(value));
+    Ok(())
+}
+
+fn parse_env_value(value: &str) -> toml::Value {
+    format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()))
+}
+
+impl fmt::Display for StoreBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Embedded => "embedded",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_follow_the_original_lambda() {
+        let s = Settings::load(None, &env(&[])).unwrap();
+        assert_eq!(s.tokens.access_ttl_seconds, 600);
+        assert_eq!(s.tokens.refresh_ttl_seconds, 3600);
+        assert_eq!(s.server.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(s.store.embedded.dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn env_overrides_file_and_parses_types() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tb.toml");
+        fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:1\"\n[tokens]\naccess_ttl_seconds = 60\n",
+        )
+        .unwrap();
+        let s = Settings::load(
+            Some(&file),
+            &env(&[
+                ("TOKENBROKER_SERVER__LISTEN", "0.0.0.0:7000"),
+                ("TOKENBROKER_STORE__EMBEDDED__DURABILITY", "full"),
+                ("TOKENBROKER_TOKENS__REFRESH_TTL_SECONDS", "120"),
+                ("TOKENBROKER_CONFIG", "ignored"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.listen.to_string(), "0.0.0.0:7000");
+        assert_eq!(s.store.embedded.durability, Durability::Full);
+        assert_eq!(s.tokens.access_ttl_seconds, 60);
+        assert_eq!(s.tokens.refresh_ttl_seconds, 120);
+    }
+
+    #[test]
+    fn api_keys_can_come_from_env() {
+        let s = Settings::load(
+            None,
+            &env(&[(
+                "TOKENBROKER_API_KEYS",
+                r#"[{ name = "ops", roles = ["admin"], sha256 = "00" }]"#,
+            )]),
+        )
+        .unwrap();
+        assert_eq!(s.api_keys.len(), 1);
+        assert_eq!(s.api_keys[0].name, "ops");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let err = Settings::load(None, &env(&[("TOKENBROKER_SERVER__LISTN", "x")])).unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+        let err =
+            Settings::load(None, &env(&[("TOKENBROKER_TOKENS__ACCESS_TTL_SECONDS", "0")]))
+                .unwrap_err();
+        assert!(err.to_string().contains("access_ttl_seconds"), "{err}");
+        let err = Settings::load(None, &env(&[("TOKENBROKER_SERVER__LISTEN", "nowhere")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("invalid"), "{err}");
+    }
+}

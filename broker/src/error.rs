@@ -1,0 +1,92 @@
+//! The broker's error type: what went wrong, in a form the gRPC adapter maps to one status code.
+
+use std::fmt;
+
+
+use crate::store::{StoreError, StoreErrorKind};
+
+/// The class of a broker error; each maps to exactly one gRPC code in the adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerErrorKind {
+    /// The request is malformed.
+    InvalidArgument,
+    /// No credential, an unknown one, or an inactive refresh secret.
+    Unauthenticated,
+    /// A valid credential without the needed role, or another client's token.
+    PermissionDenied,
+    /// The call needs a feature the broker is not configured for.
+    FailedPrecondition,
+    /// The store cannot answer now.
+    Unavailable,
+    /// The deadline passed.
+    DeadlineExceeded,
+    /// A bug or misconfiguration.
+    Internal,
+}
+
+/// An error from the broker's domain layer.
+///
+/// Client-fault messages are written for the client and never contain a secret; `Store` and
+/// `Internal` errors keep their cause chain for the log and show the client a generic text.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// See [`BrokerErrorKind::InvalidArgument`].
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// See [`BrokerErrorKind::Unauthenticated`].
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// See [`BrokerErrorKind::PermissionDenied`].
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// See [`BrokerErrorKind::FailedPrecondition`].
+    #[error("{0}")]
+    FailedPrecondition(&'static str),
+    /// The call's deadline passed before the work finished.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    /// The token store failed.
+    #[error("token store failed")]
+    Store(#[from] StoreError),
+    /// Anything else: a bug or misconfiguration.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+    /// An error shared by several callers that waited on one piece of work (a coalesced
+    /// rotation or idempotent issue).
+    #[error(transparent)]
+    Shared(std::sync::Arc<BrokerError>),
+}
+
+/// Result of a broker operation.
+pub type BrokerResult<T> = Result<T, BrokerError>;
+
+impl BrokerError {
+    /// Returns an `InvalidArgument` error with this message.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::InvalidArgument(message.into())
+    }
+
+    /// Returns the error's class.
+    pub fn kind(&self) -> BrokerErrorKind {
+        match self {
+            Self::InvalidArgument(_) => BrokerErrorKind::InvalidArgument,
+            Self::Unauthenticated(_) => BrokerErrorKind::Unauthenticated,
+            Self::PermissionDenied(_) => BrokerErrorKind::PermissionDenied,
+            Self::FailedPrecondition(_) => BrokerErrorKind::FailedPrecondition,
+            Self::DeadlineExceeded => BrokerErrorKind::DeadlineExceeded,
+            Self::Store(err) => match err.kind() {
+                StoreErrorKind::Unavailable => BrokerErrorKind::Unavailable,
+                StoreErrorKind::Timeout => BrokerErrorKind::DeadlineExceeded,
+                StoreErrorKind::Internal => BrokerErrorKind::Internal,
+            },
+            Self::Internal(_) => BrokerErrorKind::Internal,
+            Self::Shared(inner) => inner.kind(),
+        }
+    }
+}
+
+impl fmt::Display for BrokerErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}

@@ -1,0 +1,402 @@
+//! The gRPC adapter: implements the generated `TokenBroker` trait over [`Broker`].
+//!
+//! Each method authenticates the caller, converts the request into domain types, calls the
+//! service under the call's deadline and converts the answer. This is the only module that
+//! builds a `tonic::Status`, and [`From<BrokerError> for Status`] is the only place domain errors
+//! become one.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use secrecy::SecretString;
+use tokenbroker_proto::v1::{self as pb, token_broker_server::TokenBroker};
+use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+use tracing::{Span, error, instrument};
+
+use crate::{
+    auth::{Authenticator, Caller},
+    error::{BrokerError, BrokerErrorKind},
+    model::{
+        AccountId, Email, FamilyId, MAX_GROUPS, MintedPair, MintedToken, TokenId, TokenKind,
+        TokenState, UnixMicros, parse_name, validate_metadata,
+    },
+    service::{
+        AccountRef, AssertedClaims, Broker, IssueRequest, ListRequest, RefreshRequest, RevokeBy,
+        Subject,
+    },
+};
+
+/// The `TokenBroker` gRPC service.
+#[derive(Debug, Clone)]
+pub struct GrpcAdapter {
+    broker: Arc<Broker>,
+    auth: Arc<Authenticator>,
+    request_timeout: Duration,
+}
+
+impl GrpcAdapter {
+    /// Builds the adapter; `request_timeout` caps every call's deadline.
+    pub fn new(broker: Arc<Broker>, auth: Arc<Authenticator>, request_timeout: Duration) -> Self {
+        Self {
+            broker,
+            auth,
+            request_timeout,
+        }
+    }
+
+    /// Authenticates the caller from the `authorization` metadata and records it on the span.
+    fn caller(&self, metadata: &MetadataMap) -> Result<Option<Arc<Caller>>, Status> {
+        let header = match metadata.get("authorization") {
+            Some(value) => Some(value.to_str().map_err(|_| {
+                Status::from(BrokerError::Unauthenticated(
+                    "the authorization header is not valid ASCII",
+                ))
+            })?),
+            None => None,
+        };
+        let caller = self.auth.authenticate(header)?;
+        Span::current().record(
+            "caller",
+            caller.as_deref().map_or("anonymous", |c| c.name.as_str()),
+        );
+        Ok(caller)
+    }
+
+    /// Runs `work` under the call's deadline: the client's `grpc-timeout`, capped by the
+    /// configured request timeout.
+    async fn within<T>(
+        &self,
+        metadata: &MetadataMap,
+        work: impl Future<Output = Result<T, BrokerError>>,
+    ) -> Result<T, Status> {
+        let deadline = client_timeout(metadata)
+            // tonic's own timeout layer answers CANCELLED at the client's deadline; firing a
+            // little earlier lets this adapter answer DEADLINE_EXCEEDED, as the proto promises.
+            .map(|t| t.saturating_sub((t / 10).min(Duration::from_millis(10))))
+            .map_or(self.request_timeout, |t| t.min(self.request_timeout));
+        match tokio::time::timeout(deadline, work).await {
+            Ok(result) => result.map_err(Status::from),
+            Err(_) => Err(BrokerError::DeadlineExceeded.into()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl TokenBroker for GrpcAdapter {
+    #[instrument(skip_all, fields(rpc = "IssueTokens", caller = tracing::field::Empty))]
+    async fn issue_tokens(
+        &self,
+        request: Request<pb::IssueTokensRequest>,
+    ) -> Result<Response<pb::IssueTokensResponse>, Status> {
+        let caller = self.caller(request.metadata())?;
+        let (metadata, _, message) = request.into_parts();
+        let parsed = issue_request(message)?;
+        let issued = self
+            .within(&metadata, self.broker.issue(caller.as_deref(), parsed))
+            .await?;
+        let pair = &issued.pair;
+        Ok(Response::new(pb::IssueTokensResponse {
+            account_id: pair.account_id.to_string(),
+            family_id: pair.family_id.to_string(),
+            refresh: Some(issued_token(&pair.refresh)),
+            access: Some(issued_token(&pair.access)),
+            replayed: issued.replayed,
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "RefreshTokens", caller = tracing::field::Empty))]
+    async fn refresh_tokens(
+        &self,
+        request: Request<pb::RefreshTokensRequest>,
+    ) -> Result<Response<pb::RefreshTokensResponse>, Status> {
+        self.caller(request.metadata())?;
+        let (metadata, _, message) = request.into_parts();
+        let parsed = RefreshRequest {
+            refresh_token: SecretString::from(message.refresh_token),
+            access_ttl_seconds: message.access_ttl_seconds,
+            refresh_ttl_seconds: message.refresh_ttl_seconds,
+            client_id: parse_name("client_id", &message.client_id)?,
+        };
+        let pair = self.within(&metadata, self.broker.refresh(parsed)).await?;
+        Ok(Response::new(refresh_response(&pair)))
+    }
+
+    #[instrument(skip_all, fields(rpc = "Revoke", caller = tracing::field::Empty))]
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        use pb::revoke_request::Target;
+        let caller = self.caller(request.metadata())?;
+        let (metadata, _, message) = request.into_parts();
+        let target = match message.target {
+            Some(Target::Token(secret)) => RevokeBy::Secret {
+                secret: SecretString::from(secret),
+                client_id: parse_name("client_id", &message.client_id)?,
+            },
+            Some(Target::TokenId(id)) => RevokeBy::TokenId(TokenId::parse(&id)?),
+            Some(Target::FamilyId(id)) => RevokeBy::FamilyId(FamilyId::parse(&id)?),
+            Some(Target::AccountId(id)) => RevokeBy::AccountId(AccountId::parse(&id)?),
+            Some(Target::Email(email)) => RevokeBy::Email(Email::parse(&email)?),
+            None => {
+                return Err(BrokerError::invalid(
+                    "a target is required: token, token_id, family_id, account_id or email",
+                )
+                .into());
+            }
+        };
+        let revoked_count = self
+            .within(&metadata, self.broker.revoke(caller.as_deref(), target))
+            .await?;
+        Ok(Response::new(pb::RevokeResponse { revoked_count }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "Introspect", caller = tracing::field::Empty))]
+    async fn introspect(
+        &self,
+        request: Request<pb::IntrospectRequest>,
+    ) -> Result<Response<pb::IntrospectResponse>, Status> {
+        let caller = self.caller(request.metadata())?;
+        let (metadata, _, message) = request.into_parts();
+        let client_id = parse_name("client_id", &message.client_id)?;
+        let secret = SecretString::from(message.token);
+        let info = self
+            .within(
+                &metadata,
+                self.broker
+                    .introspect(caller.as_deref(), &secret, client_id.as_deref()),
+            )
+            .await?;
+        let Some(info) = info else {
+            return Ok(Response::new(pb::IntrospectResponse::default()));
+        };
+        Ok(Response::new(pb::IntrospectResponse {
+            active: true,
+            token_id: info.id.to_string(),
+            kind: token_kind(info.kind) as i32,
+            account_id: info.account_id.to_string(),
+            email: info.email.as_str().to_owned(),
+            family_id: info.family_id.to_string(),
+            issued_at: Some(timestamp(info.issued_at)),
+            expires_at: Some(timestamp(info.expires_at)),
+            client_id: info.client_id.unwrap_or_default(),
+            cognito_sub: info.cognito_sub.unwrap_or_default(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListTokens", caller = tracing::field::Empty))]
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        use pb::list_tokens_request::Account;
+        let caller = self.caller(request.metadata())?;
+        let (metadata, _, message) = request.into_parts();
+        let account = match message.account {
+            Some(Account::AccountId(id)) => AccountRef::Id(AccountId::parse(&id)?),
+            Some(Account::Email(email)) => AccountRef::Email(Email::parse(&email)?),
+            None => {
+                return Err(BrokerError::invalid("an account is required: account_id or email").into());
+            }
+        };
+        let listed = self
+            .within(
+                &metadata,
+                self.broker.list(
+                    caller.as_deref(),
+                    ListRequest {
+                        account,
+                        page_size: message.page_size,
+                        page_token: message.page_token,
+                        include_inactive: message.include_inactive,
+                    },
+                ),
+            )
+            .await?;
+        Ok(Response::new(pb::ListTokensResponse {
+            account_id: listed
+                .account_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            tokens: listed
+                .page
+                .tokens
+                .into_iter()
+                .map(|t| pb::TokenSummary {
+                    token_id: t.id.to_string(),
+                    kind: token_kind(t.kind) as i32,
+                    family_id: t.family_id.to_string(),
+                    parent_id: t.parent_id.map(|id| id.to_string()).unwrap_or_default(),
+                    state: token_state(t.state) as i32,
+                    issued_at: Some(timestamp(t.issued_at)),
+                    expires_at: Some(timestamp(t.expires_at)),
+                    revoked_at: t.revoked_at.map(timestamp),
+                    replaced_by: t.replaced_by.map(|id| id.to_string()).unwrap_or_default(),
+                    client_id: t.client_id.unwrap_or_default(),
+                    metadata: t.metadata.into_iter().collect(),
+                })
+                .collect(),
+            next_page_token: listed.next_page_token,
+        }))
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(err: BrokerError) -> Self {
+        let code = match err.kind() {
+            BrokerErrorKind::InvalidArgument => Code::InvalidArgument,
+            BrokerErrorKind::Unauthenticated => Code::Unauthenticated,
+            BrokerErrorKind::PermissionDenied => Code::PermissionDenied,
+            BrokerErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            BrokerErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+            BrokerErrorKind::Unavailable => {
+                error!(error = ?err, "token store unavailable");
+                return Status::unavailable("token store unavailable; retry with back-off");
+            }
+            BrokerErrorKind::Internal => {
+                error!(error = ?err, "request failed");
+                return Status::internal("internal error");
+            }
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+fn issue_request(message: pb::IssueTokensRequest) -> Result<IssueRequest, BrokerError> {
+    use pb::issue_tokens_request::Subject as PbSubject;
+    let subject = match message.subject {
+        Some(PbSubject::Claims(claims)) => {
+            if claims.groups.len() > MAX_GROUPS {
+                return Err(BrokerError::invalid(format!(
+                    "claims.groups has more than {MAX_GROUPS} groups"
+                )));
+            }
+            let groups = claims
+                .groups
+                .iter()
+                .map(|g| parse_name("claims.groups", g))
+                .filter_map(Result::transpose)
+                .collect::<Result<_, _>>()?;
+            Subject::Claims(AssertedClaims {
+                email: Email::parse(&claims.email)?,
+                cognito_sub: parse_name("claims.cognito_sub", &claims.cognito_sub)?,
+                user_pool_id: parse_name("claims.user_pool_id", &claims.user_pool_id)?,
+                client_id: parse_name("claims.client_id", &claims.client_id)?,
+                groups,
+            })
+        }
+        Some(PbSubject::CognitoToken(token)) => {
+            if token.is_empty() {
+                return Err(BrokerError::invalid("cognito_token is empty"));
+            }
+            Subject::CognitoToken(SecretString::from(token))
+        }
+        None => {
+            return Err(BrokerError::invalid(
+                "a subject is required: claims or cognito_token",
+            ));
+        }
+    };
+    let metadata = message.metadata.into_iter().collect();
+    validate_metadata(&metadata)?;
+    Ok(IssueRequest {
+        subject,
+        idempotency_key: Some(message.idempotency_key).filter(|k| !k.is_empty()),
+        access_ttl_seconds: message.access_ttl_seconds,
+        refresh_ttl_seconds: message.refresh_ttl_seconds,
+        metadata,
+    })
+}
+
+fn refresh_response(pair: &MintedPair) -> pb::RefreshTokensResponse {
+    pb::RefreshTokensResponse {
+        account_id: pair.account_id.to_string(),
+        family_id: pair.family_id.to_string(),
+        refresh: Some(issued_token(&pair.refresh)),
+        access: Some(issued_token(&pair.access)),
+    }
+}
+
+fn issued_token(token: &MintedToken) -> pb::IssuedToken {
+    use secrecy::ExposeSecret;
+    pb::IssuedToken {
+        token_id: token.id.to_string(),
+        // The one place a secret leaves the broker: the response that mints it.
+        secret: token.secret.expose_secret().to_owned(),
+        expires_at: Some(timestamp(token.expires_at)),
+    }
+}
+
+fn token_kind(kind: TokenKind) -> pb::TokenKind {
+    match kind {
+        TokenKind::Access => pb::TokenKind::Access,
+        TokenKind::Refresh => pb::TokenKind::Refresh,
+    }
+}
+
+fn token_state(state: TokenState) -> pb::TokenState {
+    match state {
+        TokenState::Active => pb::TokenState::Active,
+        TokenState::Expired => pb::TokenState::Expired,
+        TokenState::Revoked => pb::TokenState::Revoked,
+        TokenState::Rotated => pb::TokenState::Rotated,
+    }
+}
+
+fn timestamp(t: UnixMicros) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.0.div_euclid(1_000_000),
+        nanos: i32::try_from(t.0.rem_euclid(1_000_000) * 1000).expect("under one second"),
+    }
+}
+
+/// Parses the `grpc-timeout` header (`<at most 8 digits><H|M|S|m|u|n>`); `None` if absent or
+/// malformed, as the gRPC spec says to treat it.
+fn client_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_parses() {
+        let mut m = MetadataMap::new();
+        assert_eq!(client_timeout(&m), None);
+        m.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(client_timeout(&m), Some(Duration::from_millis(250)));
+        m.insert("grpc-timeout", "2S".parse().unwrap());
+        assert_eq!(client_timeout(&m), Some(Duration::from_secs(2)));
+        m.insert("grpc-timeout", "123456789S".parse().unwrap());
+        assert_eq!(client_timeout(&m), None);
+        m.insert("grpc-timeout", "5x".parse().unwrap());
+        assert_eq!(client_timeout(&m), None);
+    }
+
+    #[test]
+    fn internal_errors_hide_their_cause() {
+        let status = Status::from(BrokerError::Internal(anyhow::anyhow!("db at /secret/path")));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn timestamps_split_micros() {
+        let ts = timestamp(UnixMicros(1_500_000));
+        assert_eq!((ts.seconds, ts.nanos), (1, 500_000_000));
+    }
+}

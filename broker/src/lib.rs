@@ -1,0 +1,22 @@
+//! tokenbroker: a gRPC service that mints, rotates, revokes and introspects refresh and access
+//! tokens for accounts identified by email.
+//!
+//! Layers, outermost first: [`grpc`] (the only module that knows tonic) → [`service`] (roles,
+//! lifetimes, idempotency) → [`store`] (an atomic [`store::TokenStore`] with decorators).
+
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod grpc;
+pub mod model;
+pub mod secret;
+pub mod service;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+
+pub use error::{BrokerError, BrokerErrorKind, BrokerResult};
+pub use startup::Application;

@@ -1,0 +1,490 @@
+//! Domain values: ids, emails, token kinds, times and the facts a store keeps about tokens.
+//!
+//! Every value a client sends is parsed into one of these newtypes at the edge, so the code below
+//! the gRPC adapter never sees an unchecked string.
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use rand::RngCore;
+use secrecy::SecretString;
+
+use crate::error::BrokerError;
+
+/// Longest secret, id or other opaque string the broker accepts from a client.
+pub const MAX_SECRET_LEN: usize = 512;
+/// Longest app client id, pool id, Cognito `sub` or group name.
+pub const MAX_NAME_LEN: usize = 128;
+/// Most groups an asserted subject may carry.
+pub const MAX_GROUPS: usize = 32;
+/// Most metadata entries on a token.
+pub const MAX_METADATA_ENTRIES: usize = 16;
+/// Longest metadata key.
+pub const MAX_METADATA_KEY_LEN: usize = 64;
+/// Longest metadata value.
+pub const MAX_METADATA_VALUE_LEN: usize = 256;
+
+/// Microseconds since the Unix epoch: the resolution of every stored time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnixMicros(pub i64);
+
+impl UnixMicros {
+    /// Returns this time plus `d`, saturating.
+    pub fn plus(self, d: Duration) -> Self {
+        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Self(self.0.saturating_add(micros))
+    }
+
+    /// Returns this time minus `d`, saturating.
+    pub fn minus(self, d: Duration) -> Self {
+        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Self(self.0.saturating_sub(micros))
+    }
+}
+
+/// Defines a string newtype for an opaque id with a constructor that validates it.
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Returns a new random id.
+            pub fn random() -> Self {
+                Self(format!(concat!($prefix, "{}"), random_hex()))
+            }
+
+            /// Parses an id sent by a client: 1 to 128 characters of `[A-Za-z0-9_-]`.
+            ///
+            /// # Errors
+            ///
+            /// `InvalidArgument` naming the field when the id is empty or malformed.
+            pub fn parse(value: &str) -> Result<Self, BrokerError> {
+                if is_opaque_id(value) {
+                    Ok(Self(value.to_owned()))
+                } else {
+                    Err(BrokerError::invalid(concat!(
+                        $what,
+                        " must be 1 to 128 characters of letters, digits, '_' or '-'"
+                    )))
+                }
+            }
+
+            /// Wraps an id read back from a store, which checked it when it was written.
+            pub fn from_stored(value: String) -> Self {
+                Self(value)
+            }
+
+            /// Returns the id as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// The id of an account.
+    AccountId,
+    "acc_",
+    "account_id"
+);
+id_type!(
+    /// The public id of a token: safe to log and show.
+    TokenId,
+    "tok_",
+    "token_id"
+);
+id_type!(
+    /// The id of a token family: one sign-in session and every rotation of it.
+    FamilyId,
+    "fam_",
+    "family_id"
+);
+
+fn is_opaque_id(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_NAME_LEN
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Returns 32 lowercase hex digits of fresh randomness (128 bits).
+pub fn random_hex() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// A normalised email address: trimmed, lowercased, and checked for a plausible shape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Email(String);
+
+impl Email {
+    /// Parses and normalises an email sent by a client.
+    ///
+    /// The check is deliberately shallow (one `@`, non-empty parts, sane lengths, no whitespace
+    /// or control characters): the user pool already verified the address, and a stricter
+    /// RFC 5322 parser would reject addresses Cognito accepts.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` saying what is wrong; the message does not repeat the address.
+    pub fn parse(value: &str) -> Result<Self, BrokerError> {
+        let email = value.trim().to_lowercase();
+        if email.is_empty() {
+            return Err(BrokerError::invalid("email is required"));
+        }
+        if email.len() > 254 {
+            return Err(BrokerError::invalid("email is longer than 254 bytes"));
+        }
+        if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(BrokerError::invalid(
+                "email contains whitespace or control characters",
+            ));
+        }
+        let Some((local, domain)) = email.split_once('@') else {
+            return Err(BrokerError::invalid("email has no '@'"));
+        };
+        if local.is_empty() || local.len() > 64 || domain.is_empty() || domain.contains('@') {
+            return Err(BrokerError::invalid(
+                "email must be one local part of 1 to 64 bytes, '@', and a domain",
+            ));
+        }
+        Ok(Self(email))
+    }
+
+    /// Wraps an email read back from a store, which stored it normalised.
+    pub fn from_stored(value: String) -> Self {
+        Self(value)
+    }
+
+    /// Returns the normalised address.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An optional short name sent by a client (app client id, pool id, Cognito `sub`, group).
+///
+/// # Errors
+///
+/// `InvalidArgument` naming `field` when the value is over 128 bytes or has control characters.
+pub fn parse_name(field: &str, value: &str) -> Result<Option<String>, BrokerError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.len() > MAX_NAME_LEN || value.chars().any(char::is_control) {
+        return Err(BrokerError::invalid(format!(
+            "{field} must be at most {MAX_NAME_LEN} bytes without control characters"
+        )));
+    }
+    Ok(Some(value.to_owned()))
+}
+
+/// Labels stored with a token, shown by ListTokens.
+pub type Metadata = BTreeMap<String, String>;
+
+/// Checks metadata sent by a client against the documented limits.
+///
+/// # Errors
+///
+/// `InvalidArgument` saying which limit was broken.
+pub fn validate_metadata(metadata: &Metadata) -> Result<(), BrokerError> {
+    if metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(BrokerError::invalid(format!(
+            "metadata has more than {MAX_METADATA_ENTRIES} entries"
+        )));
+    }
+    for (key, value) in metadata {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_METADATA_KEY_LEN
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !key_ok {
+            return Err(BrokerError::invalid(format!(
+                "metadata keys must be 1 to {MAX_METADATA_KEY_LEN} characters of letters, digits, '_', '.' or '-'"
+            )));
+        }
+        if value.len() > MAX_METADATA_VALUE_LEN {
+            return Err(BrokerError::invalid(format!(
+                "metadata values must be at most {MAX_METADATA_VALUE_LEN} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Access or refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenKind {
+    /// Short-lived; grants access to data.
+    Access,
+    /// Longer-lived; can only be exchanged for a new pair.
+    Refresh,
+}
+
+impl TokenKind {
+    /// Returns the kind's stable name, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Access => "access",
+            Self::Refresh => "refresh",
+        }
+    }
+
+    /// Parses a stored kind name.
+    pub fn from_stored(value: &str) -> Option<Self> {
+        match value {
+            "access" => Some(Self::Access),
+            "refresh" => Some(Self::Refresh),
+            _ => None,
+        }
+    }
+}
+
+/// The state of a stored token at some moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenState {
+    /// Usable now.
+    Active,
+    /// Its lifetime is over.
+    Expired,
+    /// Revoked by id, family, cascade, reuse detection or the account watermark.
+    Revoked,
+    /// A refresh token consumed by rotation.
+    Rotated,
+}
+
+/// A token just minted, with the only copy of its secret the broker will ever hand out.
+pub struct MintedToken {
+    /// The public id.
+    pub id: TokenId,
+    /// The secret.
+    pub secret: SecretString,
+    /// When it stops being active.
+    pub expires_at: UnixMicros,
+}
+
+impl fmt::Debug for MintedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MintedToken")
+            .field("id", &self.id)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A refresh token and the access token minted with it.
+#[derive(Debug)]
+pub struct MintedPair {
+    /// The account both belong to.
+    pub account_id: AccountId,
+    /// The session both belong to.
+    pub family_id: FamilyId,
+    /// The refresh token.
+    pub refresh: MintedToken,
+    /// The access token; its parent is `refresh`.
+    pub access: MintedToken,
+}
+
+/// What a store needs to start a session.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// The account's normalised email; the account is created if none has it.
+    pub email: Email,
+    /// The account, when a cache already knows it; the store then skips the lookup.
+    pub known_account: Option<AccountId>,
+    /// The Cognito `sub`, recorded on a new account.
+    pub cognito_sub: Option<String>,
+    /// The app client the tokens are for.
+    pub client_id: Option<String>,
+    /// Lifetime of the access token.
+    pub access_ttl: Duration,
+    /// Lifetime of the refresh token.
+    pub refresh_ttl: Duration,
+    /// Labels stored with both tokens.
+    pub metadata: Metadata,
+}
+
+/// What a store needs to rotate a refresh token.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// If set, the refresh token must belong to this app client.
+    pub client_id: Option<String>,
+    /// Lifetime of the new access token.
+    pub access_ttl: Duration,
+    /// Lifetime of the new refresh token.
+    pub refresh_ttl: Duration,
+    /// How long after a rotation the consumed token may be presented again.
+    pub grace: Duration,
+}
+
+/// The outcome of presenting a refresh secret.
+#[derive(Debug)]
+pub enum RefreshOutcome {
+    /// A new pair in the same family.
+    Rotated(MintedPair),
+    /// Unknown, malformed, expired, revoked, or not a refresh token. Nothing changed.
+    Inactive,
+    /// An active refresh token of another app client. Nothing changed.
+    WrongClient,
+    /// A consumed refresh token presented outside the grace rule: its family was revoked.
+    ReuseDetected {
+        /// The revoked family.
+        family_id: FamilyId,
+        /// How many tokens the revocation turned inactive.
+        revoked: u64,
+    },
+}
+
+/// The facts about an active token, as introspection reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    /// The token's id.
+    pub id: TokenId,
+    /// Access or refresh.
+    pub kind: TokenKind,
+    /// The owner.
+    pub account_id: AccountId,
+    /// The owner's email.
+    pub email: Email,
+    /// The owner's Cognito `sub`, if known.
+    pub cognito_sub: Option<String>,
+    /// The session.
+    pub family_id: FamilyId,
+    /// The app client it was issued for.
+    pub client_id: Option<String>,
+    /// When it was minted.
+    pub issued_at: UnixMicros,
+    /// When it expires.
+    pub expires_at: UnixMicros,
+}
+
+/// What to revoke, other than a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevokeTarget {
+    /// One token; a refresh token takes its access tokens with it.
+    Token(TokenId),
+    /// Every token of a session.
+    Family(FamilyId),
+    /// Every token issued to the account until now (a not-before watermark).
+    Account(AccountId),
+}
+
+/// The outcome of revoking by secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretRevocation {
+    /// The secret was an active token; this many tokens were turned inactive (with cascade).
+    Revoked(u64),
+    /// Unknown, malformed or already inactive: nothing to do.
+    NotActive,
+    /// An active token of another app client: left alone.
+    WrongClient,
+}
+
+/// A stored token without its secret, as ListTokens shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// The id.
+    pub id: TokenId,
+    /// Access or refresh.
+    pub kind: TokenKind,
+    /// The session.
+    pub family_id: FamilyId,
+    /// For access tokens, the refresh token it was minted with.
+    pub parent_id: Option<TokenId>,
+    /// The state when listed.
+    pub state: TokenState,
+    /// When it was minted.
+    pub issued_at: UnixMicros,
+    /// When its lifetime ends.
+    pub expires_at: UnixMicros,
+    /// When it was revoked or rotated.
+    pub revoked_at: Option<UnixMicros>,
+    /// For a rotated refresh token, its successor.
+    pub replaced_by: Option<TokenId>,
+    /// The app client it was issued for.
+    pub client_id: Option<String>,
+    /// Labels from issue time.
+    pub metadata: Metadata,
+}
+
+/// Where a page of ListTokens starts: just after this (issued_at, id), newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor {
+    /// The last listed token's issue time.
+    pub issued_at: UnixMicros,
+    /// The last listed token's id.
+    pub id: TokenId,
+}
+
+/// A ListTokens query.
+#[derive(Debug, Clone)]
+pub struct PageRequest {
+    /// Tokens per page.
+    pub size: u32,
+    /// Start after this token; `None` for the first page.
+    pub after: Option<PageCursor>,
+    /// Whether to include expired, revoked and rotated tokens.
+    pub include_inactive: bool,
+}
+
+/// One page of an account's tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenPage {
+    /// The tokens, newest first.
+    pub tokens: Vec<TokenRecord>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<PageCursor>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn email_is_trimmed_and_lowercased() {
+        let email = Email::parse("  Alice@Example.COM ").unwrap();
+        assert_eq!(email.as_str(), "alice@example.com");
+    }
+
+    #[test]
+    fn malformed_emails_are_rejected() {
+        for bad in ["", "   ", "alice", "@example.com", "alice@", "a@b@c", "al ice@x.y"] {
+            assert!(Email::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(Email::parse(&format!("{}@x.y", "a".repeat(65))).is_err());
+        assert!(Email::parse(&format!("a@{}", "x".repeat(260))).is_err());
+    }
+
+    #[test]
+    fn ids_reject_odd_characters() {
+        assert!(TokenId::parse("tok_0123abcd").is_ok());
+        for bad in ["", "tok 1", "tok/1", "tök", &"a".repeat(129)] {
+            assert!(TokenId::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn metadata_limits_are_enforced() {
+        let mut m = Metadata::new();
+        m.insert("device".into(), "phone".into());
+        assert!(validate_metadata(&m).is_ok());
+        m.insert("bad key".into(), "x".into());
+        assert!(validate_metadata(&m).is_err());
+        let mut m = Metadata::new();
+        m.insert("k".into(), "v".repeat(257));
+        assert!(validate_metadata(&m).is_err());
+        let m: Metadata = (0..17).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(validate_metadata(&m).is_err());
+    }
+}

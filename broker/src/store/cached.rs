@@ -1,0 +1,105 @@
+//! A decorator that caches email → account id in memory (moka), so issuing tokens for a known
+//! account skips the account lookup.
+//!
+//! Accounts are never deleted and an email never moves to another account, so a cached
+//! mapping cannot go stale; the cache is bounded by capacity only.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use moka::future::Cache;
+use secrecy::SecretString;
+
+use super::{StoreResult, TokenStore};
+use crate::model::{
+    AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget,
+    Rotation, SecretRevocation, TokenInfo, TokenPage,
+};
+
+/// A [`TokenStore`] that remembers which account each email belongs to.
+pub struct CachedStore<S> {
+    inner: S,
+    accounts: Cache<String, AccountId>,
+}
+
+impl<S: TokenStore> CachedStore<S> {
+    /// Wraps `inner` with a cache of at most `capacity` accounts.
+    pub fn new(inner: S, capacity: u64) -> Self {
+        Self {
+            inner,
+            accounts: Cache::builder().max_capacity(capacity).build(),
+        }
+    }
+
+    /// Returns the wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for CachedStore<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedStore")
+            .field("inner", &self.inner)
+            .field("cached_accounts", &self.accounts.entry_count())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl<S: TokenStore> TokenStore for CachedStore<S> {
+    async fn issue(&self, mut session: NewSession) -> StoreResult<MintedPair> {
+        if session.known_account.is_none() {
+            session.known_account = self.accounts.get(session.email.as_str()).await;
+        }
+        let email = session.email.as_str().to_owned();
+        let pair = self.inner.issue(session).await?;
+        self.accounts.insert(email, pair.account_id.clone()).await;
+        Ok(pair)
+    }
+
+    async fn refresh(
+        &self,
+        secret: &SecretString,
+        rotation: Rotation,
+    ) -> StoreResult<RefreshOutcome> {
+        self.inner.refresh(secret, rotation).await
+    }
+
+    async fn introspect(&self, secret: &SecretString) -> StoreResult<Option<TokenInfo>> {
+        self.inner.introspect(secret).await
+    }
+
+    async fn revoke_secret(
+        &self,
+        secret: &SecretString,
+        client_id: Option<&str>,
+    ) -> StoreResult<SecretRevocation> {
+        self.inner.revoke_secret(secret, client_id).await
+    }
+
+    async fn revoke(&self, target: RevokeTarget) -> StoreResult<u64> {
+        self.inner.revoke(target).await
+    }
+
+    async fn account_by_email(&self, email: &Email) -> StoreResult<Option<AccountId>> {
+        if let Some(id) = self.accounts.get(email.as_str()).await {
+            return Ok(Some(id));
+        }
+        let found = self.inner.account_by_email(email).await?;
+        if let Some(id) = &found {
+            self.accounts
+                .insert(email.as_str().to_owned(), id.clone())
+                .await;
+        }
+        Ok(found)
+    }
+
+    async fn list_tokens(&self, account: &AccountId, page: PageRequest) -> StoreResult<TokenPage> {
+        self.inner.list_tokens(account, page).await
+    }
+
+    async fn close(&self) -> StoreResult<()> {
+        self.inner.close().await
+    }
+}

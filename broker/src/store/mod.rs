@@ -1,0 +1,109 @@
+//! Token stores: one async trait, every operation atomic, one conformance suite
+//! ([`testsuite`]) that every backend passes, and decorators that add caching.
+
+mod cached;
+mod embedded;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod testsuite;
+
+use std::{error::Error as StdError, fmt};
+
+use async_trait::async_trait;
+use secrecy::SecretString;
+
+pub use cached::CachedStore;
+pub use embedded::{Durability, EmbeddedStore, EmbeddedStoreConfig};
+
+use crate::model::{
+    AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget,
+    Rotation, SecretRevocation, TokenInfo, TokenPage,
+};
+
+/// A backend that keeps accounts and tokens.
+///
+/// Every method is atomic: it either happens completely or not at all, whatever runs beside it.
+/// Methods that take a secret treat a malformed one exactly like an unknown one.
+#[async_trait]
+pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
+    /// Gets or creates the account for `session.email` and mints a refresh token and an access
+    /// token (its child) in a new family.
+    async fn issue(&self, session: NewSession) -> StoreResult<MintedPair>;
+
+    /// Rotates the refresh token `secret`, with reuse detection; see [`RefreshOutcome`].
+    ///
+    /// A consumed refresh token presented again succeeds only if it is the immediate
+    /// predecessor of the family's current refresh token and the rotation is at most
+    /// `rotation.grace` old; the successor is then superseded (revoked with its access tokens)
+    /// so the family keeps exactly one live refresh token. Anything else revokes the family.
+    async fn refresh(&self, secret: &SecretString, rotation: Rotation)
+    -> StoreResult<RefreshOutcome>;
+
+    /// Returns the token's facts if `secret` is an active token, `None` otherwise.
+    async fn introspect(&self, secret: &SecretString) -> StoreResult<Option<TokenInfo>>;
+
+    /// Revokes the token `secret` (a refresh token with its access tokens), unless it belongs
+    /// to another app client than `client_id` (when given).
+    async fn revoke_secret(
+        &self,
+        secret: &SecretString,
+        client_id: Option<&str>,
+    ) -> StoreResult<SecretRevocation>;
+
+    /// Revokes a token (with cascade), a family, or an account (as a watermark). Returns how many
+    /// active tokens became inactive. Unknown targets revoke nothing.
+    async fn revoke(&self, target: RevokeTarget) -> StoreResult<u64>;
+
+    /// Returns the id of the account with this email, if there is one.
+    async fn account_by_email(&self, email: &Email) -> StoreResult<Option<AccountId>>;
+
+    /// Lists an account's tokens, newest first.
+    async fn list_tokens(&self, account: &AccountId, page: PageRequest) -> StoreResult<TokenPage>;
+
+    /// Makes everything acknowledged so far durable and stops background work. Called once at
+    /// shutdown; later calls may fail with `Unavailable`.
+    async fn close(&self) -> StoreResult<()>;
+}
+
+/// The class of a store failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The backend cannot answer now; a retry later may work.
+    Unavailable,
+    /// The backend did not answer in time.
+    Timeout,
+    /// A bug, corrupt data or a misconfiguration.
+    Internal,
+}
+
+/// A store failure with its cause chain. Never carries a secret.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind:?} store error: {message}")]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn StdError + Send + Sync>>,
+}
+
+impl StoreError {
+    /// Returns an error of this kind, with a message and an optional cause.
+    pub fn new(
+        kind: StoreErrorKind,
+        message: impl Into<String>,
+        source: Option<Box<dyn StdError + Send + Sync>>,
+    ) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source,
+        }
+    }
+
+    /// Returns the error's class.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
