@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::strict::StrictCodec")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed=tokenbroker");
     Ok(())

@@ -191,7 +191,12 @@ mod tests {
     fn missing_header_is_anonymous_and_bad_header_is_rejected() {
         let auth = authenticator();
         assert!(auth.authenticate(None).unwrap().is_none());
-        for bad in ["tbk_secret", "Basic tbk_secret", "Bearer ", "Bearer tbk_other"] {
+        for bad in [
+            "tbk_secret",
+            "Basic tbk_secret",
+            "Bearer ",
+            "Bearer tbk_other",
+        ] {
             let err = auth.authenticate(Some(bad)).unwrap_err();
             assert!(matches!(err, BrokerError::Unauthenticated(_)), "{bad}");
             assert!(!err.to_string().contains("tbk_"), "error echoes the key");

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::{
     config::{ENV_CONFIG_FILE, ProcessEnv, Settings},
@@ -105,7 +105,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let app = Application::build(settings).await?;
-    info!(address = %app.local_addr(), "listening");
+    // On stdout, for people and scripts: with `--listen 127.0.0.1:0` this is how they learn
+    // the port.
+    println!("tokenbroker listening on {}", app.local_addr());
     app.run_until_stopped(shutdown_signal()).await
 }
 

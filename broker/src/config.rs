@@ -240,7 +240,10 @@ impl Settings {
                     ConfigError(format!("cannot read config file {}: {err}", path.display()))
                 })?;
                 text.parse::<toml::Table>().map_err(|err| {
-                    ConfigError(format!("config file {} is not valid TOML: {err}", path.display()))
+                    ConfigError(format!(
+                        "config file {} is not valid TOML: {err}",
+                        path.display()
+                    ))
                 })?
             }
             None => toml::Table::new(),
@@ -263,8 +266,14 @@ impl Settings {
     fn validate(&self) -> Result<(), ConfigError> {
         let t = &self.tokens;
         let checks = [
-            (t.access_ttl_seconds == 0, "tokens.access_ttl_seconds must be at least 1"),
-            (t.refresh_ttl_seconds == 0, "tokens.refresh_ttl_seconds must be at least 1"),
+            (
+                t.access_ttl_seconds == 0,
+                "tokens.access_ttl_seconds must be at least 1",
+            ),
+            (
+                t.refresh_ttl_seconds == 0,
+                "tokens.refresh_ttl_seconds must be at least 1",
+            ),
             (
                 t.access_ttl_seconds > t.max_access_ttl_seconds,
                 "tokens.access_ttl_seconds is over tokens.max_access_ttl_seconds",
@@ -312,7 +321,9 @@ fn apply_override(table: &mut toml::Table, name: &str, value: &str) -> Result<()
             .entry(section.clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         current = entry.as_table_mut().ok_or_else(|| {
-            ConfigError(format!("environment variable {name}: {section} is not a section"))
+            ConfigError(format!(
+                "environment variable {name}: {section} is not a section"
+            ))
         })?;
     }
     current.insert(last.clone(), parse_env_value(value));
@@ -399,12 +410,14 @@ mod tests {
     fn unknown_fields_and_bad_values_are_named() {
         let err = Settings::load(None, &env(&[("TOKENBROKER_SERVER__LISTN", "x")])).unwrap_err();
         assert!(err.to_string().contains("listn"), "{err}");
-        let err =
-            Settings::load(None, &env(&[("TOKENBROKER_TOKENS__ACCESS_TTL_SECONDS", "0")]))
-                .unwrap_err();
+        let err = Settings::load(
+            None,
+            &env(&[("TOKENBROKER_TOKENS__ACCESS_TTL_SECONDS", "0")]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("access_ttl_seconds"), "{err}");
-        let err = Settings::load(None, &env(&[("TOKENBROKER_SERVER__LISTEN", "nowhere")]))
-            .unwrap_err();
+        let err =
+            Settings::load(None, &env(&[("TOKENBROKER_SERVER__LISTEN", "nowhere")])).unwrap_err();
         assert!(err.to_string().contains("invalid"), "{err}");
     }
 }

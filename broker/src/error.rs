@@ -2,7 +2,6 @@
 
 use std::fmt;
 
-
 use crate::store::{StoreError, StoreErrorKind};
 
 /// The class of a broker error; each maps to exactly one gRPC code in the adapter.

@@ -195,7 +195,9 @@ impl TokenBroker for GrpcAdapter {
             Some(Account::AccountId(id)) => AccountRef::Id(AccountId::parse(&id)?),
             Some(Account::Email(email)) => AccountRef::Email(Email::parse(&email)?),
             None => {
-                return Err(BrokerError::invalid("an account is required: account_id or email").into());
+                return Err(
+                    BrokerError::invalid("an account is required: account_id or email").into(),
+                );
             }
         };
         let listed = self

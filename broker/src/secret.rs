@@ -68,8 +68,7 @@ pub fn parse(secret: &SecretString) -> Option<ParsedSecret> {
         return None;
     };
     let (id_hex, random) = rest.split_once('_')?;
-    if id_hex.len() != 32 || !id_hex.bytes().all(|b| b.is_ascii_hexdigit()) || random.is_empty()
-    {
+    if id_hex.len() != 32 || !id_hex.bytes().all(|b| b.is_ascii_hexdigit()) || random.is_empty() {
         return None;
     }
     Some(ParsedSecret {
@@ -98,7 +97,14 @@ mod tests {
 
     #[test]
     fn garbage_does_not_parse() {
-        for bad in ["", "tba_", "tba_xyz_abc", "fnEabc", "eyJhbGciOi.x.y", "tbx_0_1"] {
+        for bad in [
+            "",
+            "tba_",
+            "tba_xyz_abc",
+            "fnEabc",
+            "eyJhbGciOi.x.y",
+            "tbx_0_1",
+        ] {
             assert!(parse(&SecretString::from(bad)).is_none(), "{bad:?} parsed");
         }
         let long = format!("tba_{}_{}", "0".repeat(32), "a".repeat(600));

@@ -11,12 +11,13 @@ use tracing::{info, warn};
 
 use crate::{
     auth::{Caller, Role, require},
+    clock::Clock,
     config::TokenSettings,
     error::{BrokerError, BrokerResult},
     model::{
-        AccountId, Email, FamilyId, MAX_SECRET_LEN, Metadata, MintedPair, NewSession,
-        PageCursor, PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation,
-        TokenId, TokenInfo, TokenPage, UnixMicros,
+        AccountId, Email, FamilyId, MAX_SECRET_LEN, Metadata, MintedPair, NewSession, PageCursor,
+        PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo,
+        TokenPage, UnixMicros,
     },
     secret::SecretDigest,
     store::TokenStore,
@@ -173,9 +174,12 @@ pub struct Broker {
     tokens: TokenSettings,
     /// Pairs minted under an idempotency key, by digest of (caller, key, subject).
     issued: Cache<SecretDigest, Arc<MintedPair>>,
-    /// Pairs minted by a rotation, by digest of the presented refresh secret, for the grace
-    /// window: concurrent or repeated refreshes of one token get one successor.
-    rotated: Option<Cache<SecretDigest, Arc<MintedPair>>>,
+    /// Pairs minted by a rotation, with the (injected) time they were minted, by digest of the
+    /// presented refresh secret, for the grace window: concurrent or repeated refreshes of one
+    /// token get one successor. The cache's own expiry is wall-clock; entries older than the
+    /// grace window by `clock` are ignored too, so tests can move time by hand.
+    rotated: Option<Cache<SecretDigest, (Arc<MintedPair>, UnixMicros)>>,
+    clock: Arc<dyn Clock>,
 }
 
 impl fmt::Debug for Broker {
@@ -189,10 +193,12 @@ impl fmt::Debug for Broker {
 
 impl Broker {
     /// Builds the service over `store`.
-    pub fn new(store: Arc<dyn TokenStore>, tokens: TokenSettings) -> Self {
+    pub fn new(store: Arc<dyn TokenStore>, tokens: TokenSettings, clock: Arc<dyn Clock>) -> Self {
         let issued = Cache::builder()
             .max_capacity(REPLAY_CACHE_CAPACITY)
-            .time_to_live(Duration::from_secs(tokens.idempotency_window_seconds.max(1)))
+            .time_to_live(Duration::from_secs(
+                tokens.idempotency_window_seconds.max(1),
+            ))
             .build();
         let rotated = (tokens.refresh_grace_seconds > 0).then(|| {
             Cache::builder()
@@ -205,6 +211,7 @@ impl Broker {
             tokens,
             issued,
             rotated,
+            clock,
         }
     }
 
@@ -219,7 +226,11 @@ impl Broker {
     ///
     /// See the proto: role errors, `InvalidArgument` for TTLs and keys, `FailedPrecondition`
     /// for a Cognito token while no pool is configured, store failures.
-    pub async fn issue(&self, caller: Option<&Caller>, request: IssueRequest) -> BrokerResult<Issued> {
+    pub async fn issue(
+        &self,
+        caller: Option<&Caller>,
+        request: IssueRequest,
+    ) -> BrokerResult<Issued> {
         let claims = match request.subject {
             Subject::Claims(claims) => {
                 require(caller, &[Role::Trigger, Role::Admin])?;
@@ -331,8 +342,12 @@ impl Broker {
         if secret.len() > MAX_SECRET_LEN {
             return Err(inactive_refresh());
         }
-        let rotate = async {
-            match self.store.refresh(&request.refresh_token, rotation).await? {
+        let rotate = || async {
+            match self
+                .store
+                .refresh(&request.refresh_token, rotation.clone())
+                .await?
+            {
                 RefreshOutcome::Rotated(pair) => {
                     info!(
                         family_id = %pair.family_id,
@@ -340,7 +355,7 @@ impl Broker {
                         access_token_id = %pair.access.id,
                         "refresh token rotated"
                     );
-                    Ok(Arc::new(pair))
+                    Ok((Arc::new(pair), self.clock.now()))
                 }
                 RefreshOutcome::Inactive => Err(inactive_refresh()),
                 RefreshOutcome::WrongClient => Err(BrokerError::PermissionDenied(
@@ -353,16 +368,31 @@ impl Broker {
             }
         };
         let Some(rotated) = &self.rotated else {
-            return rotate.await;
+            return Ok(rotate().await?.0);
         };
         let key = digest_of(&[
             secret.as_bytes(),
             request.client_id.as_deref().unwrap_or("").as_bytes(),
         ]);
-        rotated
-            .try_get_with(key, rotate)
+        let entry = rotated
+            .entry(key)
+            .or_try_insert_with(rotate())
             .await
-            .map_err(BrokerError::Shared)
+            .map_err(BrokerError::Shared)?;
+        if entry.is_fresh() {
+            return Ok(entry.into_value().0);
+        }
+        // A retry (or a concurrent twin) of a rotation: hand back the same successor only while
+        // it is the family's current refresh token and the grace window (by the injected clock)
+        // is open. Otherwise the store judges the reuse, which revokes the family.
+        let (pair, minted_at) = entry.into_value();
+        if self.clock.now() <= minted_at.plus(rotation.grace)
+            && self.store.introspect(&pair.refresh.secret).await?.is_some()
+        {
+            return Ok(pair);
+        }
+        rotated.invalidate(&key).await;
+        Ok(rotate().await?.0)
     }
 
     /// Revokes what `target` names; returns how many tokens became inactive (0 for a
@@ -384,7 +414,11 @@ impl Broker {
                     .await?;
                 return match outcome {
                     SecretRevocation::Revoked(count) => {
-                        info!(caller = caller.map(|c| c.name.as_str()), revoked = count, "token revoked by its holder");
+                        info!(
+                            caller = caller.map(|c| c.name.as_str()),
+                            revoked = count,
+                            "token revoked by its holder"
+                        );
                         Ok(0)
                     }
                     SecretRevocation::NotActive => Ok(0),
@@ -434,7 +468,11 @@ impl Broker {
     /// # Errors
     ///
     /// Role errors, `InvalidArgument` for a bad page size or token, store failures.
-    pub async fn list(&self, caller: Option<&Caller>, request: ListRequest) -> BrokerResult<Listed> {
+    pub async fn list(
+        &self,
+        caller: Option<&Caller>,
+        request: ListRequest,
+    ) -> BrokerResult<Listed> {
         require(caller, &[Role::Admin])?;
         let size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -471,7 +509,11 @@ impl Broker {
                 },
             )
             .await?;
-        let next_page_token = page.next.as_ref().map(encode_page_token).unwrap_or_default();
+        let next_page_token = page
+            .next
+            .as_ref()
+            .map(encode_page_token)
+            .unwrap_or_default();
         Ok(Listed {
             account_id: Some(account_id),
             page,

@@ -62,7 +62,7 @@ impl Application {
                             settings.store.embedded.cleanup_interval_seconds,
                         ),
                     },
-                    clock,
+                    Arc::clone(&clock),
                 )
                 .context("failed to open the embedded store")?;
                 Arc::new(CachedStore::new(
@@ -71,7 +71,11 @@ impl Application {
                 ))
             }
         };
-        let broker = Arc::new(Broker::new(Arc::clone(&store), settings.tokens.clone()));
+        let broker = Arc::new(Broker::new(
+            Arc::clone(&store),
+            settings.tokens.clone(),
+            clock,
+        ));
         let adapter = GrpcAdapter::new(
             broker,
             Arc::new(auth),
@@ -128,8 +132,8 @@ impl Application {
             .await;
 
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
-            .with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let server = Server::builder()
             .add_service(health)
             .add_service(reflection_v1)

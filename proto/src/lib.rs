@@ -2,6 +2,8 @@
 
 #![allow(unreachable_pub, missing_debug_implementations)]
 
+pub mod strict;
+
 /// Package `tokenbroker.v1`: messages, the `TokenBroker` client and server.
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic, rust_2018_idioms)]

@@ -1,1 +1,22 @@
-//! placeholder
+//! The tokenbroker integration tests: one binary, one module per area, every test against a
+//! real broker over gRPC on loopback.
+
+mod bad_input;
+mod concurrency;
+mod durability;
+mod grpcurl;
+mod introspect;
+mod issue;
+mod list;
+mod refresh;
+mod revoke;
+mod secrets;
+mod server;
+
+use tokenbroker_client::{ClientErrorKind, ClientResult};
+
+/// Returns the error class of a call that must fail.
+#[track_caller]
+fn kind_of<T: std::fmt::Debug>(result: ClientResult<T>) -> ClientErrorKind {
+    result.expect_err("the call must fail").kind()
+}

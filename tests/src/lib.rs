@@ -1,1 +1,375 @@
-//! placeholder
+//! Test support for tokenbroker: a broker on a loopback port with a client per role, log
+//! capture, bounded polling, and the load tool's echo server.
+
+pub mod echo;
+
+use std::{
+    future::Future,
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, LazyLock, Mutex},
+    time::Duration,
+};
+
+use secrecy::{ExposeSecret, SecretString};
+use tempfile::TempDir;
+use tokenbroker::{
+    Application,
+    clock::{Clock, ManualClock, SystemClock},
+    config::Settings,
+    dev::generate_dev_keys,
+};
+use tokenbroker_client::{Client, TokenPair, pb};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tracing_subscriber::fmt::MakeWriter;
+
+/// Everything every test process logs, at TRACE, for the secret-leak checks.
+static LOGS: LazyLock<LogBuffer> = LazyLock::new(|| {
+    let buffer = LogBuffer::default();
+    let echo = std::env::var_os("TEST_LOG").is_some();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(TeeWriter {
+            buffer: buffer.clone(),
+            echo,
+        })
+        .finish();
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    buffer
+});
+
+/// A shared in-memory log sink.
+#[derive(Debug, Clone, Default)]
+pub struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl LogBuffer {
+    /// Returns everything logged so far.
+    pub fn contents(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer lock")).into_owned()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TeeWriter {
+    buffer: LogBuffer,
+    echo: bool,
+}
+
+impl Write for TeeWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.buffer
+            .0
+            .lock()
+            .expect("log buffer lock")
+            .extend_from_slice(buf);
+        if self.echo {
+            std::io::stderr().write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for TeeWriter {
+    type Writer = TeeWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Returns the process-wide log capture, installing it on first use.
+pub fn logs() -> &'static LogBuffer {
+    &LOGS
+}
+
+/// Polls `check` until it returns true, for at most ~10 s; panics with `what` otherwise.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition never held: {what}");
+}
+
+/// The API keys of a test broker, one per role.
+#[derive(Debug)]
+pub struct Keys {
+    /// Role admin.
+    pub admin: SecretString,
+    /// Role trigger.
+    pub trigger: SecretString,
+    /// Role service.
+    pub service: SecretString,
+}
+
+/// A broker serving on a loopback port in this process, with one client per role.
+#[derive(Debug)]
+pub struct TestBroker {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// `http://addr`.
+    pub endpoint: String,
+    /// The keys it accepts.
+    pub keys: Keys,
+    /// A client with the admin key.
+    pub admin: Client,
+    /// A client with the trigger key.
+    pub trigger: Client,
+    /// A client with the service key.
+    pub service: Client,
+    /// A client without credentials.
+    pub anonymous: Client,
+    /// The clock the broker runs on (a manual one when spawned with it).
+    pub clock: Arc<dyn Clock>,
+    manual_clock: Option<Arc<ManualClock>>,
+    data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<TempDir>,
+}
+
+impl TestBroker {
+    /// Spawns a broker with default settings on a fresh data directory.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Spawns a broker whose settings `configure` may change.
+    pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::start(configure, None, None).await
+    }
+
+    /// Spawns a broker on a manual clock that the test moves with [`TestBroker::advance`].
+    pub async fn spawn_with_manual_clock(configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::start(configure, Some(Arc::new(ManualClock::new())), None).await
+    }
+
+    /// Spawns a broker on an existing data directory (which the caller keeps).
+    pub async fn spawn_on(dir: &Path) -> Self {
+        Self::start(|_| {}, None, Some(dir.to_owned())).await
+    }
+
+    async fn start(
+        configure: impl FnOnce(&mut Settings),
+        manual_clock: Option<Arc<ManualClock>>,
+        data_dir: Option<PathBuf>,
+    ) -> Self {
+        logs();
+        let (dir, data_dir) = match data_dir {
+            Some(path) => (None, path),
+            None => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let path = dir.path().to_owned();
+                (Some(dir), path)
+            }
+        };
+        let generated = generate_dev_keys();
+        let mut settings = Settings::default();
+        settings.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        settings.server.shutdown_grace_seconds = 5;
+        settings.store.embedded.dir = data_dir.clone();
+        settings.api_keys = generated.iter().map(|k| k.config.clone()).collect();
+        configure(&mut settings);
+        let clock: Arc<dyn Clock> = match &manual_clock {
+            Some(manual) => manual.clone(),
+            None => Arc::new(SystemClock),
+        };
+        let app = Application::build_with_clock(settings, Arc::clone(&clock))
+            .await
+            .expect("broker builds");
+        let addr = app.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        let endpoint = format!("http://{addr}");
+        let mut keys = generated.into_iter().map(|k| k.key);
+        let keys = Keys {
+            admin: keys.next().expect("admin key"),
+            trigger: keys.next().expect("trigger key"),
+            service: keys.next().expect("service key"),
+        };
+        let anonymous = connect(&endpoint).await;
+        let with = |key: &SecretString| anonymous.clone().with_api_key(key).expect("ascii key");
+        Self {
+            addr,
+            admin: with(&keys.admin),
+            trigger: with(&keys.trigger),
+            service: with(&keys.service),
+            anonymous: anonymous.clone(),
+            endpoint,
+            keys,
+            clock,
+            manual_clock,
+            data_dir,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// Returns the data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Moves the manual clock forward.
+    ///
+    /// # Panics
+    ///
+    /// If the broker was not spawned with a manual clock.
+    pub fn advance(&self, by: Duration) {
+        self.manual_clock
+            .as_ref()
+            .expect("spawned with spawn_with_manual_clock")
+            .advance(by);
+    }
+
+    /// Issues a pair for `email` with the trigger key.
+    ///
+    /// # Panics
+    ///
+    /// If the call fails.
+    pub async fn issue(&self, email: &str) -> TokenPair {
+        self.issue_for_client(email, "").await
+    }
+
+    /// Issues a pair for `email` and app client `client_id` with the trigger key.
+    ///
+    /// # Panics
+    ///
+    /// If the call fails.
+    pub async fn issue_for_client(&self, email: &str, client_id: &str) -> TokenPair {
+        self.trigger
+            .issue_tokens(claims_request(email, client_id))
+            .await
+            .expect("IssueTokens succeeds")
+    }
+
+    /// Whether `secret` introspects active (with the service key).
+    ///
+    /// # Panics
+    ///
+    /// If the call fails.
+    pub async fn is_active(&self, secret: &SecretString) -> bool {
+        self.service
+            .introspect_secret(secret)
+            .await
+            .expect("Introspect succeeds")
+            .active
+    }
+
+    /// Lists every token of the account with `email`, inactive ones included (admin).
+    ///
+    /// # Panics
+    ///
+    /// If a call fails.
+    pub async fn all_tokens(&self, email: &str) -> Vec<pb::TokenSummary> {
+        let mut tokens = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .admin
+                .list_tokens(pb::ListTokensRequest {
+                    account: Some(pb::list_tokens_request::Account::Email(email.into())),
+                    page_size: 100,
+                    page_token,
+                    include_inactive: true,
+                })
+                .await
+                .expect("ListTokens succeeds");
+            tokens.extend(page.tokens);
+            if page.next_page_token.is_empty() {
+                return tokens;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Stops the broker gracefully and waits for it.
+    ///
+    /// # Errors
+    ///
+    /// When the broker's run loop failed.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Connects a client without credentials to `endpoint`.
+///
+/// # Panics
+///
+/// If the broker cannot be reached.
+pub async fn connect(endpoint: &str) -> Client {
+    Client::connect(endpoint)
+        .await
+        .expect("broker is reachable")
+        .with_timeout(Duration::from_secs(10))
+}
+
+/// An IssueTokens request for asserted claims of `email` and app client `client_id`.
+pub fn claims_request(email: &str, client_id: &str) -> pb::IssueTokensRequest {
+    pb::IssueTokensRequest {
+        subject: Some(pb::issue_tokens_request::Subject::Claims(
+            pb::AssertedClaims {
+                email: email.into(),
+                cognito_sub: "5f0c1a3e-0000-4000-8000-000000000001".into(),
+                user_pool_id: "us-east-1_TestPool1".into(),
+                client_id: client_id.into(),
+                groups: vec!["users".into()],
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// Returns the secret's text, for requests that carry it.
+pub fn expose(secret: &SecretString) -> String {
+    secret.expose_secret().to_owned()
+}
+
+/// Returns the path of a workspace binary built next to the running test binary.
+///
+/// # Panics
+///
+/// If it is not built; the README's test command builds it first.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}

@@ -12,8 +12,8 @@ use secrecy::SecretString;
 
 use super::{StoreResult, TokenStore};
 use crate::model::{
-    AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget,
-    Rotation, SecretRevocation, TokenInfo, TokenPage,
+    AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,
+    SecretRevocation, TokenInfo, TokenPage,
 };
 
 /// A [`TokenStore`] that remembers which account each email belongs to.

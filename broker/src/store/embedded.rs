@@ -17,7 +17,11 @@
 use std::{
     fmt, fs,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -35,8 +39,8 @@ use crate::{
     clock::Clock,
     model::{
         AccountId, Email, FamilyId, Metadata, MintedPair, MintedToken, NewSession, PageCursor,
-        PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId,
-        TokenInfo, TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros,
+        PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo,
+        TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros,
     },
     secret::{self, SecretDigest},
 };
@@ -107,6 +111,8 @@ pub struct EmbeddedStore {
     path: PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     readers: Mutex<Vec<Connection>>,
+    /// Set by `close`: reads refuse to open new connections to a store that was shut down.
+    closed: AtomicBool,
     clock: Arc<dyn Clock>,
 }
 
@@ -153,6 +159,7 @@ impl EmbeddedStore {
             path,
             jobs: Mutex::new(Some(tx)),
             readers: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
             clock,
         })
     }
@@ -179,7 +186,10 @@ impl EmbeddedStore {
     }
 
     fn send(&self, job: Job) -> StoreResult<()> {
-        let jobs = self.jobs.lock().expect("the job sender lock is never poisoned");
+        let jobs = self
+            .jobs
+            .lock()
+            .expect("the job sender lock is never poisoned");
         jobs.as_ref()
             .ok_or_else(closed)?
             .send(job)
@@ -191,6 +201,9 @@ impl EmbeddedStore {
         &self,
         op: impl FnOnce(&Connection, UnixMicros) -> rusqlite::Result<T>,
     ) -> StoreResult<T> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(closed());
+        }
         let pooled = self
             .readers
             .lock()
@@ -265,7 +278,17 @@ impl TokenStore for EmbeddedStore {
         let access_ttl = rotation.access_ttl;
         let refresh_ttl = rotation.refresh_ttl;
         let outcome = self
-            .write(move |conn, now| rotate(conn, now, &parsed.id, &parsed.digest, &rotation, ids, digests))
+            .write(move |conn, now| {
+                rotate(
+                    conn,
+                    now,
+                    &parsed.id,
+                    &parsed.digest,
+                    &rotation,
+                    ids,
+                    digests,
+                )
+            })
             .await?;
         Ok(match outcome {
             RotationResult::Rotated {
@@ -379,21 +402,27 @@ impl TokenStore for EmbeddedStore {
                 Some(cursor) => (cursor.issued_at.0, cursor.id.as_str().to_owned()),
                 None => (i64::MAX, String::new()),
             };
-            let filter = if page.include_inactive {
-                "1".to_owned()
-            } else {
-                active("?5")
-            };
+            // One statement for both listings: `?5` (include_inactive) switches the filter
+            // off. Leaving the filter out of the SQL instead would leave `now` with no
+            // placeholder, and rusqlite refuses to bind more parameters than a statement has.
             let sql = format!(
                 "SELECT {TOKEN_COLUMNS}, t.id FROM tokens t JOIN accounts a ON a.id = t.account_id \
-                 WHERE t.account_id = ?1 AND (t.issued_at, t.id) < (?2, ?3) AND {filter} \
-                 ORDER BY t.issued_at DESC, t.id DESC LIMIT ?4"
+                 WHERE t.account_id = ?1 AND (t.issued_at, t.id) < (?2, ?3) AND (?5 OR {}) \
+                 ORDER BY t.issued_at DESC, t.id DESC LIMIT ?4",
+                active("?6")
             );
             let mut stmt = conn.prepare_cached(&sql)?;
             let limit = i64::from(page.size) + 1;
             let mut tokens = stmt
                 .query_map(
-                    params![account.as_str(), after_at, after_id, limit, now.0],
+                    params![
+                        account.as_str(),
+                        after_at,
+                        after_id,
+                        limit,
+                        page.include_inactive,
+                        now.0
+                    ],
                     |r| {
                         let row = TokenRow::from_row(r)?;
                         let id = TokenId::from_stored(r.get(TOKEN_COLUMN_COUNT)?);
@@ -418,6 +447,7 @@ impl TokenStore for EmbeddedStore {
         let (reply, answer) = oneshot::channel();
         self.send(Job::Close(reply))?;
         let result = answer.await.map_err(|_| closed())?;
+        self.closed.store(true, Ordering::Release);
         self.jobs
             .lock()
             .expect("the job sender lock is never poisoned")
@@ -698,8 +728,8 @@ fn rotate(
         // Anything else is reuse of a leaked token: end the session.
         let rotated_at = row.rotated_at.unwrap_or(row.issued_at);
         let in_grace = now <= rotated_at.plus(rotation.grace);
-        let successor_is_current = load_token(conn, successor)?
-            .is_some_and(|s| s.state(now) == TokenState::Active);
+        let successor_is_current =
+            load_token(conn, successor)?.is_some_and(|s| s.state(now) == TokenState::Active);
         if !(in_grace && successor_is_current) {
             let revoked = revoke_family(conn, now, &row.family_id)?;
             warn!(family_id = %row.family_id, token_id = %id, revoked, "refresh token reuse detected; family revoked");
@@ -894,16 +924,13 @@ impl Writer {
         }
         for op in &mut batch {
             let now = self.stamp();
-            let step = self
-                .conn
-                .execute_batch("SAVEPOINT op")
-                .and_then(|()| {
-                    if op.run(&self.conn, now) {
-                        self.conn.execute_batch("RELEASE op")
-                    } else {
-                        self.conn.execute_batch("ROLLBACK TO op; RELEASE op")
-                    }
-                });
+            let step = self.conn.execute_batch("SAVEPOINT op").and_then(|()| {
+                if op.run(&self.conn, now) {
+                    self.conn.execute_batch("RELEASE op")
+                } else {
+                    self.conn.execute_batch("ROLLBACK TO op; RELEASE op")
+                }
+            });
             if let Err(err) = step {
                 error!(error = %err, "savepoint failed; abandoning the batch");
                 let _ = self.conn.execute_batch("ROLLBACK");
@@ -1018,4 +1045,204 @@ fn internal(message: &str, err: impl std::error::Error + Send + Sync + 'static) 
 
 fn closed() -> StoreError {
     StoreError::new(StoreErrorKind::Unavailable, "the store is closed", None)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::{
+        clock::ManualClock,
+        model::NewSession,
+        store::testsuite::{StoreHarness, store_test_suite},
+    };
+
+    /// Long enough that background cleanup never runs during a conformance case.
+    const NO_CLEANUP: Duration = Duration::from_secs(3600);
+
+    fn config(dir: &Path, cleanup_interval: Duration) -> EmbeddedStoreConfig {
+        EmbeddedStoreConfig {
+            dir: dir.to_owned(),
+            durability: Durability::Normal,
+            cleanup_interval,
+        }
+    }
+
+    fn session(email: &str, access_ttl: Duration, refresh_ttl: Duration) -> NewSession {
+        NewSession {
+            email: Email::parse(email).expect("test emails are valid"),
+            known_account: None,
+            cognito_sub: None,
+            client_id: Some("app-1".to_owned()),
+            access_ttl,
+            refresh_ttl,
+            metadata: Metadata::new(),
+        }
+    }
+
+    /// Opens every store in a temporary directory of its own, deleted when the harness drops.
+    #[derive(Default)]
+    struct TempDirHarness {
+        dirs: Mutex<Vec<TempDir>>,
+    }
+
+    #[async_trait]
+    impl StoreHarness for TempDirHarness {
+        async fn open(&self, clock: Arc<ManualClock>) -> Arc<dyn TokenStore> {
+            let dir = TempDir::new().expect("a temporary directory can be created");
+            let store = EmbeddedStore::open(&config(dir.path(), NO_CLEANUP), clock)
+                .expect("a store opens in an empty directory");
+            self.dirs
+                .lock()
+                .expect("the directory list lock is never poisoned")
+                .push(dir);
+            Arc::new(store)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_store_passes_conformance_suite() {
+        store_test_suite(&TempDirHarness::default()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn data_survives_close_and_reopen() {
+        let dir = TempDir::new().expect("a temporary directory can be created");
+        let clock = Arc::new(ManualClock::new());
+        let config = config(dir.path(), NO_CLEANUP);
+        let store = EmbeddedStore::open(&config, Arc::clone(&clock) as Arc<dyn Clock>)
+            .expect("the store opens");
+        let hour = Duration::from_secs(3600);
+        let pair = store
+            .issue(session("alice@example.com", hour, hour))
+            .await
+            .expect("issue succeeds");
+        store.close().await.expect("close succeeds");
+        drop(store);
+
+        let reopened =
+            EmbeddedStore::open(&config, clock).expect("the store reopens in the same directory");
+        let info = reopened
+            .introspect(&pair.access.secret)
+            .await
+            .expect("introspect succeeds")
+            .expect("a token issued before the restart is still active");
+        assert_eq!(info.id, pair.access.id);
+        assert_eq!(info.account_id, pair.account_id);
+        assert_eq!(info.family_id, pair.family_id);
+        assert_eq!(info.expires_at, pair.access.expires_at);
+        assert_eq!(
+            reopened
+                .account_by_email(&Email::parse("alice@example.com").expect("valid"))
+                .await
+                .expect("account_by_email succeeds"),
+            Some(pair.account_id.clone())
+        );
+        let rotation = Rotation {
+            client_id: None,
+            access_ttl: hour,
+            refresh_ttl: hour,
+            grace: Duration::ZERO,
+        };
+        let outcome = reopened
+            .refresh(&pair.refresh.secret, rotation)
+            .await
+            .expect("refresh succeeds");
+        assert!(
+            matches!(outcome, RefreshOutcome::Rotated(ref next) if next.family_id == pair.family_id),
+            "a refresh token issued before the restart still rotates, got {outcome:?}"
+        );
+        reopened.close().await.expect("close succeeds");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expired_tokens_are_deleted_in_the_background() {
+        let dir = TempDir::new().expect("a temporary directory can be created");
+        let clock = Arc::new(ManualClock::new());
+        let store = EmbeddedStore::open(
+            &config(dir.path(), Duration::from_millis(50)),
+            Arc::clone(&clock) as Arc<dyn Clock>,
+        )
+        .expect("the store opens");
+        let short = store
+            .issue(session(
+                "bob@example.com",
+                Duration::from_secs(60),
+                Duration::from_secs(120),
+            ))
+            .await
+            .expect("issue succeeds");
+        let long = store
+            .issue(session(
+                "bob@example.com",
+                Duration::from_secs(3600),
+                Duration::from_secs(3600),
+            ))
+            .await
+            .expect("issue succeeds");
+        let account = short.account_id.clone();
+        assert_eq!(listed(&store, &account).await.len(), 4);
+
+        clock.advance(Duration::from_secs(61));
+        eventually("the expired access token is deleted", || async {
+            !listed(&store, &account).await.contains(&short.access.id)
+        })
+        .await;
+        let ids = listed(&store, &account).await;
+        assert!(
+            ids.contains(&short.refresh.id),
+            "an unexpired token is kept"
+        );
+        assert!(ids.contains(&long.access.id) && ids.contains(&long.refresh.id));
+
+        clock.advance(Duration::from_secs(60));
+        eventually("the expired refresh token is deleted", || async {
+            !listed(&store, &account).await.contains(&short.refresh.id)
+        })
+        .await;
+        let ids = listed(&store, &account).await;
+        assert_eq!(
+            ids.len(),
+            2,
+            "only the long-lived pair remains, got {ids:?}"
+        );
+        store.close().await.expect("close succeeds");
+    }
+
+    /// Returns the ids of every token of `account` still stored, whatever its state.
+    async fn listed(store: &EmbeddedStore, account: &AccountId) -> Vec<TokenId> {
+        let page = PageRequest {
+            size: 100,
+            after: None,
+            include_inactive: true,
+        };
+        store
+            .list_tokens(account, page)
+            .await
+            .expect("list_tokens succeeds")
+            .tokens
+            .into_iter()
+            .map(|t| t.id)
+            .collect()
+    }
+
+    /// Polls `condition` until it holds, failing after a few seconds.
+    async fn eventually<F, Fut>(what: &str, mut condition: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        const ATTEMPTS: u32 = 200;
+        const PAUSE: Duration = Duration::from_millis(25);
+        for _ in 0..ATTEMPTS {
+            if condition().await {
+                return;
+            }
+            tokio::time::sleep(PAUSE).await;
+        }
+        panic!("{what}: not true after {:?}", PAUSE * ATTEMPTS);
+    }
 }

@@ -15,8 +15,8 @@ pub use cached::CachedStore;
 pub use embedded::{Durability, EmbeddedStore, EmbeddedStoreConfig};
 
 use crate::model::{
-    AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget,
-    Rotation, SecretRevocation, TokenInfo, TokenPage,
+    AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,
+    SecretRevocation, TokenInfo, TokenPage,
 };
 
 /// A backend that keeps accounts and tokens.
@@ -35,8 +35,11 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
     /// predecessor of the family's current refresh token and the rotation is at most
     /// `rotation.grace` old; the successor is then superseded (revoked with its access tokens)
     /// so the family keeps exactly one live refresh token. Anything else revokes the family.
-    async fn refresh(&self, secret: &SecretString, rotation: Rotation)
-    -> StoreResult<RefreshOutcome>;
+    async fn refresh(
+        &self,
+        secret: &SecretString,
+        rotation: Rotation,
+    ) -> StoreResult<RefreshOutcome>;
 
     /// Returns the token's facts if `secret` is an active token, `None` otherwise.
     async fn introspect(&self, secret: &SecretString) -> StoreResult<Option<TokenInfo>>;
