@@ -20,7 +20,7 @@ use crate::{
 /// under ./data, a listener on 127.0.0.1:50051, and three generated API keys (admin, trigger,
 /// service), printed once and written to ./data/dev-keys.env.
 ///
-/// Every setting can also come from the environment as TOKENBROKER_<SECTION>__<FIELD>, for
+/// Every setting can also come from the environment as TOKENBROKER_SECTION__FIELD, for
 /// example TOKENBROKER_SERVER__LISTEN=0.0.0.0:50051; see the README's configuration reference.
 #[derive(Debug, Parser)]
 #[command(name = "tokenbroker", version)]

@@ -714,9 +714,11 @@ fn rotate(
     if !row.matches(digest) || row.kind != TokenKind::Refresh {
         return Ok(RotationResult::Inactive);
     }
+    // An expired token is inactive whatever else happened to it: a consumed refresh token
+    // that comes back after its own lifetime is not reuse worth ending the session for.
     match row.state(now) {
-        TokenState::Active | TokenState::Rotated => {}
-        TokenState::Expired | TokenState::Revoked => return Ok(RotationResult::Inactive),
+        TokenState::Active | TokenState::Rotated if row.expires_at > now => {}
+        _ => return Ok(RotationResult::Inactive),
     }
     if rotation.client_id.is_some() && row.client_id != rotation.client_id {
         return Ok(RotationResult::WrongClient);

@@ -123,6 +123,7 @@ fn cases() -> Vec<(&'static str, Case)> {
         refresh_rotates_into_a_new_pair_in_the_same_family,
         access_secret_cannot_refresh,
         expired_refresh_token_cannot_refresh,
+        consumed_refresh_token_after_its_expiry_is_inactive_not_reuse,
         revoked_refresh_token_cannot_refresh,
         refresh_for_another_client_is_refused_and_changes_nothing,
         // grace window and reuse detection
@@ -542,6 +543,23 @@ async fn expired_refresh_token_cannot_refresh(ctx: Ctx) {
     assert!(
         ctx.all_tokens(&pair.account_id).await.len() <= 2,
         "nothing minted"
+    );
+}
+
+async fn consumed_refresh_token_after_its_expiry_is_inactive_not_reuse(ctx: Ctx) {
+    let mut request = session("kurt@example.com");
+    request.refresh_ttl = Duration::from_secs(120);
+    let pair = ctx.issue_session(request).await;
+    let next = ctx.rotate(&pair.refresh.secret).await;
+    ctx.advance_to(pair.refresh.expires_at.plus(Duration::from_secs(1)));
+    let outcome = ctx.refresh(&pair.refresh.secret, rotation(GRACE)).await;
+    assert!(
+        matches!(outcome, RefreshOutcome::Inactive),
+        "an expired, consumed refresh token is just inactive, got {outcome:?}"
+    );
+    assert!(
+        ctx.is_active(&next.refresh.secret).await,
+        "the session it belonged to goes on"
     );
 }
 
