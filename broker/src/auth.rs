@@ -1,14 +1,22 @@
-//! Caller authentication: API keys presented as `authorization: Bearer <key>`.
+//! Caller authentication: API keys or Cognito access tokens presented as
+//! `authorization: Bearer <credential>`.
 //!
 //! Keys are configured by name, roles and the SHA-256 of the key, so the configuration holds
 //! no usable secret. A presented key is hashed and looked up; because keys carry at least 256
 //! bits of entropy, a hash-table lookup on the digest leaks nothing useful through timing.
+//!
+//! A credential shaped like a JWT (`ey…` with two dots) is verified as a Cognito access token
+//! instead; its roles come from the pool's group and scope mappings. Verifying may fetch the
+//! pool's keys, so authentication is async and runs at the top of each gRPC method, never in
+//! a (synchronous) tonic interceptor.
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
+use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::{
+    cognito::{CognitoVerifier, looks_like_jwt},
     error::{BrokerError, BrokerResult},
     secret::{SecretDigest, sha256},
 };
@@ -88,12 +96,14 @@ pub struct ApiKeyConfig {
 /// Maps presented credentials to callers.
 pub struct Authenticator {
     keys: HashMap<SecretDigest, Arc<Caller>>,
+    cognito: Option<Arc<CognitoVerifier>>,
 }
 
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Authenticator")
             .field("api_keys", &self.keys.len())
+            .field("cognito", &self.cognito.is_some())
             .finish()
     }
 }
@@ -131,7 +141,16 @@ impl Authenticator {
                 ));
             }
         }
-        Ok(Self { keys: table })
+        Ok(Self {
+            keys: table,
+            cognito: None,
+        })
+    }
+
+    /// Also accepts Cognito access tokens, verified by `verifier`.
+    pub fn with_cognito(mut self, verifier: Arc<CognitoVerifier>) -> Self {
+        self.cognito = Some(verifier);
+        self
     }
 
     /// Authenticates the value of the `authorization` header, if any.
@@ -140,11 +159,18 @@ impl Authenticator {
     /// is present but not a known bearer key is an error even where none is needed, so a
     /// misconfigured client learns of it at once.
     ///
+    /// A credential shaped like a JWT is verified as a Cognito access token; one that verifies
+    /// is a caller even when none of its groups or scopes maps to a role.
+    ///
     /// # Errors
     ///
-    /// `Unauthenticated` for a malformed header or an unknown key. The message never repeats
-    /// the credential.
-    pub fn authenticate(&self, authorization: Option<&str>) -> BrokerResult<Option<Arc<Caller>>> {
+    /// `Unauthenticated` for a malformed header, an unknown key, or a Cognito token that does
+    /// not verify (or while no pool is configured); `Unavailable` when the token's pool keys
+    /// cannot be fetched. The message never repeats the credential.
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&str>,
+    ) -> BrokerResult<Option<Arc<Caller>>> {
         let Some(header) = authorization else {
             return Ok(None);
         };
@@ -156,6 +182,13 @@ impl Authenticator {
             .ok_or(BrokerError::Unauthenticated(
                 "the authorization header must be `Bearer <api key>`",
             ))?;
+        if looks_like_jwt(credential) {
+            let verifier = self.cognito.as_ref().ok_or(BrokerError::Unauthenticated(
+                "cognito tokens are not accepted: no user pool is configured",
+            ))?;
+            let token = SecretString::from(credential.to_owned());
+            return Ok(Some(Arc::new(verifier.caller(&token).await?)));
+        }
         self.keys
             .get(&sha256(credential.as_bytes()))
             .cloned()
@@ -177,27 +210,29 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn known_key_authenticates_as_its_caller() {
+    #[tokio::test]
+    async fn known_key_authenticates_as_its_caller() {
         let caller = authenticator()
             .authenticate(Some("Bearer tbk_secret"))
+            .await
             .unwrap()
             .unwrap();
         assert_eq!(caller.name, "ops");
         assert!(caller.has_any(&[Role::Admin]));
     }
 
-    #[test]
-    fn missing_header_is_anonymous_and_bad_header_is_rejected() {
+    #[tokio::test]
+    async fn missing_header_is_anonymous_and_bad_header_is_rejected() {
         let auth = authenticator();
-        assert!(auth.authenticate(None).unwrap().is_none());
+        assert!(auth.authenticate(None).await.unwrap().is_none());
         for bad in [
             "tbk_secret",
             "Basic tbk_secret",
             "Bearer ",
             "Bearer tbk_other",
+            "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln",
         ] {
-            let err = auth.authenticate(Some(bad)).unwrap_err();
+            let err = auth.authenticate(Some(bad)).await.unwrap_err();
             assert!(matches!(err, BrokerError::Unauthenticated(_)), "{bad}");
             assert!(!err.to_string().contains("tbk_"), "error echoes the key");
         }

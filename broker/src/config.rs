@@ -13,9 +13,10 @@ use std::{
     time::Duration,
 };
 
+use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::{auth::ApiKeyConfig, store::Durability};
+use crate::{auth::ApiKeyConfig, cognito::CognitoSettings, store::Durability};
 
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "TOKENBROKER_";
@@ -66,6 +67,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// The API keys callers authenticate with. Empty with no config file: dev mode.
     pub api_keys: Vec<ApiKeyConfig>,
+    /// `[cognito]`: trusted user pools, their keys and role mappings.
+    pub cognito: CognitoSettings,
 }
 
 /// `[server]`: the gRPC listener.
@@ -86,6 +89,8 @@ pub struct ServerSettings {
 pub enum StoreBackend {
     /// The embedded SQLite file.
     Embedded,
+    /// A self-hosted FaunaDB (FQL v10 over HTTP).
+    Fauna,
 }
 
 /// `[store]`: the token store.
@@ -98,6 +103,76 @@ pub struct StoreSettings {
     pub account_cache_capacity: u64,
     /// `[store.embedded]`.
     pub embedded: EmbeddedSettings,
+    /// `[store.fauna]`.
+    pub fauna: FaunaSettings,
+}
+
+/// `[store.fauna]`: the Fauna store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaunaSettings {
+    /// Base URL of the Fauna HTTP API.
+    pub endpoint: String,
+    /// The server key. Prefer `secret_file` or `TOKENBROKER_STORE__FAUNA__SECRET` to a key
+    /// in a config file.
+    pub secret: Option<SecretString>,
+    /// A file holding the server key (surrounding whitespace is ignored).
+    pub secret_file: Option<PathBuf>,
+    /// Longest a query may take, shortened to the caller's deadline.
+    pub query_timeout_ms: u64,
+    /// Fauna's own retries on contention (`X-Max-Contention-Retries`, 0 to 7).
+    pub max_contention_retries: u8,
+    /// Most attempts per operation for retryable failures (409, 429, time-outs, 5xx).
+    pub max_attempts: u32,
+}
+
+impl Default for FaunaSettings {
+    fn default() -> Self {
+        Self {
+            endpoint: "http://localhost:8443".into(),
+            secret: None,
+            secret_file: None,
+            query_timeout_ms: 5000,
+            max_contention_retries: 4,
+            max_attempts: 3,
+        }
+    }
+}
+
+impl FaunaSettings {
+    /// Returns the server key from `secret` or `secret_file`.
+    ///
+    /// # Errors
+    ///
+    /// When neither or both are set, or the file cannot be read or is empty.
+    pub fn server_key(&self) -> Result<SecretString, ConfigError> {
+        match (&self.secret, &self.secret_file) {
+            (Some(secret), None) => Ok(secret.clone()),
+            (None, Some(path)) => {
+                let text = fs::read_to_string(path).map_err(|err| {
+                    ConfigError(format!(
+                        "cannot read store.fauna.secret_file {}: {err}",
+                        path.display()
+                    ))
+                })?;
+                let key = text.trim();
+                if key.is_empty() {
+                    return Err(ConfigError(format!(
+                        "store.fauna.secret_file {} is empty",
+                        path.display()
+                    )));
+                }
+                Ok(SecretString::from(key.to_owned()))
+            }
+            (None, None) => Err(ConfigError(
+                "store.backend = \"fauna\" needs store.fauna.secret or store.fauna.secret_file"
+                    .into(),
+            )),
+            (Some(_), Some(_)) => Err(ConfigError(
+                "set store.fauna.secret or store.fauna.secret_file, not both".into(),
+            )),
+        }
+    }
 }
 
 /// `[store.embedded]`: the SQLite store.
@@ -166,6 +241,7 @@ impl Default for StoreSettings {
             backend: StoreBackend::Embedded,
             account_cache_capacity: 100_000,
             embedded: EmbeddedSettings::default(),
+            fauna: FaunaSettings::default(),
         }
     }
 }
@@ -216,7 +292,7 @@ impl TokenSettings {
 /// A configuration that cannot be used, with a message saying where and why.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ConfigError(String);
+pub struct ConfigError(pub String);
 
 /// Where the settings came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,9 +372,12 @@ impl Settings {
                 "store.embedded.cleanup_interval_seconds must be at least 1",
             ),
         ];
+        if self.store.backend == StoreBackend::Fauna {
+            self.store.fauna.server_key()?;
+        }
         match checks.iter().find(|(bad, _)| *bad) {
             Some((_, message)) => Err(ConfigError((*message).to_owned())),
-            None => Ok(()),
+            None => self.cognito.validate().map_err(ConfigError),
         }
     }
 }
@@ -342,6 +421,7 @@ impl fmt::Display for StoreBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Embedded => "embedded",
+            Self::Fauna => "fauna",
         })
     }
 }

@@ -15,7 +15,7 @@ pub enum BrokerErrorKind {
     PermissionDenied,
     /// The call needs a feature the broker is not configured for.
     FailedPrecondition,
-    /// The store cannot answer now.
+    /// The store, or another dependency such as a Cognito JWKS endpoint, cannot answer now.
     Unavailable,
     /// The deadline passed.
     DeadlineExceeded,
@@ -41,6 +41,10 @@ pub enum BrokerError {
     /// See [`BrokerErrorKind::FailedPrecondition`].
     #[error("{0}")]
     FailedPrecondition(&'static str),
+    /// A dependency other than the store (such as a Cognito JWKS endpoint) cannot answer now;
+    /// the message is for the client.
+    #[error("{0}")]
+    Unavailable(&'static str),
     /// The call's deadline passed before the work finished.
     #[error("deadline exceeded")]
     DeadlineExceeded,
@@ -72,6 +76,7 @@ impl BrokerError {
             Self::Unauthenticated(_) => BrokerErrorKind::Unauthenticated,
             Self::PermissionDenied(_) => BrokerErrorKind::PermissionDenied,
             Self::FailedPrecondition(_) => BrokerErrorKind::FailedPrecondition,
+            Self::Unavailable(_) => BrokerErrorKind::Unavailable,
             Self::DeadlineExceeded => BrokerErrorKind::DeadlineExceeded,
             Self::Store(err) => match err.kind() {
                 StoreErrorKind::Unavailable => BrokerErrorKind::Unavailable,

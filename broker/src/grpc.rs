@@ -10,7 +10,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use secrecy::SecretString;
 use tokenbroker_proto::v1::{self as pb, token_broker_server::TokenBroker};
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
-use tracing::{Span, error, instrument};
+use tracing::{Span, error, instrument, warn};
 
 use crate::{
     auth::{Authenticator, Caller},
@@ -44,7 +44,10 @@ impl GrpcAdapter {
     }
 
     /// Authenticates the caller from the `authorization` metadata and records it on the span.
-    fn caller(&self, metadata: &MetadataMap) -> Result<Option<Arc<Caller>>, Status> {
+    ///
+    /// Async because a Cognito access token may need its pool's keys fetched; bounded by the
+    /// call's deadline like the work itself.
+    async fn caller(&self, metadata: &MetadataMap) -> Result<Option<Arc<Caller>>, Status> {
         let header = match metadata.get("authorization") {
             Some(value) => Some(value.to_str().map_err(|_| {
                 Status::from(BrokerError::Unauthenticated(
@@ -53,7 +56,9 @@ impl GrpcAdapter {
             })?),
             None => None,
         };
-        let caller = self.auth.authenticate(header)?;
+        let caller = self
+            .within(metadata, self.auth.authenticate(header))
+            .await?;
         Span::current().record(
             "caller",
             caller.as_deref().map_or("anonymous", |c| c.name.as_str()),
@@ -73,7 +78,8 @@ impl GrpcAdapter {
             // little earlier lets this adapter answer DEADLINE_EXCEEDED, as the proto promises.
             .map(|t| t.saturating_sub((t / 10).min(Duration::from_millis(10))))
             .map_or(self.request_timeout, |t| t.min(self.request_timeout));
-        match tokio::time::timeout(deadline, work).await {
+        let at = tokio::time::Instant::now() + deadline;
+        match tokio::time::timeout_at(at, crate::deadline::scope(at, work)).await {
             Ok(result) => result.map_err(Status::from),
             Err(_) => Err(BrokerError::DeadlineExceeded.into()),
         }
@@ -87,7 +93,7 @@ impl TokenBroker for GrpcAdapter {
         &self,
         request: Request<pb::IssueTokensRequest>,
     ) -> Result<Response<pb::IssueTokensResponse>, Status> {
-        let caller = self.caller(request.metadata())?;
+        let caller = self.caller(request.metadata()).await?;
         let (metadata, _, message) = request.into_parts();
         let parsed = issue_request(message)?;
         let issued = self
@@ -108,7 +114,7 @@ impl TokenBroker for GrpcAdapter {
         &self,
         request: Request<pb::RefreshTokensRequest>,
     ) -> Result<Response<pb::RefreshTokensResponse>, Status> {
-        self.caller(request.metadata())?;
+        self.caller(request.metadata()).await?;
         let (metadata, _, message) = request.into_parts();
         let parsed = RefreshRequest {
             refresh_token: SecretString::from(message.refresh_token),
@@ -126,7 +132,7 @@ impl TokenBroker for GrpcAdapter {
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         use pb::revoke_request::Target;
-        let caller = self.caller(request.metadata())?;
+        let caller = self.caller(request.metadata()).await?;
         let (metadata, _, message) = request.into_parts();
         let target = match message.target {
             Some(Target::Token(secret)) => RevokeBy::Secret {
@@ -155,7 +161,7 @@ impl TokenBroker for GrpcAdapter {
         &self,
         request: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let caller = self.caller(request.metadata())?;
+        let caller = self.caller(request.metadata()).await?;
         let (metadata, _, message) = request.into_parts();
         let client_id = parse_name("client_id", &message.client_id)?;
         let secret = SecretString::from(message.token);
@@ -189,7 +195,7 @@ impl TokenBroker for GrpcAdapter {
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         use pb::list_tokens_request::Account;
-        let caller = self.caller(request.metadata())?;
+        let caller = self.caller(request.metadata()).await?;
         let (metadata, _, message) = request.into_parts();
         let account = match message.account {
             Some(Account::AccountId(id)) => AccountRef::Id(AccountId::parse(&id)?),
@@ -251,6 +257,10 @@ impl From<BrokerError> for Status {
             BrokerErrorKind::FailedPrecondition => Code::FailedPrecondition,
             BrokerErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
             BrokerErrorKind::Unavailable => {
+                if let Some(message) = dependency_unavailable(&err) {
+                    warn!(reason = message, "dependency unavailable");
+                    return Status::unavailable(message);
+                }
                 error!(error = ?err, "token store unavailable");
                 return Status::unavailable("token store unavailable; retry with back-off");
             }
@@ -260,6 +270,15 @@ impl From<BrokerError> for Status {
             }
         };
         Status::new(code, err.to_string())
+    }
+}
+
+/// The client-facing message of an unavailable dependency other than the store.
+fn dependency_unavailable(err: &BrokerError) -> Option<&'static str> {
+    match err {
+        BrokerError::Unavailable(message) => Some(message),
+        BrokerError::Shared(inner) => dependency_unavailable(inner),
+        _ => None,
     }
 }
 

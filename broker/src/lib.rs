@@ -7,7 +7,9 @@
 pub mod auth;
 pub mod cli;
 pub mod clock;
+pub mod cognito;
 pub mod config;
+pub mod deadline;
 pub mod dev;
 pub mod error;
 pub mod grpc;

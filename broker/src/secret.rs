@@ -26,7 +26,7 @@ pub fn sha256(value: &[u8]) -> SecretDigest {
 
 /// Mints a new token: its id, its secret and the secret's digest.
 pub fn mint(kind: TokenKind) -> (TokenId, SecretString, SecretDigest) {
-    let id_hex = crate::model::random_hex();
+    let id_hex = crate::model::ordered_hex();
     let mut random = [0u8; 32];
     rand::rng().fill_bytes(&mut random);
     let prefix = match kind {

@@ -12,12 +12,13 @@ use tracing::{info, warn};
 use crate::{
     auth::{Caller, Role, require},
     clock::Clock,
+    cognito::CognitoVerifier,
     config::TokenSettings,
     error::{BrokerError, BrokerResult},
     model::{
-        AccountId, Email, FamilyId, MAX_SECRET_LEN, Metadata, MintedPair, NewSession, PageCursor,
-        PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo,
-        TokenPage, UnixMicros,
+        AccountId, Email, FamilyId, MAX_GROUPS, MAX_SECRET_LEN, Metadata, MintedPair, NewSession,
+        PageCursor, PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId,
+        TokenInfo, TokenPage, UnixMicros, parse_name,
     },
     secret::SecretDigest,
     store::TokenStore,
@@ -180,6 +181,8 @@ pub struct Broker {
     /// grace window by `clock` are ignored too, so tests can move time by hand.
     rotated: Option<Cache<SecretDigest, (Arc<MintedPair>, UnixMicros)>>,
     clock: Arc<dyn Clock>,
+    /// Verifies `cognito_token` subjects; `None` while no user pool is configured.
+    cognito: Option<Arc<CognitoVerifier>>,
 }
 
 impl fmt::Debug for Broker {
@@ -187,6 +190,7 @@ impl fmt::Debug for Broker {
         f.debug_struct("Broker")
             .field("store", &self.store)
             .field("tokens", &self.tokens)
+            .field("cognito", &self.cognito.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -212,7 +216,14 @@ impl Broker {
             issued,
             rotated,
             clock,
+            cognito: None,
         }
+    }
+
+    /// Accepts `cognito_token` subjects, verified by `verifier`.
+    pub fn with_cognito(mut self, verifier: Arc<CognitoVerifier>) -> Self {
+        self.cognito = Some(verifier);
+        self
     }
 
     /// Returns the store.
@@ -225,7 +236,9 @@ impl Broker {
     /// # Errors
     ///
     /// See the proto: role errors, `InvalidArgument` for TTLs and keys, `FailedPrecondition`
-    /// for a Cognito token while no pool is configured, store failures.
+    /// for a Cognito token while no pool is configured, `Unauthenticated` for one that does not
+    /// verify or lacks a (verified) email, `Unavailable` when its pool's keys cannot be fetched,
+    /// store failures.
     pub async fn issue(
         &self,
         caller: Option<&Caller>,
@@ -236,11 +249,14 @@ impl Broker {
                 require(caller, &[Role::Trigger, Role::Admin])?;
                 claims
             }
-            Subject::CognitoToken(_) => {
+            Subject::CognitoToken(token) => {
                 require(caller, &[Role::Service, Role::Trigger, Role::Admin])?;
-                return Err(BrokerError::FailedPrecondition(
-                    "no Cognito user pool is configured",
-                ));
+                let Some(cognito) = &self.cognito else {
+                    return Err(BrokerError::FailedPrecondition(
+                        "no Cognito user pool is configured",
+                    ));
+                };
+                exchanged_claims(cognito.exchange(&token).await?)?
             }
         };
         let caller = caller.expect("require returned a caller");
@@ -531,6 +547,34 @@ impl Broker {
             ))),
         }
     }
+}
+
+/// Turns a verified Cognito identity into the claims a trigger would have asserted, held to
+/// the same limits.
+fn exchanged_claims(identity: crate::cognito::ExchangedIdentity) -> BrokerResult<AssertedClaims> {
+    let unusable = |_| {
+        BrokerError::Unauthenticated(
+            "the cognito token's claims are not usable (email, sub or client)",
+        )
+    };
+    Ok(AssertedClaims {
+        email: Email::parse(&identity.email).map_err(unusable)?,
+        cognito_sub: parse_name("sub", &identity.sub).map_err(unusable)?,
+        user_pool_id: parse_name("user_pool_id", &identity.user_pool_id).map_err(unusable)?,
+        client_id: identity
+            .client_id
+            .as_deref()
+            .map(|id| parse_name("client_id", id))
+            .transpose()
+            .map_err(unusable)?
+            .flatten(),
+        groups: identity
+            .groups
+            .into_iter()
+            .filter(|g| !g.is_empty() && parse_name("group", g).is_ok())
+            .take(MAX_GROUPS)
+            .collect(),
+    })
 }
 
 fn inactive_refresh() -> BrokerError {

@@ -7,16 +7,17 @@ use anyhow::Context as _;
 use tokenbroker_proto::v1::token_broker_server::TokenBrokerServer;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic_health::server::HealthReporter;
+use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
 use crate::{
     auth::Authenticator,
     clock::{Clock, SystemClock},
+    cognito::{COGNITO_HEALTH_SERVICE, CognitoVerifier},
     config::{Settings, StoreBackend},
     grpc::GrpcAdapter,
     service::Broker,
-    store::{CachedStore, EmbeddedStore, EmbeddedStoreConfig, TokenStore},
+    store::{CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaConfig, FaunaStore, TokenStore},
 };
 
 /// A broker bound to its listener, ready to serve.
@@ -27,6 +28,7 @@ pub struct Application {
     adapter: GrpcAdapter,
     store: Arc<dyn TokenStore>,
     shutdown_grace: Duration,
+    cognito: Option<Arc<CognitoVerifier>>,
 }
 
 impl Application {
@@ -49,9 +51,25 @@ impl Application {
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
-        let auth = Authenticator::new(&settings.api_keys)
+        let mut auth = Authenticator::new(&settings.api_keys)
             .map_err(anyhow::Error::msg)
             .context("invalid api_keys")?;
+        let cognito = if settings.cognito.is_enabled() {
+            let verifier = CognitoVerifier::new(&settings.cognito, Arc::clone(&clock))
+                .context("invalid cognito settings")?;
+            Some(Arc::new(verifier))
+        } else {
+            None
+        };
+        if let Some(verifier) = &cognito {
+            // Hydrate: load every pool's keys before serving. A pool whose endpoint is down
+            // does not stop the start; its keys are fetched in the background and the
+            // cognito health service stays NOT_SERVING until they arrive.
+            if !verifier.hydrate().await {
+                warn!("cognito keys not loaded yet; retrying in the background");
+            }
+            auth = auth.with_cognito(Arc::clone(verifier));
+        }
         let store: Arc<dyn TokenStore> = match settings.store.backend {
             StoreBackend::Embedded => {
                 let embedded = EmbeddedStore::open(
@@ -70,12 +88,28 @@ impl Application {
                     settings.store.account_cache_capacity,
                 ))
             }
+            StoreBackend::Fauna => {
+                let fauna = &settings.store.fauna;
+                let store = FaunaStore::new(FaunaConfig {
+                    endpoint: fauna.endpoint.clone(),
+                    secret: fauna.server_key()?,
+                    query_timeout: Duration::from_millis(fauna.query_timeout_ms),
+                    max_contention_retries: fauna.max_contention_retries,
+                    max_attempts: fauna.max_attempts,
+                })
+                .context("failed to set up the fauna store")?;
+                info!(endpoint = %fauna.endpoint, "fauna store configured");
+                Arc::new(CachedStore::new(
+                    store,
+                    settings.store.account_cache_capacity,
+                ))
+            }
         };
-        let broker = Arc::new(Broker::new(
-            Arc::clone(&store),
-            settings.tokens.clone(),
-            clock,
-        ));
+        let mut broker = Broker::new(Arc::clone(&store), settings.tokens.clone(), clock);
+        if let Some(verifier) = &cognito {
+            broker = broker.with_cognito(Arc::clone(verifier));
+        }
+        let broker = Arc::new(broker);
         let adapter = GrpcAdapter::new(
             broker,
             Arc::new(auth),
@@ -91,6 +125,7 @@ impl Application {
             adapter,
             store,
             shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_seconds),
+            cognito,
         })
     }
 
@@ -130,6 +165,21 @@ impl Application {
         reporter
             .set_serving::<TokenBrokerServer<GrpcAdapter>>()
             .await;
+        let mut cognito_keeper = None;
+        if let Some(verifier) = &self.cognito {
+            let status = if verifier.is_ready() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter
+                .set_service_status(COGNITO_HEALTH_SERVICE, status)
+                .await;
+            if !verifier.is_ready() {
+                let keeper = keep_cognito_keys(Arc::clone(verifier), reporter.clone());
+                cognito_keeper = Some(tokio::spawn(keeper));
+            }
+        }
 
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let incoming =
@@ -162,6 +212,9 @@ impl Application {
                 }
             }
         }
+        if let Some(keeper) = cognito_keeper {
+            keeper.abort();
+        }
         self.store
             .close()
             .await
@@ -169,6 +222,21 @@ impl Application {
         info!("tokenbroker stopped");
         Ok(())
     }
+}
+
+/// Retries the pools whose keys did not load at start-up, as often as the JWKS cooldown
+/// allows, then turns the cognito health service to `SERVING`. It never turns back: the last
+/// good keys keep serving through later JWKS outages.
+async fn keep_cognito_keys(verifier: Arc<CognitoVerifier>, reporter: HealthReporter) {
+    /// How often the keeper looks; the per-URL cooldown decides whether it actually fetches.
+    const TICK: Duration = Duration::from_millis(250);
+    while !verifier.hydrate().await {
+        tokio::time::sleep(TICK).await;
+    }
+    info!("cognito keys loaded for every pool");
+    reporter
+        .set_service_status(COGNITO_HEALTH_SERVICE, ServingStatus::Serving)
+        .await;
 }
 
 async fn set_not_serving(reporter: &HealthReporter) {

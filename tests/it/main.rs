@@ -2,8 +2,10 @@
 //! real broker over gRPC on loopback.
 
 mod bad_input;
+mod cognito;
 mod concurrency;
 mod durability;
+mod fauna;
 mod grpcurl;
 mod introspect;
 mod issue;
@@ -12,6 +14,7 @@ mod refresh;
 mod revoke;
 mod secrets;
 mod server;
+mod trigger;
 
 use tokenbroker_client::{ClientErrorKind, ClientResult};
 

@@ -1,7 +1,9 @@
 //! Test support for tokenbroker: a broker on a loopback port with a client per role, log
 //! capture, bounded polling, and the load tool's echo server.
 
+pub mod cognito;
 pub mod echo;
+pub mod fauna;
 
 use std::{
     future::Future,

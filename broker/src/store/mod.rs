@@ -3,6 +3,7 @@
 
 mod cached;
 mod embedded;
+pub mod fauna;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
 
@@ -13,6 +14,7 @@ use secrecy::SecretString;
 
 pub use cached::CachedStore;
 pub use embedded::{Durability, EmbeddedStore, EmbeddedStoreConfig};
+pub use fauna::{FaunaConfig, FaunaStore};
 
 use crate::model::{
     AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,

@@ -1,16 +1,20 @@
 //! A typed client for the tokenbroker gRPC API.
 //!
 //! [`Client`] wraps the generated stub with what every caller needs: the API key sent as
-//! `authorization: Bearer …` (marked sensitive, never printed), a deadline on every call, and
-//! [`ClientError`], which maps gRPC status codes back to the broker's error classes. Minted
-//! secrets come back wrapped in [`SecretString`].
+//! `authorization: Bearer …` (marked sensitive, never printed), a deadline on every call (sent
+//! as `grpc-timeout` and enforced on this side too, so a broker that accepts a connection and
+//! then hangs cannot hold the caller), and [`ClientError`], which maps gRPC status codes back to
+//! the broker's error classes. Minted secrets come back wrapped in [`SecretString`].
+//!
+//! With the `tls` feature, `https://` endpoints use TLS (rustls with ring) and the platform's
+//! root certificates; `SSL_CERT_FILE` can name a bundle with a private CA.
 
-use std::{fmt, time::Duration};
+use std::{fmt, future::Future, time::Duration};
 
 use secrecy::{ExposeSecret, SecretString};
 use tonic::{
-    Code, Request, Status,
-    metadata::{Ascii, MetadataValue},
+    Code, Request, Response, Status,
+    metadata::{Ascii, MetadataKey, MetadataValue},
     transport::{Channel, Endpoint},
 };
 
@@ -71,6 +75,17 @@ impl ClientError {
             kind: ClientErrorKind::InvalidArgument,
             code: Code::InvalidArgument,
             message: message.into(),
+        }
+    }
+
+    fn deadline(timeout: Duration) -> Self {
+        Self {
+            kind: ClientErrorKind::DeadlineExceeded,
+            code: Code::DeadlineExceeded,
+            message: format!(
+                "no answer from the broker within {} ms",
+                timeout.as_millis()
+            ),
         }
     }
 }
@@ -159,6 +174,61 @@ fn issued(token: Option<pb::IssuedToken>) -> ClientResult<IssuedToken> {
     })
 }
 
+/// Settings for one call that add to, or override, the client's: a deadline and extra metadata
+/// (such as a W3C `traceparent`).
+#[derive(Clone, Default)]
+pub struct CallOptions {
+    timeout: Option<Duration>,
+    metadata: Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)>,
+}
+
+impl fmt::Debug for CallOptions {
+    // Values are left out: metadata is free-form and may be sensitive.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys: Vec<&str> = self.metadata.iter().map(|(key, _)| key.as_str()).collect();
+        f.debug_struct("CallOptions")
+            .field("timeout", &self.timeout)
+            .field("metadata_keys", &keys)
+            .finish()
+    }
+}
+
+impl CallOptions {
+    /// Returns options that change nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets this call's deadline instead of the client's.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sends `key: value` with this call, replacing a value the client would send under the
+    /// same key.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` if the key is not a valid lowercase ASCII metadata key, is reserved
+    /// (`grpc-…`), or the value is not printable ASCII.
+    pub fn with_metadata(mut self, key: &str, value: &str) -> ClientResult<Self> {
+        let name: MetadataKey<Ascii> = key
+            .parse()
+            .map_err(|_| ClientError::config("invalid metadata key"))?;
+        if name.as_str().starts_with("grpc-") || name.as_str() != key {
+            return Err(ClientError::config(
+                "metadata keys must be lowercase and not start with grpc-",
+            ));
+        }
+        let value: MetadataValue<Ascii> = value
+            .parse()
+            .map_err(|_| ClientError::config("metadata values must be printable ASCII"))?;
+        self.metadata.push((name, value));
+        Ok(self)
+    }
+}
+
 /// A connection to a broker, with a credential and a deadline. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
@@ -206,9 +276,30 @@ impl Client {
     }
 
     fn endpoint(endpoint: &str) -> ClientResult<Endpoint> {
-        Endpoint::from_shared(endpoint.to_owned())
+        let endpoint = Endpoint::from_shared(endpoint.to_owned())
             .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
-            .map_err(|_| ClientError::config("the broker endpoint is not a valid URI"))
+            .map_err(|_| ClientError::config("the broker endpoint is not a valid URI"))?;
+        match endpoint.uri().scheme_str() {
+            Some("http") => Ok(endpoint),
+            Some("https") => Self::with_tls(endpoint),
+            _ => Err(ClientError::config(
+                "the broker endpoint must start with http:// or https://",
+            )),
+        }
+    }
+
+    #[cfg(feature = "tls")]
+    fn with_tls(endpoint: Endpoint) -> ClientResult<Endpoint> {
+        endpoint
+            .tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
+            .map_err(|err| ClientError::config(format!("cannot set up TLS: {err}")))
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn with_tls(_endpoint: Endpoint) -> ClientResult<Endpoint> {
+        Err(ClientError::config(
+            "an https:// endpoint needs tokenbroker-client's `tls` feature",
+        ))
     }
 
     /// Sends `key` as `authorization: Bearer <key>` on every call.
@@ -232,14 +323,32 @@ impl Client {
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
+        self.request_with(message, &CallOptions::default())
+    }
+
+    fn request_with<T>(&self, message: T, options: &CallOptions) -> Request<T> {
         let mut request = Request::new(message);
-        request.set_timeout(self.timeout);
+        request.set_timeout(options.timeout.unwrap_or(self.timeout));
+        let metadata = request.metadata_mut();
         if let Some(value) = &self.authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
+            metadata.insert("authorization", value.clone());
+        }
+        for (key, value) in &options.metadata {
+            metadata.insert(key.clone(), value.clone());
         }
         request
+    }
+
+    /// Awaits `call` for at most the request's deadline. `grpc-timeout` only asks the server to
+    /// give up; this makes the client give up too when the server (or the connection) hangs.
+    async fn bounded<T>(
+        timeout: Duration,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> ClientResult<T> {
+        match tokio::time::timeout(timeout, call).await {
+            Ok(response) => Ok(response?.into_inner()),
+            Err(_) => Err(ClientError::deadline(timeout)),
+        }
     }
 
     /// Calls IssueTokens.
@@ -248,12 +357,28 @@ impl Client {
     ///
     /// The broker's error, mapped; see the proto.
     pub async fn issue_tokens(&self, request: pb::IssueTokensRequest) -> ClientResult<TokenPair> {
-        let response = self
-            .inner
-            .clone()
-            .issue_tokens(self.request(request))
-            .await?
-            .into_inner();
+        self.issue_tokens_with(request, &CallOptions::default())
+            .await
+    }
+
+    /// Calls IssueTokens with per-call `options` (deadline, extra metadata).
+    ///
+    /// # Errors
+    ///
+    /// The broker's error, mapped; see the proto. `DeadlineExceeded` when no answer arrives in
+    /// time.
+    pub async fn issue_tokens_with(
+        &self,
+        request: pb::IssueTokensRequest,
+        options: &CallOptions,
+    ) -> ClientResult<TokenPair> {
+        let timeout = options.timeout.unwrap_or(self.timeout);
+        let mut inner = self.inner.clone();
+        let response = Self::bounded(
+            timeout,
+            inner.issue_tokens(self.request_with(request, options)),
+        )
+        .await?;
         Ok(TokenPair {
             account_id: response.account_id,
             family_id: response.family_id,
@@ -272,12 +397,9 @@ impl Client {
         &self,
         request: pb::RefreshTokensRequest,
     ) -> ClientResult<TokenPair> {
-        let response = self
-            .inner
-            .clone()
-            .refresh_tokens(self.request(request))
-            .await?
-            .into_inner();
+        let mut inner = self.inner.clone();
+        let response =
+            Self::bounded(self.timeout, inner.refresh_tokens(self.request(request))).await?;
         Ok(TokenPair {
             account_id: response.account_id,
             family_id: response.family_id,
@@ -293,12 +415,8 @@ impl Client {
     ///
     /// The broker's error, mapped; see the proto.
     pub async fn revoke(&self, request: pb::RevokeRequest) -> ClientResult<pb::RevokeResponse> {
-        Ok(self
-            .inner
-            .clone()
-            .revoke(self.request(request))
-            .await?
-            .into_inner())
+        let mut inner = self.inner.clone();
+        Self::bounded(self.timeout, inner.revoke(self.request(request))).await
     }
 
     /// Calls Introspect.
@@ -310,12 +428,8 @@ impl Client {
         &self,
         request: pb::IntrospectRequest,
     ) -> ClientResult<pb::IntrospectResponse> {
-        Ok(self
-            .inner
-            .clone()
-            .introspect(self.request(request))
-            .await?
-            .into_inner())
+        let mut inner = self.inner.clone();
+        Self::bounded(self.timeout, inner.introspect(self.request(request))).await
     }
 
     /// Calls ListTokens.
@@ -327,12 +441,8 @@ impl Client {
         &self,
         request: pb::ListTokensRequest,
     ) -> ClientResult<pb::ListTokensResponse> {
-        Ok(self
-            .inner
-            .clone()
-            .list_tokens(self.request(request))
-            .await?
-            .into_inner())
+        let mut inner = self.inner.clone();
+        Self::bounded(self.timeout, inner.list_tokens(self.request(request))).await
     }
 
     /// Introspects a secret; a convenience over [`Client::introspect`].
@@ -393,6 +503,85 @@ mod tests {
         ];
         for (status, kind) in cases {
             assert_eq!(ClientError::from(status).kind(), kind);
+        }
+    }
+
+    #[tokio::test]
+    async fn hung_broker_hits_the_client_side_deadline() {
+        // Accepts connections and never answers, not even the HTTP/2 handshake.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let client = Client::connect_lazy(&format!("http://{addr}"))
+            .unwrap()
+            .with_timeout(Duration::from_secs(30));
+        let started = std::time::Instant::now();
+        let options = CallOptions::new().with_timeout(Duration::from_millis(200));
+        let err = client
+            .issue_tokens_with(pb::IssueTokensRequest::default(), &options)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ClientErrorKind::DeadlineExceeded);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "per-call deadline wins"
+        );
+        let err = client
+            .with_timeout(Duration::from_millis(100))
+            .introspect(pb::IntrospectRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ClientErrorKind::DeadlineExceeded);
+        holder.abort();
+    }
+
+    #[tokio::test]
+    async fn call_options_add_metadata_next_to_the_api_key() {
+        let client = Client::connect_lazy("http://127.0.0.1:1")
+            .unwrap()
+            .with_api_key(&SecretString::from("tbk_key"))
+            .unwrap();
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let options = CallOptions::new()
+            .with_timeout(Duration::from_millis(1500))
+            .with_metadata("traceparent", traceparent)
+            .unwrap();
+        let request = client.request_with((), &options);
+        let metadata = request.metadata();
+        assert_eq!(metadata.get("traceparent").unwrap(), traceparent);
+        assert_eq!(metadata.get("authorization").unwrap(), "Bearer tbk_key");
+        assert_eq!(metadata.get("grpc-timeout").unwrap(), "1500000u");
+        assert!(!format!("{options:?}").contains("4bf92f35"), "{options:?}");
+    }
+
+    #[test]
+    fn reserved_or_malformed_metadata_is_refused() {
+        for (key, value) in [
+            ("grpc-timeout", "1S"),
+            ("Traceparent", "x"),
+            ("bad key", "x"),
+            ("traceparent", "line\nbreak"),
+        ] {
+            let err = CallOptions::new().with_metadata(key, value).unwrap_err();
+            assert_eq!(err.kind(), ClientErrorKind::InvalidArgument, "{key}");
+        }
+    }
+
+    #[tokio::test]
+    async fn endpoint_scheme_must_be_http_or_https() {
+        let err = Client::connect_lazy("ftp://127.0.0.1:1").unwrap_err();
+        assert_eq!(err.kind(), ClientErrorKind::InvalidArgument);
+        let https = Client::connect_lazy("https://127.0.0.1:1");
+        if cfg!(feature = "tls") {
+            https.expect("tls feature: https endpoints are accepted");
+        } else {
+            let err = https.unwrap_err();
+            assert!(err.message().contains("tls"), "{}", err.message());
         }
     }
 

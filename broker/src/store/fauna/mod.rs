@@ -1,0 +1,820 @@
+//! The Fauna store: real Fauna tokens minted, rotated and revoked over FQL v10
+//! (`POST /query/1`, `reference/fauna-wire.md`), one HTTP request per operation.
+//!
+//! The secrets this store hands out are Fauna's own (`fnE…`): clients use access secrets against
+//! Fauna directly, with the privileges of the `access` role in `deploy/fauna/schema.fsl`. The
+//! broker never stores a secret. Operations that present a secret send it as the bearer, so
+//! Fauna itself authenticates it; the rest use the server key. Query texts are fixed
+//! ([`queries`]); every client-supplied value is an argument.
+//!
+//! Failures are handled per error class: 401 on the server key is a misconfiguration
+//! (`Internal`, logged); 409 and 429 and time-outs and 5xx are retried with jittered back-off,
+//! bounded by `max_attempts` and by the caller's deadline, then `Unavailable`; an empty or
+//! malformed answer is `Unavailable`. A failure is never reported as an inactive token.
+//!
+//! What Fauna does not keep, this store cannot list: revoked tokens are deleted and expired
+//! ones disappear from reads, so `list_tokens` shows active and rotated tokens only.
+
+pub mod queries;
+mod wire;
+
+use std::{
+    fmt,
+    sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use rand::Rng as _;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tracing::{debug, error, warn};
+
+use self::wire::Class;
+use super::{StoreError, StoreErrorKind, StoreResult, TokenStore};
+use crate::{
+    deadline,
+    model::{
+        AccountId, Email, FamilyId, MAX_SECRET_LEN, Metadata, MintedPair, MintedToken, NewSession,
+        PageCursor, PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId,
+        TokenInfo, TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros, random_hex,
+    },
+};
+
+/// Settings of the Fauna store.
+pub struct FaunaConfig {
+    /// Base URL of the Fauna HTTP API, such as `http://localhost:8443`.
+    pub endpoint: String,
+    /// The server key.
+    pub secret: SecretString,
+    /// Longest a single query may take (`X-Query-Timeout-Ms`), shortened to the caller's
+    /// remaining deadline.
+    pub query_timeout: Duration,
+    /// Fauna's own retries on contention (`X-Max-Contention-Retries`, 0 to 7).
+    pub max_contention_retries: u8,
+    /// Most attempts per operation, the first included, for retryable failures.
+    pub max_attempts: u32,
+}
+
+impl fmt::Debug for FaunaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaunaConfig")
+            .field("endpoint", &self.endpoint)
+            .field("query_timeout", &self.query_timeout)
+            .field("max_contention_retries", &self.max_contention_retries)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The store's operations; each sends exactly one query text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    IssueByEmail,
+    IssueForAccount,
+    Rotate,
+    Introspect,
+    RevokeSecret,
+    RevokeToken,
+    RevokeFamily,
+    RevokeAccount,
+    AccountByEmail,
+    ListTokens,
+}
+
+impl Op {
+    const ALL: [Op; 10] = [
+        Op::IssueByEmail,
+        Op::IssueForAccount,
+        Op::Rotate,
+        Op::Introspect,
+        Op::RevokeSecret,
+        Op::RevokeToken,
+        Op::RevokeFamily,
+        Op::RevokeAccount,
+        Op::AccountByEmail,
+        Op::ListTokens,
+    ];
+
+    /// Returns (name, text); the name travels in `X-Query-Tags` and names the counter.
+    fn query(self) -> (&'static str, &'static str) {
+        queries::ALL[self as usize]
+    }
+}
+
+/// Who a query runs as.
+#[derive(Clone, Copy)]
+enum Bearer<'a> {
+    /// The configured server key.
+    Server,
+    /// A token secret the client presented.
+    Token(&'a SecretString),
+}
+
+/// What came back from a query that did not fail outright.
+#[derive(Debug)]
+enum Answer {
+    /// The result.
+    Data(Value),
+    /// The token bearer was refused (unknown, expired or revoked).
+    Unauthorized,
+    /// A query error, by code.
+    QueryError(String),
+}
+
+/// The Fauna store. See the module documentation.
+pub struct FaunaStore {
+    client: reqwest::Client,
+    url: String,
+    server_auth: HeaderValue,
+    config: FaunaConfig,
+    /// The highest `txn_ts` seen, sent as `X-Last-Txn-Ts` so reads never go back in time.
+    last_txn_ts: AtomicI64,
+    /// HTTP requests sent, per operation (retries included).
+    requests: [AtomicU64; 10],
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for FaunaStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaunaStore")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaunaStore {
+    /// Builds the store and its HTTP client (rustls, HTTP/2 where the server offers it,
+    /// pooled keep-alive connections).
+    ///
+    /// # Errors
+    ///
+    /// `Internal` for a malformed endpoint or key, or settings out of range.
+    pub fn new(config: FaunaConfig) -> StoreResult<Self> {
+        let endpoint = config.endpoint.trim_end_matches('/');
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(misconfigured(
+                "store.fauna.endpoint must be an http:// or https:// URL",
+            ));
+        }
+        if config.max_contention_retries > 7 {
+            return Err(misconfigured(
+                "store.fauna.max_contention_retries must be 0 to 7",
+            ));
+        }
+        if config.max_attempts == 0 || config.query_timeout.is_zero() {
+            return Err(misconfigured(
+                "store.fauna.max_attempts and query_timeout_ms must be at least 1",
+            ));
+        }
+        let mut server_auth =
+            HeaderValue::from_str(&format!("Bearer {}", config.secret.expose_secret()))
+                .map_err(|_| misconfigured("store.fauna.secret is not a valid header value"))?;
+        server_auth.set_sensitive(true);
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("tokenbroker/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|err| {
+                StoreError::new(
+                    StoreErrorKind::Internal,
+                    "cannot build the Fauna HTTP client",
+                    Some(Box::new(err)),
+                )
+            })?;
+        Ok(Self {
+            client,
+            url: format!("{endpoint}/query/1"),
+            server_auth,
+            config,
+            last_txn_ts: AtomicI64::new(0),
+            requests: Default::default(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Returns how many HTTP requests each operation has sent, retries included, by query
+    /// name (see [`queries::ALL`]).
+    pub fn requests(&self) -> Vec<(&'static str, u64)> {
+        Op::ALL
+            .iter()
+            .map(|op| {
+                (
+                    op.query().0,
+                    self.requests[*op as usize].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    /// Sends `op` and retries per error class until it succeeds, fails for good, runs out of
+    /// attempts or of the caller's deadline.
+    async fn query(&self, op: Op, bearer: Bearer<'_>, arguments: Value) -> StoreResult<Answer> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                "the store is closed",
+                None,
+            ));
+        }
+        let (name, text) = op.query();
+        let body = json!({ "query": text, "arguments": arguments }).to_string();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let timeout = match deadline::remaining() {
+                Some(left) if left < Duration::from_millis(1) => {
+                    return Err(timed_out(name));
+                }
+                Some(left) => left.min(self.config.query_timeout),
+                None => self.config.query_timeout,
+            };
+            self.requests[op as usize].fetch_add(1, Ordering::Relaxed);
+            let class = match self.send(name, bearer, body.clone(), timeout).await {
+                Ok((status, bytes)) => wire::classify(status, &bytes),
+                Err(err) if err.is_timeout() => Class::Transient("no answer in time".into()),
+                Err(err) => Class::Transient(format!("request failed: {err}")),
+            };
+            let wait = match class {
+                Class::Ok { data, txn_ts } => {
+                    if let Some(ts) = txn_ts {
+                        self.last_txn_ts.fetch_max(ts, Ordering::Relaxed);
+                    }
+                    return Ok(Answer::Data(data));
+                }
+                Class::Unauthorized => {
+                    return match bearer {
+                        Bearer::Token(_) => Ok(Answer::Unauthorized),
+                        Bearer::Server => {
+                            error!(
+                                query = name,
+                                "fauna rejected the server key; check store.fauna.secret"
+                            );
+                            Err(misconfigured("fauna rejected the server key"))
+                        }
+                    };
+                }
+                Class::QueryError(code) => return Ok(Answer::QueryError(code)),
+                Class::Malformed(what) => {
+                    warn!(query = name, what, "fauna answered outside its protocol");
+                    return Err(StoreError::new(
+                        StoreErrorKind::Unavailable,
+                        format!("fauna answered {what}"),
+                        None,
+                    ));
+                }
+                Class::Refused(what) => {
+                    error!(query = name, what, "fauna refused the request");
+                    return Err(misconfigured(&format!("fauna refused the request: {what}")));
+                }
+                Class::Contended => backoff(attempt, Duration::from_millis(10)),
+                Class::Throttled => backoff(attempt, Duration::from_millis(100)),
+                Class::Transient(ref what) => {
+                    debug!(query = name, attempt, what, "fauna transient failure");
+                    backoff(attempt, Duration::from_millis(50))
+                }
+            };
+            let class_name = match class {
+                Class::Contended => "contended",
+                Class::Throttled => "throttled",
+                _ => "transient",
+            };
+            let left = deadline::remaining();
+            if attempt >= self.config.max_attempts || left.is_some_and(|left| left <= wait) {
+                warn!(
+                    query = name,
+                    attempt,
+                    class = class_name,
+                    "fauna retries exhausted"
+                );
+                return Err(if left.is_some_and(|left| left <= wait) {
+                    timed_out(name)
+                } else {
+                    StoreError::new(
+                        StoreErrorKind::Unavailable,
+                        format!("fauna {class_name} after {attempt} attempts"),
+                        None,
+                    )
+                });
+            }
+            warn!(
+                query = name,
+                attempt,
+                class = class_name,
+                wait_ms = wait.as_millis() as u64,
+                "retrying fauna query"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Sends one request and reads the whole answer.
+    async fn send(
+        &self,
+        name: &str,
+        bearer: Bearer<'_>,
+        body: String,
+        timeout: Duration,
+    ) -> Result<(u16, Vec<u8>), reqwest::Error> {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert("x-format", HeaderValue::from_static("tagged"));
+        let millis = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        headers.insert("x-query-timeout-ms", HeaderValue::from(millis));
+        headers.insert(
+            "x-max-contention-retries",
+            HeaderValue::from(u16::from(self.config.max_contention_retries)),
+        );
+        let last = self.last_txn_ts.load(Ordering::Relaxed);
+        if last > 0 {
+            headers.insert("x-last-txn-ts", HeaderValue::from(last));
+        }
+        headers.insert(
+            "x-query-tags",
+            HeaderValue::from_str(&format!("rpc={name}")).expect("query names are ascii"),
+        );
+        headers.insert(
+            "x-driver-env",
+            HeaderValue::from_static(concat!("driver=tokenbroker-", env!("CARGO_PKG_VERSION"))),
+        );
+        let auth = match bearer {
+            Bearer::Server => self.server_auth.clone(),
+            Bearer::Token(secret) => {
+                let mut value =
+                    HeaderValue::from_str(&format!("Bearer {}", secret.expose_secret()))
+                        .expect("plausible_secret admits header-safe characters only");
+                value.set_sensitive(true);
+                value
+            }
+        };
+        headers.insert(AUTHORIZATION, auth);
+        let response = self
+            .client
+            .post(&self.url)
+            .headers(headers)
+            .body(body)
+            .timeout(timeout)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        Ok((status, bytes.to_vec()))
+    }
+
+    /// Runs an issue query and reads its answer.
+    async fn mint(&self, op: Op, arguments: Value) -> StoreResult<Answer> {
+        self.query(op, Bearer::Server, arguments).await
+    }
+
+    /// Runs a server-key query whose answer is a count of revoked tokens.
+    async fn revoke_count(&self, op: Op, arguments: Value) -> StoreResult<u64> {
+        match self.query(op, Bearer::Server, arguments).await? {
+            Answer::Data(value) => value
+                .as_u64()
+                .ok_or_else(|| unexpected(op, "a revocation count")),
+            other => Err(unexpected_answer(op, &other)),
+        }
+    }
+}
+
+#[async_trait]
+impl TokenStore for FaunaStore {
+    async fn issue(&self, session: NewSession) -> StoreResult<MintedPair> {
+        let mut arguments = json!({
+            "email": session.email.as_str(),
+            "cognito_sub": wire::opt_str(session.cognito_sub.as_deref()),
+            "client_id": wire::opt_str(session.client_id.as_deref()),
+            "nonce": &random_hex()[..16],
+            "access_ttl": wire::int(session.access_ttl.as_secs()),
+            "refresh_ttl": wire::int(session.refresh_ttl.as_secs()),
+            "metadata": wire::object(&session.metadata),
+        });
+        let answer = match &session.known_account {
+            Some(account) => {
+                arguments["account_id"] = Value::String(account.to_string());
+                match self.mint(Op::IssueForAccount, arguments.clone()).await? {
+                    // The cached account is gone (deleted by an operator): look it up again.
+                    Answer::QueryError(code) if code == "document_not_found" => {
+                        warn!(account_id = %account, "cached account not found in fauna");
+                        self.mint(Op::IssueByEmail, arguments).await?
+                    }
+                    other => other,
+                }
+            }
+            None => self.mint(Op::IssueByEmail, arguments).await?,
+        };
+        match answer {
+            Answer::Data(value) => minted(Op::IssueByEmail, value),
+            other => Err(unexpected_answer(Op::IssueByEmail, &other)),
+        }
+    }
+
+    async fn refresh(
+        &self,
+        secret: &SecretString,
+        rotation: Rotation,
+    ) -> StoreResult<RefreshOutcome> {
+        if !plausible_secret(secret) {
+            return Ok(RefreshOutcome::Inactive);
+        }
+        let arguments = json!({
+            "access_ttl": wire::int(rotation.access_ttl.as_secs()),
+            "refresh_ttl": wire::int(rotation.refresh_ttl.as_secs()),
+            "grace": wire::int(rotation.grace.as_secs()),
+            "client_id": wire::opt_str(rotation.client_id.as_deref()),
+        });
+        let value = match self
+            .query(Op::Rotate, Bearer::Token(secret), arguments)
+            .await?
+        {
+            Answer::Data(value) => value,
+            // Unknown, expired or revoked: Fauna refused the bearer. An access token (or a
+            // Fauna token the broker did not mint) lacks the role that may call the function.
+            Answer::Unauthorized => return Ok(RefreshOutcome::Inactive),
+            Answer::QueryError(code) if code == "permission_denied" => {
+                return Ok(RefreshOutcome::Inactive);
+            }
+            other => return Err(unexpected_answer(Op::Rotate, &other)),
+        };
+        Ok(match outcome(&value) {
+            "rotated" => RefreshOutcome::Rotated(minted(Op::Rotate, value)?),
+            "inactive" => RefreshOutcome::Inactive,
+            "wrong_client" => RefreshOutcome::WrongClient,
+            "reuse" => RefreshOutcome::ReuseDetected {
+                family_id: FamilyId::from_stored(
+                    value["family"].as_str().unwrap_or_default().to_owned(),
+                ),
+                revoked: value["revoked"].as_u64().unwrap_or(0),
+            },
+            _ => return Err(unexpected(Op::Rotate, "an outcome")),
+        })
+    }
+
+    async fn introspect(&self, secret: &SecretString) -> StoreResult<Option<TokenInfo>> {
+        if !plausible_secret(secret) {
+            return Ok(None);
+        }
+        let value = match self
+            .query(Op::Introspect, Bearer::Token(secret), json!({}))
+            .await?
+        {
+            Answer::Data(Value::Null) | Answer::Unauthorized => return Ok(None),
+            Answer::Data(value) => value,
+            other => return Err(unexpected_answer(Op::Introspect, &other)),
+        };
+        let doc: TokenDoc =
+            serde_json::from_value(value).map_err(|_| unexpected(Op::Introspect, "a token"))?;
+        Ok(doc.into_info())
+    }
+
+    async fn revoke_secret(
+        &self,
+        secret: &SecretString,
+        client_id: Option<&str>,
+    ) -> StoreResult<SecretRevocation> {
+        if !plausible_secret(secret) {
+            return Ok(SecretRevocation::NotActive);
+        }
+        let arguments = json!({ "client_id": wire::opt_str(client_id) });
+        let value = match self
+            .query(Op::RevokeSecret, Bearer::Token(secret), arguments)
+            .await?
+        {
+            Answer::Data(value) => value,
+            Answer::Unauthorized => return Ok(SecretRevocation::NotActive),
+            Answer::QueryError(code) if code == "permission_denied" => {
+                return Ok(SecretRevocation::NotActive);
+            }
+            other => return Err(unexpected_answer(Op::RevokeSecret, &other)),
+        };
+        Ok(match outcome(&value) {
+            "revoked" => SecretRevocation::Revoked(value["revoked"].as_u64().unwrap_or(0)),
+            "inactive" => SecretRevocation::NotActive,
+            "wrong_client" => SecretRevocation::WrongClient,
+            _ => return Err(unexpected(Op::RevokeSecret, "an outcome")),
+        })
+    }
+
+    async fn revoke(&self, target: RevokeTarget) -> StoreResult<u64> {
+        match target {
+            RevokeTarget::Token(id) if is_fauna_id(id.as_str()) => {
+                self.revoke_count(Op::RevokeToken, json!({ "token_id": id.as_str() }))
+                    .await
+            }
+            RevokeTarget::Family(family) => match family_account(&family) {
+                Some(account) => {
+                    self.revoke_count(
+                        Op::RevokeFamily,
+                        json!({ "account_id": account, "family": family.as_str() }),
+                    )
+                    .await
+                }
+                None => Ok(0),
+            },
+            RevokeTarget::Account(account) if is_fauna_id(account.as_str()) => {
+                self.revoke_count(Op::RevokeAccount, json!({ "account_id": account.as_str() }))
+                    .await
+            }
+            // Not an id Fauna could have minted: nothing to revoke.
+            RevokeTarget::Token(_) | RevokeTarget::Account(_) => Ok(0),
+        }
+    }
+
+    async fn account_by_email(&self, email: &Email) -> StoreResult<Option<AccountId>> {
+        match self
+            .query(
+                Op::AccountByEmail,
+                Bearer::Server,
+                json!({ "email": email.as_str() }),
+            )
+            .await?
+        {
+            Answer::Data(Value::Null) => Ok(None),
+            Answer::Data(Value::String(id)) => Ok(Some(AccountId::from_stored(id))),
+            other => Err(unexpected_answer(Op::AccountByEmail, &other)),
+        }
+    }
+
+    async fn list_tokens(&self, account: &AccountId, page: PageRequest) -> StoreResult<TokenPage> {
+        if !is_fauna_id(account.as_str()) {
+            return Ok(TokenPage {
+                tokens: Vec::new(),
+                next: None,
+            });
+        }
+        let (after_issued_at, after_id) = match &page.after {
+            Some(cursor) => (cursor.issued_at, cursor.id.to_string()),
+            None => (UnixMicros(253_402_300_799_999_999), String::new()),
+        };
+        let arguments = json!({
+            "account_id": account.as_str(),
+            "after_issued_at": wire::time(after_issued_at),
+            "after_id": after_id,
+            "include_consumed": page.include_inactive,
+            "limit": wire::int(u64::from(page.size) + 1),
+        });
+        let docs = match self
+            .query(Op::ListTokens, Bearer::Server, arguments)
+            .await?
+        {
+            Answer::Data(Value::Array(docs)) => docs,
+            other => return Err(unexpected_answer(Op::ListTokens, &other)),
+        };
+        let mut tokens = docs
+            .into_iter()
+            .map(|doc| {
+                serde_json::from_value::<TokenDoc>(doc)
+                    .ok()
+                    .and_then(TokenDoc::into_record)
+                    .ok_or_else(|| unexpected(Op::ListTokens, "token documents"))
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        let next = if tokens.len() > page.size as usize {
+            tokens.truncate(page.size as usize);
+            tokens.last().map(|t| PageCursor {
+                issued_at: t.issued_at,
+                id: t.id.clone(),
+            })
+        } else {
+            None
+        };
+        Ok(TokenPage { tokens, next })
+    }
+
+    async fn close(&self) -> StoreResult<()> {
+        // Nothing is buffered here: every acknowledged write was committed by Fauna.
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// A token document as Fauna returns it (untagged). `secret` appears only in create results.
+#[derive(Debug, Deserialize)]
+struct TokenDoc {
+    id: String,
+    document: Option<DocRef>,
+    ttl: Option<String>,
+    #[serde(default)]
+    data: TokenData,
+}
+
+#[derive(Debug, Deserialize)]
+struct DocRef {
+    id: String,
+}
+
+/// The broker's bookkeeping in a token's `data`; see [`queries`].
+#[derive(Debug, Default, Deserialize)]
+struct TokenData {
+    kind: Option<String>,
+    family: Option<String>,
+    parent: Option<String>,
+    email: Option<String>,
+    cognito_sub: Option<String>,
+    client_id: Option<String>,
+    issued_at: Option<String>,
+    replaced_by: Option<String>,
+    rotated_at: Option<String>,
+    #[serde(default)]
+    metadata: Metadata,
+}
+
+impl TokenDoc {
+    /// The token's facts if it is one of the broker's and not consumed.
+    fn into_info(self) -> Option<TokenInfo> {
+        if self.data.replaced_by.is_some() {
+            return None;
+        }
+        Some(TokenInfo {
+            id: TokenId::from_stored(self.id),
+            kind: TokenKind::from_stored(self.data.kind.as_deref()?)?,
+            account_id: AccountId::from_stored(self.document?.id),
+            email: Email::from_stored(self.data.email?),
+            cognito_sub: self.data.cognito_sub,
+            family_id: FamilyId::from_stored(self.data.family?),
+            client_id: self.data.client_id,
+            issued_at: wire::parse_time(self.data.issued_at.as_deref()?)?,
+            expires_at: wire::parse_time(self.ttl.as_deref()?)?,
+        })
+    }
+
+    fn into_record(self) -> Option<TokenRecord> {
+        let rotated_at = self.data.rotated_at.as_deref().and_then(wire::parse_time);
+        let state = if self.data.replaced_by.is_some() {
+            TokenState::Rotated
+        } else {
+            TokenState::Active
+        };
+        Some(TokenRecord {
+            id: TokenId::from_stored(self.id),
+            kind: TokenKind::from_stored(self.data.kind.as_deref()?)?,
+            family_id: FamilyId::from_stored(self.data.family?),
+            parent_id: self.data.parent.map(TokenId::from_stored),
+            state,
+            issued_at: wire::parse_time(self.data.issued_at.as_deref()?)?,
+            expires_at: wire::parse_time(self.ttl.as_deref()?)?,
+            revoked_at: rotated_at,
+            replaced_by: self.data.replaced_by.map(TokenId::from_stored),
+            client_id: self.data.client_id,
+            metadata: self.data.metadata,
+        })
+    }
+}
+
+/// A minted pair as the issue and rotate queries answer it.
+#[derive(Deserialize)]
+struct Minted {
+    account: String,
+    family: String,
+    refresh: MintedDoc,
+    access: MintedDoc,
+}
+
+#[derive(Deserialize)]
+struct MintedDoc {
+    id: String,
+    secret: SecretString,
+    ttl: String,
+}
+
+fn minted(op: Op, value: Value) -> StoreResult<MintedPair> {
+    let minted: Minted =
+        serde_json::from_value(value).map_err(|_| unexpected(op, "a minted pair"))?;
+    let token = |doc: MintedDoc| -> StoreResult<MintedToken> {
+        Ok(MintedToken {
+            id: TokenId::from_stored(doc.id),
+            secret: doc.secret,
+            expires_at: wire::parse_time(&doc.ttl).ok_or_else(|| unexpected(op, "a ttl"))?,
+        })
+    };
+    Ok(MintedPair {
+        account_id: AccountId::from_stored(minted.account),
+        family_id: FamilyId::from_stored(minted.family),
+        refresh: token(minted.refresh)?,
+        access: token(minted.access)?,
+    })
+}
+
+fn outcome(value: &Value) -> &str {
+    value["outcome"].as_str().unwrap_or_default()
+}
+
+/// Whether a presented secret could be a Fauna secret: `fn` and base64url, nothing that could
+/// change the bearer's meaning (Fauna reads `:` as a scope suffix) or break the header.
+fn plausible_secret(secret: &SecretString) -> bool {
+    let value = secret.expose_secret();
+    value.len() <= MAX_SECRET_LEN
+        && value.len() > 10
+        && value.starts_with("fn")
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Fauna document ids are decimal strings.
+fn is_fauna_id(value: &str) -> bool {
+    !value.is_empty() && value.len() <= 20 && value.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The account a family id names (`fam_<account id>_<nonce>`, as the issue queries build it).
+fn family_account(family: &FamilyId) -> Option<&str> {
+    let (account, nonce) = family.as_str().strip_prefix("fam_")?.split_once('_')?;
+    (is_fauna_id(account) && !nonce.is_empty()).then_some(account)
+}
+
+/// Returns a back-off of `base · 2^(attempt-1)`, capped at 2 s, with full jitter.
+fn backoff(attempt: u32, base: Duration) -> Duration {
+    let cap = base
+        .saturating_mul(1 << attempt.saturating_sub(1).min(10))
+        .min(Duration::from_secs(2));
+    let millis = u64::try_from(cap.as_millis()).unwrap_or(2000).max(1);
+    Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
+}
+
+fn misconfigured(message: &str) -> StoreError {
+    StoreError::new(StoreErrorKind::Internal, message, None)
+}
+
+fn timed_out(query: &str) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Timeout,
+        format!("deadline reached before fauna answered {query}"),
+        None,
+    )
+}
+
+fn unexpected(op: Op, wanted: &str) -> StoreError {
+    error!(
+        query = op.query().0,
+        wanted, "fauna answered with an unexpected shape"
+    );
+    StoreError::new(
+        StoreErrorKind::Internal,
+        format!("fauna's answer to {} is not {wanted}", op.query().0),
+        None,
+    )
+}
+
+fn unexpected_answer(op: Op, answer: &Answer) -> StoreError {
+    let what = match answer {
+        Answer::Data(_) => "an unexpected result".to_owned(),
+        Answer::Unauthorized => "401 unauthorized".to_owned(),
+        Answer::QueryError(code) => format!("query error {code}"),
+    };
+    error!(query = op.query().0, answer = %what, "fauna query failed");
+    StoreError::new(
+        StoreErrorKind::Internal,
+        format!("fauna answered {} with {what}", op.query().0),
+        None,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_name_their_queries_in_order() {
+        assert_eq!(Op::ALL.len(), queries::ALL.len());
+        assert_eq!(Op::Rotate.query().1, queries::ROTATE);
+        assert_eq!(Op::ListTokens.query().1, queries::LIST_TOKENS);
+    }
+
+    #[test]
+    fn only_plausible_fauna_secrets_are_sent() {
+        let ok = SecretString::from("fnEFuPI105NLhwWIsww5nUU_jq6lwq4P2ka4nGhRt6gaJemtCyI");
+        assert!(plausible_secret(&ok));
+        for bad in [
+            "secret",
+            "fnEabc:@doc/Account/1",
+            "fnE abc defghijkl",
+            "tba_0123",
+            "fnE\nX-Injected: 1",
+        ] {
+            assert!(!plausible_secret(&SecretString::from(bad)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn family_ids_name_their_account() {
+        let family = FamilyId::from_stored("fam_412650000000000001_a1b2".into());
+        assert_eq!(family_account(&family), Some("412650000000000001"));
+        for bad in ["fam_x_1", "fam_1", "fam_1_", "other"] {
+            assert_eq!(family_account(&FamilyId::from_stored(bad.into())), None);
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 1..20 {
+            let wait = backoff(attempt, Duration::from_millis(100));
+            assert!(wait <= Duration::from_secs(2));
+            assert!(wait >= Duration::from_millis(50));
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The fixed FQL v10 texts the Fauna store sends, one per operation.
+//!
+//! Every value a client supplies travels in `arguments` (tagged format), never in the text, so
+//! no request can change what a query does. The texts are constants: the Fauna test double in
+//! `tests/` recognises each by its SHA-256 and answers `invalid_query` for anything else, so a
+//! change here fails the tests until the double learns the new text.
+//!
+//! Token documents carry the broker's bookkeeping in `data`:
+//! `kind` (`"access"` | `"refresh"`), `family`, `parent` (an access token's refresh token id),
+//! `email`, `cognito_sub` (the account's), `client_id`, `issued_at` (Time), `metadata` (object), and, once rotated, `replaced_by`
+//! (the successor's id) and `rotated_at` (Time). Revocation deletes token documents; Fauna itself
+//! stops accepting a secret once its document is deleted or its `ttl` has passed, and expired
+//! documents disappear from reads.
+//!
+//! Operations that present a secret run with that secret as the bearer, so Fauna authenticates
+//! it (401 for an unknown, expired or deleted token). Rotation and revocation by secret need to
+//! write other tokens of the family, which a token may not do itself, so they call the
+//! user-defined functions `rotateRefreshToken` and `revokeCurrentToken` from
+//! `deploy/fauna/schema.fsl`, which run with the `server` role; the roles there let refresh
+//! tokens call both and access tokens call the second only.
+
+/// The part of issuing after `account` is bound: mint a refresh token and its access token in
+/// a new family, and answer with both secrets. A macro so the two issue texts share it and
+/// stay literals.
+macro_rules! mint_session {
+    () => {
+        r#"
+let now = Time.now()
+let family = "fam_" + account.id + "_" + nonce
+let refresh = Token.create({
+  document: account,
+  ttl: now.add(refresh_ttl, "seconds"),
+  data: { kind: "refresh", family: family, email: email, cognito_sub: account.cognito_sub, client_id: client_id, issued_at: now, metadata: metadata }
+})
+let access = Token.create({
+  document: account,
+  ttl: now.add(access_ttl, "seconds"),
+  data: { kind: "access", family: family, parent: refresh.id, email: email, cognito_sub: account.cognito_sub, client_id: client_id, issued_at: now, metadata: metadata }
+})
+{
+  account: account.id,
+  family: family,
+  now: now,
+  refresh: { id: refresh.id, secret: refresh.secret, ttl: refresh.ttl },
+  access: { id: access.id, secret: access.secret, ttl: access.ttl }
+}"#
+    };
+}
+
+/// Gets or creates the account by email and mints a refresh and an access token (server key).
+///
+/// Arguments: `email` (string), `cognito_sub` (string or null), `client_id` (string or null),
+/// `nonce` (string), `access_ttl`, `refresh_ttl` (int seconds), `metadata` (object).
+/// Result: `{ account, family, now, refresh: { id, secret, ttl }, access: { id, secret, ttl } }`.
+/// A concurrent first sign-in of the same email contends on the unique email; Fauna re-runs
+/// the loser, which then finds the winner's account.
+pub const ISSUE_BY_EMAIL: &str = concat!(
+    "let account = Account.byEmail(email).first() ?? Account.create({ email: email, cognito_sub: cognito_sub })",
+    mint_session!()
+);
+
+/// Like [`ISSUE_BY_EMAIL`] for an account the broker already knows (server key).
+///
+/// Arguments: as [`ISSUE_BY_EMAIL`] plus `account_id` (string). Result: the same.
+pub const ISSUE_FOR_ACCOUNT: &str =
+    concat!("let account = Account.byId(account_id)!", mint_session!());
+
+/// Rotates the bearer refresh token (bearer: the refresh secret).
+///
+/// Arguments: `access_ttl`, `refresh_ttl`, `grace` (int seconds), `client_id` (string or null).
+/// Result: `{ outcome: "rotated", account, family, now, refresh, access }` (as issuing),
+/// `{ outcome: "inactive" }`, `{ outcome: "wrong_client" }`, or
+/// `{ outcome: "reuse", family, revoked }` (the family was deleted; `revoked` counts the tokens
+/// that were not consumed).
+pub const ROTATE: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id)";
+
+/// The bearer token's own document (bearer: the secret), or null for a key.
+pub const INTROSPECT: &str = "Query.token()";
+
+/// Revokes the bearer token; a refresh token takes its family with it (bearer: the secret).
+///
+/// Arguments: `client_id` (string or null). Result: `{ outcome: "revoked", revoked }`,
+/// `{ outcome: "inactive" }` or `{ outcome: "wrong_client" }`.
+pub const REVOKE_SECRET: &str = "revokeCurrentToken(client_id)";
+
+/// Revokes a token by id, a refresh token with its family (server key).
+///
+/// Arguments: `token_id` (string of digits). Result: the number of unconsumed tokens deleted.
+pub const REVOKE_TOKEN: &str = r#"let token = Token.byId(token_id)
+if (token == null) {
+  0
+} else if (token.data.kind == "refresh") {
+  let family = Token.byDocument(token.document).where(.data.family == token.data.family)
+  let revoked = family.where(.data.replaced_by == null).count()
+  family.forEach(.delete())
+  revoked
+} else {
+  token.delete()
+  1
+}"#;
+
+/// Revokes every token of a family (server key).
+///
+/// Arguments: `account_id` (the account the family id names), `family` (string).
+/// Result: the number of unconsumed tokens deleted.
+pub const REVOKE_FAMILY: &str = r#"let account = Account.byId(account_id)
+if (account == null) {
+  0
+} else {
+  let tokens = Token.byDocument(account).where(.data.family == family)
+  let revoked = tokens.where(.data.replaced_by == null).count()
+  tokens.forEach(.delete())
+  revoked
+}"#;
+
+/// Revokes every token of an account (server key).
+///
+/// Arguments: `account_id`. Result: the number of unconsumed tokens deleted.
+pub const REVOKE_ACCOUNT: &str = r#"let account = Account.byId(account_id)
+if (account == null) {
+  0
+} else {
+  let tokens = Token.byDocument(account)
+  let revoked = tokens.where(.data.replaced_by == null).count()
+  tokens.forEach(.delete())
+  revoked
+}"#;
+
+/// The id of the account with an email, or null (server key). Arguments: `email`.
+pub const ACCOUNT_BY_EMAIL: &str = "Account.byEmail(email).first()?.id";
+
+/// One page of an account's token documents, newest first (server key).
+///
+/// Arguments: `account_id`, `after_issued_at` (Time), `after_id` (string; tokens with
+/// `issued_at` before the first, or equal to it with a smaller id, are listed),
+/// `include_consumed` (boolean), `limit` (int). Result: an array of token documents (empty for
+/// an unknown account).
+pub const LIST_TOKENS: &str = r#"let account = Account.byId(account_id)
+if (account == null) {
+  []
+} else {
+  Token.byDocument(account)
+    .where(t => t.data.issued_at < after_issued_at || (t.data.issued_at == after_issued_at && t.id < after_id))
+    .where(t => include_consumed || t.data.replaced_by == null)
+    .order(desc(.data.issued_at), desc(.id))
+    .take(limit)
+    .toArray()
+}"#;
+
+/// Every query, by a name used in query tags, metrics and the test double.
+pub const ALL: &[(&str, &str)] = &[
+    ("issue_by_email", ISSUE_BY_EMAIL),
+    ("issue_for_account", ISSUE_FOR_ACCOUNT),
+    ("rotate", ROTATE),
+    ("introspect", INTROSPECT),
+    ("revoke_secret", REVOKE_SECRET),
+    ("revoke_token", REVOKE_TOKEN),
+    ("revoke_family", REVOKE_FAMILY),
+    ("revoke_account", REVOKE_ACCOUNT),
+    ("account_by_email", ACCOUNT_BY_EMAIL),
+    ("list_tokens", LIST_TOKENS),
+];
