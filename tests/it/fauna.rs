@@ -91,9 +91,19 @@ async fn full_flow_over_grpc_mints_real_fauna_tokens() {
     let broker = fauna_broker(&double, |_| {}).await;
 
     let pair = broker.issue_for_client("flow@example.com", "web").await;
-    assert!(expose(&pair.access.secret).starts_with("fnE"), "a Fauna secret");
-    assert!(expose(&pair.refresh.secret).starts_with("fnE"), "a Fauna secret");
-    let info = broker.service.introspect_secret(&pair.access.secret).await.unwrap();
+    assert!(
+        expose(&pair.access.secret).starts_with("fnE"),
+        "a Fauna secret"
+    );
+    assert!(
+        expose(&pair.refresh.secret).starts_with("fnE"),
+        "a Fauna secret"
+    );
+    let info = broker
+        .service
+        .introspect_secret(&pair.access.secret)
+        .await
+        .unwrap();
     assert!(info.active);
     assert_eq!(info.kind, pb::TokenKind::Access as i32);
     assert_eq!(info.email, "flow@example.com");
@@ -121,7 +131,11 @@ async fn full_flow_over_grpc_mints_real_fauna_tokens() {
         .await
         .unwrap();
     assert_eq!(revoked.revoked_count, 3, "first access, and the new pair");
-    for secret in [&pair.access.secret, &next.access.secret, &next.refresh.secret] {
+    for secret in [
+        &pair.access.secret,
+        &next.access.secret,
+        &next.refresh.secret,
+    ] {
         assert!(!broker.is_active(secret).await);
     }
     // The access token's parent is its refresh token's id, never a secret.
@@ -140,7 +154,11 @@ async fn every_rpc_costs_one_fauna_request() {
     let second = broker.issue("count@example.com").await;
     assert_eq!(sent(&double), ["issue_for_account"], "warm account cache");
 
-    broker.service.introspect_secret(&first.access.secret).await.unwrap();
+    broker
+        .service
+        .introspect_secret(&first.access.secret)
+        .await
+        .unwrap();
     assert_eq!(sent(&double), ["introspect"]);
 
     let next = broker
@@ -156,7 +174,9 @@ async fn every_rpc_costs_one_fauna_request() {
     let list = broker
         .admin
         .list_tokens(pb::ListTokensRequest {
-            account: Some(pb::list_tokens_request::Account::Email("count@example.com".into())),
+            account: Some(pb::list_tokens_request::Account::Email(
+                "count@example.com".into(),
+            )),
             ..Default::default()
         })
         .await
@@ -167,7 +187,9 @@ async fn every_rpc_costs_one_fauna_request() {
     broker
         .anonymous
         .revoke(pb::RevokeRequest {
-            target: Some(pb::revoke_request::Target::Token(expose(&next.access.secret))),
+            target: Some(pb::revoke_request::Target::Token(expose(
+                &next.access.secret,
+            ))),
             ..Default::default()
         })
         .await
@@ -176,9 +198,15 @@ async fn every_rpc_costs_one_fauna_request() {
 
     use pb::revoke_request::Target;
     for (target, query) in [
-        (Target::TokenId(second.access.token_id.clone()), "revoke_token"),
+        (
+            Target::TokenId(second.access.token_id.clone()),
+            "revoke_token",
+        ),
         (Target::FamilyId(second.family_id.clone()), "revoke_family"),
-        (Target::AccountId(first.account_id.clone()), "revoke_account"),
+        (
+            Target::AccountId(first.account_id.clone()),
+            "revoke_account",
+        ),
         (Target::Email("count@example.com".into()), "revoke_account"),
     ] {
         broker
@@ -256,7 +284,10 @@ async fn broken_answers_are_unavailable_without_retry() {
         double.inject(fault, 1);
         let (result, requests, _) = issue_under(&broker, &double, Duration::from_secs(10)).await;
         assert_eq!(result, Err(ClientErrorKind::Unavailable), "{name}");
-        assert_eq!(requests, 1, "{name}: a broken answer may have committed; no retry");
+        assert_eq!(
+            requests, 1,
+            "{name}: a broken answer may have committed; no retry"
+        );
     }
 }
 
@@ -272,7 +303,10 @@ async fn store_failure_is_never_reported_as_inactive() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::Unavailable);
-    assert!(broker.is_active(&pair.access.secret).await, "still active once Fauna answers");
+    assert!(
+        broker.is_active(&pair.access.secret).await,
+        "still active once Fauna answers"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,9 +322,15 @@ async fn slow_fauna_answers_within_the_callers_deadline() {
         elapsed < Duration::from_secs(3),
         "the caller got its answer at its deadline, not Fauna's ({elapsed:?})"
     );
-    let header = double.requests()[0].query_timeout_ms.clone().unwrap_or_default();
+    let header = double.requests()[0]
+        .query_timeout_ms
+        .clone()
+        .unwrap_or_default();
     let millis: u64 = header.parse().expect("x-query-timeout-ms is sent");
-    assert!(millis <= 500, "the query timeout is the time left ({millis} ms)");
+    assert!(
+        millis <= 500,
+        "the query timeout is the time left ({millis} ms)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,5 +352,9 @@ async fn a_wrong_server_key_is_internal_not_inactive() {
         .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::Internal);
     assert_eq!(err.message(), "internal error");
-    assert_eq!(double.requests().len(), 1, "a 401 on the server key is not retried");
+    assert_eq!(
+        double.requests().len(),
+        1,
+        "a 401 on the server key is not retried"
+    );
 }

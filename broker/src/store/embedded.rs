@@ -947,7 +947,8 @@ impl Writer {
                 if op.run(&self.conn, now) {
                     self.exec("RELEASE op")
                 } else {
-                    self.exec("ROLLBACK TO op").and_then(|()| self.exec("RELEASE op"))
+                    self.exec("ROLLBACK TO op")
+                        .and_then(|()| self.exec("RELEASE op"))
                 }
             });
             if let Err(err) = step {

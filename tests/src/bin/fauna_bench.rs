@@ -96,7 +96,11 @@ async fn main() -> anyhow::Result<()> {
                 .context("IssueTokens failed")?;
             broker_times.push(started.elapsed());
         }
-        rows.push((label, median(&mut original_times), median(&mut broker_times)));
+        rows.push((
+            label,
+            median(&mut original_times),
+            median(&mut broker_times),
+        ));
     }
 
     let throughput = throughput(&broker, args.concurrency, args.seconds).await?;
