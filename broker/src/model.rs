@@ -460,6 +460,25 @@ pub struct TokenPage {
     pub next: Option<PageCursor>,
 }
 
+impl TokenPage {
+    /// Builds a page from up to `size + 1` tokens, newest first: stores fetch one more than
+    /// the page holds, and its presence means there is a next page, starting after the last
+    /// token kept.
+    pub fn from_overfetch(mut tokens: Vec<TokenRecord>, size: u32) -> Self {
+        let size = size as usize;
+        let next = if tokens.len() > size {
+            tokens.truncate(size);
+            tokens.last().map(|t| PageCursor {
+                issued_at: t.issued_at,
+                id: t.id.clone(),
+            })
+        } else {
+            None
+        };
+        Self { tokens, next }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,50 +1,17 @@
 //! Durability: every acknowledged issuance survives `kill -9` of the broker process.
 
-use std::{path::Path, process::Stdio, time::Duration};
+use std::path::Path;
 
 use secrecy::SecretString;
 use tokenbroker_client::Client;
-use tokenbroker_tests::{claims_request, workspace_binary};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-};
+use tokenbroker_tests::{BrokerProcess, claims_request};
 
-/// A broker running as a child process in dev mode on `data_dir`.
-struct BrokerProcess {
-    child: Child,
-    endpoint: String,
-}
+/// A dev-mode broker process on `data_dir`.
+struct DevBroker(BrokerProcess);
 
-impl BrokerProcess {
+impl DevBroker {
     async fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(workspace_binary("tokenbroker"))
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
-            .env_remove("TOKENBROKER_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("broker starts");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let address = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(address) = line.strip_prefix("tokenbroker listening on ") {
-                    return address.to_owned();
-                }
-            }
-            panic!("the broker exited before listening");
-        })
-        .await
-        .expect("the broker listens within 30 s");
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
-            child,
-            endpoint: format!("http://{address}"),
-        }
+        Self(BrokerProcess::start(data_dir, &["--data-dir".as_ref(), data_dir.as_os_str()]).await)
     }
 
     /// Connects with the key dev mode wrote for `variable` (TB_TRIGGER_KEY, …).
@@ -54,7 +21,7 @@ impl BrokerProcess {
             .lines()
             .find_map(|l| l.strip_prefix(&format!("export {variable}=")))
             .expect("dev mode wrote the key");
-        tokenbroker_tests::connect(&self.endpoint)
+        tokenbroker_tests::connect(&self.0.endpoint)
             .await
             .with_api_key(&SecretString::from(key.to_owned()))
             .unwrap()
@@ -64,7 +31,7 @@ impl BrokerProcess {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_tokens_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProcess::start(dir.path()).await;
+    let mut broker = DevBroker::start(dir.path()).await;
     let trigger = broker.client(dir.path(), "TB_TRIGGER_KEY").await;
     let calls: Vec<_> = (0..200)
         .map(|i| {
@@ -81,10 +48,10 @@ async fn acknowledged_tokens_survive_kill_9() {
     for call in calls {
         acknowledged.push(call.await.unwrap());
     }
-    broker.child.start_kill().unwrap(); // SIGKILL: no shutdown, no flush
-    broker.child.wait().await.unwrap();
+    broker.0.child.start_kill().unwrap(); // SIGKILL: no shutdown, no flush
+    broker.0.child.wait().await.unwrap();
 
-    let restarted = BrokerProcess::start(dir.path()).await;
+    let restarted = DevBroker::start(dir.path()).await;
     let service = restarted.client(dir.path(), "TB_SERVICE_KEY").await;
     for pair in &acknowledged {
         for token in [&pair.access, &pair.refresh] {

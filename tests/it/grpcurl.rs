@@ -1,13 +1,10 @@
 //! The admin path with real grpcurl: reflection, health, exit codes, and the README's
 //! walkthrough run exactly as written (only the address line is pointed at this broker).
 
-use std::{path::Path, process::Stdio, time::Duration};
+use std::path::Path;
 
-use tokenbroker_tests::workspace_binary;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::Command,
-};
+use tokenbroker_tests::BrokerProcess;
+use tokio::process::Command;
 
 const WALKTHROUGH_BEGIN: &str = "<!-- walkthrough:begin -->";
 const WALKTHROUGH_END: &str = "<!-- walkthrough:end -->";
@@ -15,30 +12,11 @@ const WALKTHROUGH_END: &str = "<!-- walkthrough:end -->";
 const ADDRESS_LINE: &str = "B=127.0.0.1:50051";
 
 /// Starts the broker binary in dev mode with `cwd` as its working directory (so its data, and
-/// `data/dev-keys.env`, live under `cwd`); returns the child and its address.
-async fn start_dev_broker(cwd: &Path) -> (tokio::process::Child, String) {
-    let mut child = Command::new(workspace_binary("tokenbroker"))
-        .args(["--listen", "127.0.0.1:0"])
-        .current_dir(cwd)
-        .env_remove("TOKENBROKER_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("broker starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let address = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(address) = line.strip_prefix("tokenbroker listening on ") {
-                return address.to_owned();
-            }
-        }
-        panic!("the broker exited before listening");
-    })
-    .await
-    .expect("the broker listens within 30 s");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, address)
+/// `data/dev-keys.env`, live under `cwd`); returns it and its address.
+async fn start_dev_broker(cwd: &Path) -> (BrokerProcess, String) {
+    let broker = BrokerProcess::start(cwd, &[]).await;
+    let address = broker.address.clone();
+    (broker, address)
 }
 
 fn grpcurl() -> Command {

@@ -356,6 +356,57 @@ pub fn expose(secret: &SecretString) -> String {
     secret.expose_secret().to_owned()
 }
 
+/// The `tokenbroker` binary running as a child process in dev mode (killed on drop).
+#[derive(Debug)]
+pub struct BrokerProcess {
+    /// The child process.
+    pub child: tokio::process::Child,
+    /// `http://address`, as it printed it.
+    pub endpoint: String,
+    /// The address it listens on.
+    pub address: String,
+}
+
+impl BrokerProcess {
+    /// Starts `tokenbroker --listen 127.0.0.1:0` with `extra_args`, in `cwd`, and waits (at most
+    /// 30 s) for its `tokenbroker listening on …` line.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot start or exits before listening.
+    pub async fn start(cwd: &Path, extra_args: &[&std::ffi::OsStr]) -> Self {
+        use tokio::io::{AsyncBufReadExt as _, BufReader};
+        let mut child = tokio::process::Command::new(workspace_binary("tokenbroker"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra_args)
+            .current_dir(cwd)
+            .env_remove("TOKENBROKER_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("broker starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let address = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.expect("stdout is readable") {
+                if let Some(address) = line.strip_prefix("tokenbroker listening on ") {
+                    return address.to_owned();
+                }
+            }
+            panic!("the broker exited before listening");
+        })
+        .await
+        .expect("the broker listens within 30 s");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            child,
+            endpoint: format!("http://{address}"),
+            address,
+        }
+    }
+}
+
 /// Returns the path of a workspace binary built next to the running test binary.
 ///
 /// # Panics

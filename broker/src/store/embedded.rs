@@ -38,9 +38,9 @@ use super::{StoreError, StoreErrorKind, StoreResult, TokenStore};
 use crate::{
     clock::Clock,
     model::{
-        AccountId, Email, FamilyId, Metadata, MintedPair, MintedToken, NewSession, PageCursor,
-        PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo,
-        TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros,
+        AccountId, Email, FamilyId, Metadata, MintedPair, MintedToken, NewSession, PageRequest,
+        RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo, TokenKind,
+        TokenPage, TokenRecord, TokenState, UnixMicros,
     },
     secret::{self, SecretDigest},
 };
@@ -424,7 +424,7 @@ impl TokenStore for EmbeddedStore {
             );
             let mut stmt = conn.prepare_cached(&sql)?;
             let limit = i64::from(page.size) + 1;
-            let mut tokens = stmt
+            let tokens = stmt
                 .query_map(
                     params![
                         account.as_str(),
@@ -441,16 +441,7 @@ impl TokenStore for EmbeddedStore {
                     },
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            let next = if tokens.len() > page.size as usize {
-                tokens.truncate(page.size as usize);
-                tokens.last().map(|t| PageCursor {
-                    issued_at: t.issued_at,
-                    id: t.id.clone(),
-                })
-            } else {
-                None
-            };
-            Ok(TokenPage { tokens, next })
+            Ok(TokenPage::from_overfetch(tokens, page.size))
         })
     }
 

@@ -38,8 +38,8 @@ use crate::{
     deadline,
     model::{
         AccountId, Email, FamilyId, MAX_SECRET_LEN, Metadata, MintedPair, MintedToken, NewSession,
-        PageCursor, PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId,
-        TokenInfo, TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros, random_hex,
+        PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo,
+        TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros, random_hex,
     },
 };
 
@@ -565,7 +565,7 @@ impl TokenStore for FaunaStore {
             Answer::Data(Value::Array(docs)) => docs,
             other => return Err(unexpected_answer(Op::ListTokens, &other)),
         };
-        let mut tokens = docs
+        let tokens = docs
             .into_iter()
             .map(|doc| {
                 serde_json::from_value::<TokenDoc>(doc)
@@ -574,16 +574,7 @@ impl TokenStore for FaunaStore {
                     .ok_or_else(|| unexpected(Op::ListTokens, "token documents"))
             })
             .collect::<StoreResult<Vec<_>>>()?;
-        let next = if tokens.len() > page.size as usize {
-            tokens.truncate(page.size as usize);
-            tokens.last().map(|t| PageCursor {
-                issued_at: t.issued_at,
-                id: t.id.clone(),
-            })
-        } else {
-            None
-        };
-        Ok(TokenPage { tokens, next })
+        Ok(TokenPage::from_overfetch(tokens, page.size))
     }
 
     async fn close(&self) -> StoreResult<()> {
