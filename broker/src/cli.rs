@@ -1,6 +1,6 @@
 //! The `tokenbroker` command line: flags, dev mode, and the small key-management helpers.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -59,6 +59,20 @@ pub enum Command {
     HashKey,
     /// Checks the configuration and exits.
     CheckConfig,
+    /// Asks a running broker's grpc.health.v1 service whether it is serving: exits 0 if it
+    /// is, 1 if not or if it cannot be reached. For container health checks (no config read).
+    Health {
+        /// The broker's plaintext gRPC address.
+        #[arg(long, default_value = "127.0.0.1:50051", value_name = "ADDR")]
+        addr: SocketAddr,
+        /// The health service name to check: "" (the server), tokenbroker.v1.TokenBroker, or
+        /// tokenbroker.v1.TokenBroker/cognito.
+        #[arg(long, default_value = "", value_name = "NAME")]
+        service: String,
+        /// How long to wait for the answer, connection included.
+        #[arg(long, default_value_t = 2000, value_name = "MS")]
+        timeout_ms: u64,
+    },
 }
 
 /// Runs the command line.
@@ -70,6 +84,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     match &args.command {
         Some(Command::GenKey { name, role }) => return gen_key(name, role),
         Some(Command::HashKey) => return hash_key(),
+        Some(Command::Health {
+            addr,
+            service,
+            timeout_ms,
+        }) => return health(*addr, service, Duration::from_millis(*timeout_ms)).await,
         _ => {}
     }
     let mut settings = Settings::load(args.config.as_deref(), &ProcessEnv)?;
@@ -80,6 +99,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         settings.store.embedded.dir = dir;
     }
     if matches!(args.command, Some(Command::CheckConfig)) {
+        crate::auth::Authenticator::new(&settings.api_keys)
+            .map_err(|err| anyhow::anyhow!("invalid api_keys: {err}"))?;
         println!("configuration is valid");
         return Ok(());
     }
@@ -122,6 +143,35 @@ fn gen_key(name: &str, role: &str) -> anyhow::Result<()> {
         key.expose_secret(),
         dev::api_key_digest(&key),
     );
+    Ok(())
+}
+
+/// Calls grpc.health.v1 `Check` once. Built in so that the runtime image needs no
+/// grpc_health_probe (and no shell): `HEALTHCHECK CMD ["tokenbroker", "health"]`.
+async fn health(addr: SocketAddr, service: &str, timeout: Duration) -> anyhow::Result<()> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach {addr}"))?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .with_context(|| format!("health check of {service:?} failed"))?;
+        anyhow::Ok(response.into_inner().status())
+    };
+    let status = tokio::time::timeout(timeout, check)
+        .await
+        .with_context(|| format!("no health answer from {addr} within {timeout:?}"))??;
+    if status != ServingStatus::Serving {
+        anyhow::bail!("{addr} reports {service:?} as {}", status.as_str_name());
+    }
+    println!("{}", status.as_str_name());
     Ok(())
 }
 

@@ -69,6 +69,21 @@ pub struct Settings {
     pub api_keys: Vec<ApiKeyConfig>,
     /// `[cognito]`: trusted user pools, their keys and role mappings.
     pub cognito: CognitoSettings,
+    /// `replicas` (env `TOKENBROKER_REPLICAS`): the most broker processes that may serve from
+    /// this store at once (a Deployment's `replicas`, an autoscaler's maximum). Only a shared
+    /// store allows more than one.
+    pub replicas: Replicas,
+}
+
+/// How many broker processes may share the store at once; at least 1, and 1 by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Replicas(pub u32);
+
+impl Default for Replicas {
+    fn default() -> Self {
+        Self(1)
+    }
 }
 
 /// `[server]`: the gRPC listener.
@@ -375,10 +390,32 @@ impl Settings {
         if self.store.backend == StoreBackend::Fauna {
             self.store.fauna.server_key()?;
         }
+        self.validate_replicas()?;
         match checks.iter().find(|(bad, _)| *bad) {
             Some((_, message)) => Err(ConfigError((*message).to_owned())),
             None => self.cognito.validate().map_err(ConfigError),
         }
+    }
+
+    /// Refuses several replicas on the embedded store. Its SQLite file belongs to one process:
+    /// replicas would each keep a store of their own, so a token minted by one would be unknown
+    /// to the others, and a revocation would reach one replica only. Refusing to start beats
+    /// serving that split state behind a load balancer.
+    fn validate_replicas(&self) -> Result<(), ConfigError> {
+        let replicas = self.replicas.0;
+        if replicas == 0 {
+            return Err(ConfigError("replicas must be at least 1".into()));
+        }
+        if self.store.backend == StoreBackend::Embedded && replicas > 1 {
+            return Err(ConfigError(format!(
+                "store.backend = embedded cannot run with replicas > 1: replicas = {replicas}, but \
+                 the embedded store is one SQLite file owned by one process, so each replica \
+                 would mint, revoke and introspect against its own copy; use store.backend = \
+                 \"fauna\" (a shared store) for several replicas, or set replicas = 1 \
+                 ({ENV_PREFIX}REPLICAS)"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -484,6 +521,41 @@ mod tests {
         .unwrap();
         assert_eq!(s.api_keys.len(), 1);
         assert_eq!(s.api_keys[0].name, "ops");
+    }
+
+    #[test]
+    fn replicas_default_to_one() {
+        let s = Settings::load(None, &env(&[])).unwrap();
+        assert_eq!(s.replicas, Replicas(1));
+        assert_eq!(Settings::default().replicas, Replicas(1));
+    }
+
+    #[test]
+    fn embedded_store_refuses_several_replicas() {
+        let err = Settings::load(None, &env(&[("TOKENBROKER_REPLICAS", "3")])).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.starts_with("store.backend = embedded cannot run with replicas > 1:"),
+            "{message}"
+        );
+        assert!(message.contains("replicas = 3"), "{message}");
+        assert!(message.contains("fauna"), "{message}");
+        let err = Settings::load(None, &env(&[("TOKENBROKER_REPLICAS", "0")])).unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
+    }
+
+    #[test]
+    fn fauna_store_accepts_several_replicas() {
+        let s = Settings::load(
+            None,
+            &env(&[
+                ("TOKENBROKER_REPLICAS", "6"),
+                ("TOKENBROKER_STORE__BACKEND", "fauna"),
+                ("TOKENBROKER_STORE__FAUNA__SECRET", "fnAserverkey"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.replicas, Replicas(6));
     }
 
     #[test]

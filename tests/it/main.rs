@@ -2,8 +2,10 @@
 //! real broker over gRPC on loopback.
 
 mod bad_input;
+mod cli;
 mod cognito;
 mod concurrency;
+mod deploy;
 mod durability;
 mod fauna;
 mod grpcurl;

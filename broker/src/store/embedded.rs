@@ -993,13 +993,16 @@ fn open_writer(path: &Path, durability: Durability) -> StoreResult<Connection> {
         Durability::Normal => "NORMAL",
         Durability::Full => "FULL",
     };
-    // Savepoint journals stay in memory (no temp file per batch), the writer keeps a large
-    // page cache, and checkpoints run on their own thread (see `Checkpointer`) instead of
-    // stalling the writer every thousand pages.
+    // Savepoint journals stay in memory (no temp file per batch) and the writer keeps a large
+    // page cache. Checkpoints mostly run on their own thread (see `Checkpointer`); the writer
+    // still checkpoints every 4000 pages, which finds little left to copy and, being the
+    // writer, lets the WAL start over at its next commit. Without that the WAL never resets
+    // under sustained writes (a background checkpoint cannot finish between two commits) and
+    // grows without bound.
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; \
          PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; PRAGMA temp_store = MEMORY; \
-         PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 0;"
+         PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 4000;"
     ))
     .map_err(sql_error)?;
     Ok(conn)

@@ -1,5 +1,5 @@
 //! Token stores: one async trait, every operation atomic, one conformance suite
-//! ([`testsuite`]) that every backend passes, and decorators that add caching.
+//! (`testsuite`, behind the feature of that name) that every backend passes, and decorators that add caching.
 
 mod cached;
 mod embedded;

@@ -1,0 +1,364 @@
+//! The deployment files under `deploy/`, loaded by the real broker: each config passes
+//! `tokenbroker check-config` with the environment its manifest gives it, the manifests agree
+//! with each other (ports, replica counts, the mounted Fauna key), and `tokenbroker health`, the
+//! container health check, answers as the probes expect. The linters (`scripts/lint-deploy`)
+//! check the files' shape; these tests check what the broker makes of them.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+use tokenbroker_tests::{TestBroker, workspace_binary};
+
+/// Reads a YAML file (several documents allowed) as JSON through PyYAML, which
+/// scripts/install-tools provides. CloudFormation tags become `{"!Ref": …}`, `{"!Sub": …}`.
+const YAML_TO_JSON: &str = r#"
+import json, sys, yaml
+class Loader(yaml.SafeLoader):
+    pass
+def tagged(loader, suffix, node):
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    return {"!" + suffix: value}
+Loader.add_multi_constructor("!", tagged)
+with open(sys.argv[1]) as f:
+    print(json.dumps([d for d in yaml.load_all(f, Loader=Loader) if d is not None]))
+"#;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn yaml(path: &Path) -> Vec<Value> {
+    let output = Command::new("python3")
+        .args(["-c", YAML_TO_JSON])
+        .arg(path)
+        .output()
+        .expect("python3 runs (scripts/install-tools)");
+    assert!(
+        output.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Every document of every `*.yaml` in `dir`.
+fn manifests(dir: &str) -> Vec<Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo(dir))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    files.sort();
+    files.iter().flat_map(|file| yaml(file)).collect()
+}
+
+#[track_caller]
+fn of_kind<'a>(docs: &'a [Value], kinds: &[&str]) -> &'a Value {
+    docs.iter()
+        .find(|doc| kinds.iter().any(|kind| doc["kind"] == *kind))
+        .unwrap_or_else(|| panic!("no {kinds:?}"))
+}
+
+/// Runs `tokenbroker --config CONFIG check-config` with only `env` as TOKENBROKER_* variables.
+fn check_config(config: &Path, env: &BTreeMap<String, String>) -> Output {
+    let mut command = Command::new(workspace_binary("tokenbroker"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOKENBROKER_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .arg("--config")
+        .arg(config)
+        .arg("check-config")
+        .envs(env)
+        .output()
+        .unwrap()
+}
+
+#[track_caller]
+fn assert_valid(output: &Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn container_env(container: &Value) -> BTreeMap<String, String> {
+    container["env"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|var| {
+            let value = var["value"].as_str().expect("literal env values");
+            (var["name"].as_str().unwrap().to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn docker_config_is_valid_and_refuses_a_second_replica() {
+    let config = repo("deploy/docker/tokenbroker.toml");
+    let compose = &yaml(&repo("deploy/docker/compose.yaml"))[0];
+    let env: BTreeMap<String, String> =
+        serde_json::from_value(compose["services"]["broker"]["environment"].clone()).unwrap();
+    assert_eq!(env["TOKENBROKER_REPLICAS"], "1");
+    assert_valid(&check_config(&config, &env), "compose broker");
+    assert_valid(&check_config(&config, &BTreeMap::new()), "image alone");
+
+    let two = BTreeMap::from([("TOKENBROKER_REPLICAS".to_owned(), "2".to_owned())]);
+    let output = check_config(&config, &two);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("store.backend = embedded cannot run with replicas > 1"),
+        "{stderr}"
+    );
+
+    let dockerfile = std::fs::read_to_string(repo("deploy/docker/Dockerfile")).unwrap();
+    assert!(dockerfile.contains(r#"CMD ["/usr/local/bin/tokenbroker", "health""#));
+    assert!(dockerfile.contains("COPY deploy/docker/tokenbroker.toml /etc/tokenbroker/"));
+}
+
+/// Checks one k8s setup: its ConfigMap loads with its workload's env, on the port the probes
+/// and the Service use, with as many replicas as the env declares. Returns the workload and
+/// its env.
+fn check_k8s(dir: &str, extra_env: &[(&str, &str)]) -> (Value, BTreeMap<String, String>) {
+    let docs = manifests(dir);
+    let workload = of_kind(&docs, &["Deployment", "StatefulSet"]).clone();
+    let pod = &workload["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let mut env = container_env(container);
+    assert_eq!(
+        env["TOKENBROKER_CONFIG"],
+        "/etc/tokenbroker/tokenbroker.toml"
+    );
+
+    let config_text = of_kind(&docs, &["ConfigMap"])["data"]["tokenbroker.toml"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let config: toml::Table = config_text.parse().unwrap();
+    let listen = config["server"]["listen"].as_str().unwrap();
+    let port = container["ports"][0]["containerPort"].as_u64().unwrap();
+    assert_eq!(listen, format!("0.0.0.0:{port}"), "{dir}");
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(container[probe]["grpc"]["port"], port, "{dir} {probe}");
+    }
+    let service = of_kind(&docs, &["Service"]);
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "grpc");
+    assert_eq!(container["ports"][0]["name"], "grpc");
+
+    let dir_path = tempfile::tempdir().unwrap();
+    let config_file = dir_path.path().join("tokenbroker.toml");
+    std::fs::write(&config_file, &config_text).unwrap();
+    env.remove("TOKENBROKER_CONFIG");
+    for (name, value) in extra_env {
+        env.insert((*name).to_owned(), (*value).to_owned());
+    }
+    assert_valid(&check_config(&config_file, &env), dir);
+    (workload, env)
+}
+
+#[test]
+fn fauna_manifests_load_and_declare_the_autoscalers_maximum() {
+    let docs = manifests("deploy/k8s/fauna");
+    let pod = &of_kind(&docs, &["Deployment"])["spec"]["template"]["spec"];
+    let config: toml::Table = of_kind(&docs, &["ConfigMap"])["data"]["tokenbroker.toml"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(config["store"]["backend"].as_str(), Some("fauna"));
+
+    // The key file named in the config is where the Secret is mounted.
+    let secret_file = config["store"]["fauna"]["secret_file"].as_str().unwrap();
+    let secret = of_kind(&docs, &["Secret"]);
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == secret["metadata"]["name"])
+        .expect("the Fauna Secret is a volume");
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("and it is mounted");
+    let path = format!(
+        "{}/{}",
+        mount["mountPath"].as_str().unwrap(),
+        volume["secret"]["items"][0]["path"].as_str().unwrap()
+    );
+    assert_eq!(secret_file, path);
+    assert!(secret["stringData"]["server-key"].is_string());
+
+    // That path does not exist here: point the override at a real file instead.
+    let key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key.path(), "fnAserverkeyfortests").unwrap();
+    let key_path = key.path().to_str().unwrap();
+    let (workload, env) = check_k8s(
+        "deploy/k8s/fauna",
+        &[("TOKENBROKER_STORE__FAUNA__SECRET_FILE", key_path)],
+    );
+
+    let declared: u64 = env["TOKENBROKER_REPLICAS"].parse().unwrap();
+    let hpa = of_kind(&docs, &["HorizontalPodAutoscaler"]);
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        workload["metadata"]["name"]
+    );
+    assert_eq!(
+        hpa["spec"]["maxReplicas"], declared,
+        "TOKENBROKER_REPLICAS = maxReplicas"
+    );
+    assert!(workload["spec"]["replicas"].as_u64().unwrap() <= declared);
+    assert!(hpa["spec"]["minReplicas"].as_u64().unwrap() >= 2);
+    of_kind(&docs, &["PodDisruptionBudget"]);
+}
+
+#[test]
+fn embedded_manifests_run_exactly_one_replica() {
+    let (workload, env) = check_k8s("deploy/k8s/embedded", &[]);
+    assert_eq!(workload["kind"], "StatefulSet");
+    assert_eq!(workload["spec"]["replicas"], 1);
+    assert_eq!(env["TOKENBROKER_REPLICAS"], "1");
+    let docs = manifests("deploy/k8s/embedded");
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "HorizontalPodAutoscaler"),
+        "nothing may scale the embedded store out"
+    );
+}
+
+/// Resolves a CloudFormation value (`!Ref`, `!Sub` or a literal) with sample parameters.
+fn resolve(value: &Value, params: &BTreeMap<&str, &str>) -> String {
+    if let Some(text) = value.as_str() {
+        return text.to_owned();
+    }
+    if let Some(name) = value["!Ref"].as_str() {
+        return params
+            .get(name)
+            .unwrap_or_else(|| panic!("no sample for {name}"))
+            .to_string();
+    }
+    let mut text = value["!Sub"]
+        .as_str()
+        .expect("Ref, Sub or a string")
+        .to_owned();
+    while let Some(start) = text.find("${") {
+        let end = start + text[start..].find('}').unwrap();
+        let name = &text[start + 2..end];
+        let sample = params
+            .get(name)
+            .unwrap_or_else(|| panic!("no sample for {name}"));
+        text.replace_range(start..=end, sample);
+    }
+    text
+}
+
+#[test]
+fn ecs_task_environment_loads_on_the_image_config() {
+    let template = &yaml(&repo("deploy/aws/template.yaml"))[0];
+    let task = &template["Resources"]["BrokerTaskDefinition"]["Properties"];
+    let container = &task["ContainerDefinitions"][0];
+    let digest = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881";
+    let api_keys =
+        format!(r#"[{{ name = "cognito-trigger", roles = ["trigger"], sha256 = "{digest}" }}]"#);
+    let params = BTreeMap::from([
+        ("FaunaEndpoint", "http://faunadb.internal:8443"),
+        ("BrokerApiKeys", api_keys.as_str()),
+        ("MaxCount", "6"),
+        ("AWS::Region", "us-east-1"),
+        ("UserPool", "us-east-1_AbC123xyZ"),
+        ("UserPoolClient", "5g2lhd0cexample0client0aa"),
+    ]);
+    let mut env: BTreeMap<String, String> = container["Environment"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|var| {
+            (
+                var["Name"].as_str().unwrap().to_owned(),
+                resolve(&var["Value"], &params),
+            )
+        })
+        .collect();
+    for secret in container["Secrets"].as_array().unwrap() {
+        env.insert(
+            secret["Name"].as_str().unwrap().to_owned(),
+            "fnAserverkeyfortests".into(),
+        );
+    }
+    assert_eq!(env["TOKENBROKER_STORE__BACKEND"], "fauna");
+    assert_eq!(env["TOKENBROKER_REPLICAS"], "6");
+    assert!(env.contains_key("TOKENBROKER_STORE__FAUNA__SECRET"));
+    // The container runs the image, whose config is deploy/docker/tokenbroker.toml.
+    assert_valid(
+        &check_config(&repo("deploy/docker/tokenbroker.toml"), &env),
+        "ECS task",
+    );
+    assert_eq!(container["PortMappings"][0]["ContainerPort"], 50051);
+    assert_eq!(container["HealthCheck"]["Command"][2], "health");
+}
+
+#[tokio::test]
+async fn tokenbroker_health_exits_0_when_serving_and_1_otherwise() {
+    let broker = TestBroker::spawn().await;
+    let addr = broker.addr.to_string();
+    let health = |args: Vec<String>| async move {
+        tokio::process::Command::new(workspace_binary("tokenbroker"))
+            .arg("health")
+            .args(args)
+            .output()
+            .await
+            .unwrap()
+    };
+    for service in ["", "tokenbroker.v1.TokenBroker"] {
+        let out = health(vec![
+            "--addr".into(),
+            addr.clone(),
+            "--service".into(),
+            service.into(),
+        ])
+        .await;
+        assert!(out.status.success(), "{service:?}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+    }
+    let out = health(vec![
+        "--addr".into(),
+        addr.clone(),
+        "--service".into(),
+        "no.such".into(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    let stopped = TestBroker::spawn().await;
+    let gone = stopped.addr.to_string();
+    stopped.stop().await.unwrap();
+    let out = health(vec![
+        "--addr".into(),
+        gone,
+        "--timeout-ms".into(),
+        "1000".into(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach"),
+        "{out:?}"
+    );
+}
