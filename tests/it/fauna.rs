@@ -241,32 +241,29 @@ async fn issue_under(
     (result, double.requests().len(), started.elapsed())
 }
 
+/// The failure classes the store retries.
+const RETRYABLE: [Fault; 5] = [
+    Fault::Contended,
+    Fault::RateLimited,
+    Fault::ClientTimeout,
+    Fault::Internal,
+    Fault::Unavailable,
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_faults_are_retried_then_reported_unavailable() {
     let double = wall_clock_double().await;
     let broker = fauna_broker(&double, |s| s.store.fauna.max_attempts = 3).await;
     let patience = Duration::from_secs(10);
 
-    for fault in [
-        Fault::Contended,
-        Fault::RateLimited,
-        Fault::ClientTimeout,
-        Fault::Internal,
-        Fault::Unavailable,
-    ] {
+    for fault in RETRYABLE {
         let name = format!("{fault:?}");
         double.inject(fault, 1);
         let (result, requests, _) = issue_under(&broker, &double, patience).await;
         assert_eq!(result, Ok(()), "{name} once: the retry succeeds");
         assert_eq!(requests, 2, "{name} once: one retry");
     }
-    for fault in [
-        Fault::Contended,
-        Fault::RateLimited,
-        Fault::ClientTimeout,
-        Fault::Internal,
-        Fault::Unavailable,
-    ] {
+    for fault in RETRYABLE {
         let name = format!("{fault:?}");
         double.inject(fault, 3);
         let (result, requests, _) = issue_under(&broker, &double, patience).await;
