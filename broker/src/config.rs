@@ -16,7 +16,9 @@ use std::{
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::{auth::ApiKeyConfig, cognito::CognitoSettings, store::Durability};
+use crate::{
+    auth::ApiKeyConfig, cognito::CognitoSettings, limits::LimitSettings, store::Durability,
+};
 
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "TOKENBROKER_";
@@ -69,6 +71,8 @@ pub struct Settings {
     pub api_keys: Vec<ApiKeyConfig>,
     /// `[cognito]`: trusted user pools, their keys and role mappings.
     pub cognito: CognitoSettings,
+    /// `[limits]`: in-flight, request size and per-caller rate limits.
+    pub limits: LimitSettings,
     /// `replicas` (env `TOKENBROKER_REPLICAS`): the most broker processes that may serve from
     /// this store at once (a Deployment's `replicas`, an autoscaler's maximum). Only a shared
     /// store allows more than one.
@@ -391,6 +395,7 @@ impl Settings {
             self.store.fauna.server_key()?;
         }
         self.validate_replicas()?;
+        self.limits.validate().map_err(ConfigError)?;
         match checks.iter().find(|(bad, _)| *bad) {
             Some((_, message)) => Err(ConfigError((*message).to_owned())),
             None => self.cognito.validate().map_err(ConfigError),
@@ -521,6 +526,32 @@ mod tests {
         .unwrap();
         assert_eq!(s.api_keys.len(), 1);
         assert_eq!(s.api_keys[0].name, "ops");
+    }
+
+    #[test]
+    fn limits_are_set_per_role_and_per_caller() {
+        let s = Settings::load(
+            None,
+            &env(&[
+                (
+                    "TOKENBROKER_LIMITS__ROLES__TRIGGER",
+                    "{ per_second = 500, burst = 1000 }",
+                ),
+                ("TOKENBROKER_LIMITS__CALLERS__BATCH__PER_SECOND", "0"),
+                ("TOKENBROKER_LIMITS__MAX_CONCURRENT_REQUESTS", "64"),
+            ]),
+        )
+        .unwrap();
+        let trigger = s.limits.roles[&crate::auth::Role::Trigger];
+        assert_eq!((trigger.per_second, trigger.burst), (500.0, 1000));
+        assert!(s.limits.callers["batch"].is_unlimited());
+        assert_eq!(s.limits.max_concurrent_requests, 64);
+        let err = Settings::load(
+            None,
+            &env(&[("TOKENBROKER_LIMITS__ROLES__ROOT__PER_SECOND", "1")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("root"), "{err}");
     }
 
     #[test]

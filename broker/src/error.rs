@@ -15,6 +15,9 @@ pub enum BrokerErrorKind {
     PermissionDenied,
     /// The call needs a feature the broker is not configured for.
     FailedPrecondition,
+    /// The caller is over its rate limit, the broker over its concurrency limit, or the
+    /// request over its size limit.
+    ResourceExhausted,
     /// The store, or another dependency such as a Cognito JWKS endpoint, cannot answer now.
     Unavailable,
     /// The deadline passed.
@@ -41,6 +44,14 @@ pub enum BrokerError {
     /// See [`BrokerErrorKind::FailedPrecondition`].
     #[error("{0}")]
     FailedPrecondition(&'static str),
+    /// See [`BrokerErrorKind::ResourceExhausted`]; a retry after `retry_after` can succeed.
+    #[error("{message}")]
+    ResourceExhausted {
+        /// For the client: which limit.
+        message: String,
+        /// How long to wait before retrying.
+        retry_after: std::time::Duration,
+    },
     /// A dependency other than the store (such as a Cognito JWKS endpoint) cannot answer now;
     /// the message is for the client.
     #[error("{0}")]
@@ -76,6 +87,7 @@ impl BrokerError {
             Self::Unauthenticated(_) => BrokerErrorKind::Unauthenticated,
             Self::PermissionDenied(_) => BrokerErrorKind::PermissionDenied,
             Self::FailedPrecondition(_) => BrokerErrorKind::FailedPrecondition,
+            Self::ResourceExhausted { .. } => BrokerErrorKind::ResourceExhausted,
             Self::Unavailable(_) => BrokerErrorKind::Unavailable,
             Self::DeadlineExceeded => BrokerErrorKind::DeadlineExceeded,
             Self::Store(err) => match err.kind() {

@@ -8,13 +8,22 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use secrecy::SecretString;
-use tokenbroker_proto::v1::{self as pb, token_broker_server::TokenBroker};
-use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+use tokenbroker_proto::v1::{
+    self as pb,
+    token_broker_server::{TokenBroker, TokenBrokerServer},
+};
+use tonic::{
+    Code, Request, Response, Status,
+    codegen::{BoxFuture, Context, Poll, Service, http},
+    metadata::MetadataMap,
+    server::NamedService,
+};
 use tracing::{Span, error, instrument, warn};
 
 use crate::{
     auth::{Authenticator, Caller},
     error::{BrokerError, BrokerErrorKind},
+    limits::{InFlight, Limiter},
     model::{
         AccountId, Email, FamilyId, MAX_GROUPS, MintedPair, MintedToken, TokenId, TokenKind,
         TokenState, UnixMicros, parse_name, validate_metadata,
@@ -30,17 +39,38 @@ use crate::{
 pub struct GrpcAdapter {
     broker: Arc<Broker>,
     auth: Arc<Authenticator>,
+    limits: Arc<Limiter>,
     request_timeout: Duration,
 }
 
 impl GrpcAdapter {
     /// Builds the adapter; `request_timeout` caps every call's deadline.
-    pub fn new(broker: Arc<Broker>, auth: Arc<Authenticator>, request_timeout: Duration) -> Self {
+    pub fn new(
+        broker: Arc<Broker>,
+        auth: Arc<Authenticator>,
+        limits: Arc<Limiter>,
+        request_timeout: Duration,
+    ) -> Self {
         Self {
             broker,
             auth,
+            limits,
             request_timeout,
         }
+    }
+
+    /// Admits a call: takes an in-flight slot, authenticates the caller and charges its rate
+    /// limit (the peer address's, for a call without a credential). The slot is held until the
+    /// returned [`InFlight`] is dropped, at the end of the call.
+    async fn admit<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(InFlight, Option<Arc<Caller>>), Status> {
+        let in_flight = self.limits.enter()?;
+        let caller = self.caller(request.metadata()).await?;
+        let peer = request.remote_addr().map(|addr| addr.ip());
+        self.limits.charge(caller.as_deref(), peer)?;
+        Ok((in_flight, caller))
     }
 
     /// Authenticates the caller from the `authorization` metadata and records it on the span.
@@ -93,7 +123,7 @@ impl TokenBroker for GrpcAdapter {
         &self,
         request: Request<pb::IssueTokensRequest>,
     ) -> Result<Response<pb::IssueTokensResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let (_in_flight, caller) = self.admit(&request).await?;
         let (metadata, _, message) = request.into_parts();
         let parsed = issue_request(message)?;
         let issued = self
@@ -114,7 +144,7 @@ impl TokenBroker for GrpcAdapter {
         &self,
         request: Request<pb::RefreshTokensRequest>,
     ) -> Result<Response<pb::RefreshTokensResponse>, Status> {
-        self.caller(request.metadata()).await?;
+        let (_in_flight, _) = self.admit(&request).await?;
         let (metadata, _, message) = request.into_parts();
         let parsed = RefreshRequest {
             refresh_token: SecretString::from(message.refresh_token),
@@ -132,7 +162,7 @@ impl TokenBroker for GrpcAdapter {
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         use pb::revoke_request::Target;
-        let caller = self.caller(request.metadata()).await?;
+        let (_in_flight, caller) = self.admit(&request).await?;
         let (metadata, _, message) = request.into_parts();
         let target = match message.target {
             Some(Target::Token(secret)) => RevokeBy::Secret {
@@ -161,7 +191,7 @@ impl TokenBroker for GrpcAdapter {
         &self,
         request: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let (_in_flight, caller) = self.admit(&request).await?;
         let (metadata, _, message) = request.into_parts();
         let client_id = parse_name("client_id", &message.client_id)?;
         let secret = SecretString::from(message.token);
@@ -195,7 +225,7 @@ impl TokenBroker for GrpcAdapter {
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         use pb::list_tokens_request::Account;
-        let caller = self.caller(request.metadata()).await?;
+        let (_in_flight, caller) = self.admit(&request).await?;
         let (metadata, _, message) = request.into_parts();
         let account = match message.account {
             Some(Account::AccountId(id)) => AccountRef::Id(AccountId::parse(&id)?),
@@ -248,6 +278,50 @@ impl TokenBroker for GrpcAdapter {
     }
 }
 
+/// The generated `TokenBroker` server with its request size limit. tonic answers a request
+/// over `max_decoding_message_size` with `OUT_OF_RANGE`; this wrapper turns that answer into
+/// `RESOURCE_EXHAUSTED`, the code the gRPC spec gives a message larger than the server accepts.
+/// The broker itself never answers `OUT_OF_RANGE`.
+#[derive(Debug, Clone)]
+pub struct SizeLimited<S>(S);
+
+impl SizeLimited<TokenBrokerServer<GrpcAdapter>> {
+    /// Serves `adapter`, refusing request messages over `max_request_bytes`.
+    pub fn new(adapter: GrpcAdapter, max_request_bytes: usize) -> Self {
+        Self(TokenBrokerServer::new(adapter).max_decoding_message_size(max_request_bytes))
+    }
+}
+
+impl<S: NamedService> NamedService for SizeLimited<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for SizeLimited<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            let status = response.headers_mut().get_mut("grpc-status");
+            if let Some(status) = status.filter(|s| s.as_bytes() == b"11") {
+                *status = http::HeaderValue::from_static("8");
+            }
+            Ok(response)
+        })
+    }
+}
+
 impl From<BrokerError> for Status {
     fn from(err: BrokerError) -> Self {
         let code = match err.kind() {
@@ -256,6 +330,16 @@ impl From<BrokerError> for Status {
             BrokerErrorKind::PermissionDenied => Code::PermissionDenied,
             BrokerErrorKind::FailedPrecondition => Code::FailedPrecondition,
             BrokerErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+            BrokerErrorKind::ResourceExhausted => {
+                let retry_after = retry_after(&err).unwrap_or_default();
+                let message = format!("{err}; retry after {} ms", retry_after.as_millis().max(1));
+                let details = tokenbroker_proto::rpc::retry_details(
+                    Code::ResourceExhausted as i32,
+                    &message,
+                    retry_after,
+                );
+                return Status::with_details(Code::ResourceExhausted, message, details.into());
+            }
             BrokerErrorKind::Unavailable => {
                 if let Some(message) = dependency_unavailable(&err) {
                     warn!(reason = message, "dependency unavailable");
@@ -270,6 +354,15 @@ impl From<BrokerError> for Status {
             }
         };
         Status::new(code, err.to_string())
+    }
+}
+
+/// How long a throttled caller should wait.
+fn retry_after(err: &BrokerError) -> Option<Duration> {
+    match err {
+        BrokerError::ResourceExhausted { retry_after, .. } => Some(*retry_after),
+        BrokerError::Shared(inner) => retry_after(inner),
+        _ => None,
     }
 }
 

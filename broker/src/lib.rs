@@ -13,6 +13,7 @@ pub mod deadline;
 pub mod dev;
 pub mod error;
 pub mod grpc;
+pub mod limits;
 pub mod model;
 pub mod secret;
 pub mod service;

@@ -15,7 +15,8 @@ use crate::{
     clock::{Clock, SystemClock},
     cognito::{COGNITO_HEALTH_SERVICE, CognitoVerifier},
     config::{Settings, StoreBackend},
-    grpc::GrpcAdapter,
+    grpc::{GrpcAdapter, SizeLimited},
+    limits::Limiter,
     service::Broker,
     store::{CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaConfig, FaunaStore, TokenStore},
 };
@@ -26,6 +27,7 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     adapter: GrpcAdapter,
+    max_request_bytes: usize,
     store: Arc<dyn TokenStore>,
     shutdown_grace: Duration,
     cognito: Option<Arc<CognitoVerifier>>,
@@ -110,9 +112,11 @@ impl Application {
             broker = broker.with_cognito(Arc::clone(verifier));
         }
         let broker = Arc::new(broker);
+        let limits = Arc::new(Limiter::new(settings.limits.clone()));
         let adapter = GrpcAdapter::new(
             broker,
             Arc::new(auth),
+            Arc::clone(&limits),
             Duration::from_secs(settings.server.request_timeout_seconds),
         );
         let listener = TcpListener::bind(settings.server.listen)
@@ -123,6 +127,7 @@ impl Application {
             listener,
             local_addr,
             adapter,
+            max_request_bytes: limits.max_request_bytes(),
             store,
             shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_seconds),
             cognito,
@@ -188,7 +193,7 @@ impl Application {
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(TokenBrokerServer::new(self.adapter))
+            .add_service(SizeLimited::new(self.adapter, self.max_request_bytes))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             });

@@ -2,6 +2,7 @@
 
 #![allow(unreachable_pub, missing_debug_implementations)]
 
+pub mod rpc;
 pub mod strict;
 
 /// Package `tokenbroker.v1`: messages, the `TokenBroker` client and server.

@@ -11,6 +11,7 @@ mod fauna;
 mod grpcurl;
 mod introspect;
 mod issue;
+mod limits;
 mod list;
 mod refresh;
 mod revoke;

@@ -52,6 +52,7 @@ pub struct ClientError {
     kind: ClientErrorKind,
     code: Code,
     message: String,
+    retry_after: Option<Duration>,
 }
 
 impl ClientError {
@@ -70,11 +71,18 @@ impl ClientError {
         &self.message
     }
 
+    /// For a throttled call (`RESOURCE_EXHAUSTED`), how long to wait before a retry can
+    /// succeed, from the status's `google.rpc.RetryInfo`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
     fn config(message: impl Into<String>) -> Self {
         Self {
             kind: ClientErrorKind::InvalidArgument,
             code: Code::InvalidArgument,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -86,6 +94,7 @@ impl ClientError {
                 "no answer from the broker within {} ms",
                 timeout.as_millis()
             ),
+            retry_after: None,
         }
     }
 }
@@ -110,6 +119,7 @@ impl From<Status> for ClientError {
             kind,
             code: status.code(),
             message: status.message().to_owned(),
+            retry_after: tokenbroker_proto::rpc::retry_delay(status.details()),
         }
     }
 }
@@ -120,6 +130,7 @@ impl From<tonic::transport::Error> for ClientError {
             kind: ClientErrorKind::Unavailable,
             code: Code::Unavailable,
             message: format!("cannot reach the broker: {err}"),
+            retry_after: None,
         }
     }
 }
@@ -166,6 +177,7 @@ fn issued(token: Option<pb::IssuedToken>) -> ClientResult<IssuedToken> {
         kind: ClientErrorKind::Internal,
         code: Code::Internal,
         message: "the broker's answer lacks a token".into(),
+        retry_after: None,
     })?;
     Ok(IssuedToken {
         token_id: token.token_id,
