@@ -368,8 +368,10 @@ mod tests {
 
     #[test]
     fn anonymous_calls_are_limited_per_peer_address() {
-        let mut settings = LimitSettings::default();
-        settings.anonymous = Some(limit(1.0, 2));
+        let settings = LimitSettings {
+            anonymous: Some(limit(1.0, 2)),
+            ..LimitSettings::default()
+        };
         let limiter = Limiter::new(settings);
         let now = Instant::now();
         let a = Some(IpAddr::from([10, 0, 0, 1]));
@@ -382,8 +384,10 @@ mod tests {
 
     #[test]
     fn idle_buckets_are_swept_when_the_table_grows() {
-        let mut settings = LimitSettings::default();
-        settings.anonymous = Some(limit(1000.0, 1));
+        let settings = LimitSettings {
+            anonymous: Some(limit(1000.0, 1)),
+            ..LimitSettings::default()
+        };
         let limiter = Limiter::new(settings);
         let t0 = Instant::now();
         for i in 0..SWEEP_ABOVE as u32 {
@@ -400,8 +404,10 @@ mod tests {
 
     #[test]
     fn the_in_flight_limit_sheds_and_frees() {
-        let mut settings = LimitSettings::default();
-        settings.max_concurrent_requests = 2;
+        let settings = LimitSettings {
+            max_concurrent_requests: 2,
+            ..LimitSettings::default()
+        };
         let limiter = Limiter::new(settings);
         let a = limiter.enter().unwrap();
         let _b = limiter.enter().unwrap();
