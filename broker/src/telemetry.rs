@@ -1,6 +1,8 @@
 //! Log output: one subscriber for the process, text or JSON, filtered by `RUST_LOG` or the
 //! configured default.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::{EnvFilter, fmt};
 
 use crate::config::{LogFormat, LogSettings};
@@ -16,7 +18,12 @@ pub fn init(settings: &LogSettings) -> anyhow::Result<()> {
         Ok(value) if !value.is_empty() => EnvFilter::try_new(value)?,
         _ => EnvFilter::try_new(&settings.filter)?,
     };
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a terminal: escape codes in a log file or collector are noise, and
+    // writing them costs time on every line.
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match settings.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
