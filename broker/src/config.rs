@@ -16,7 +16,10 @@ use std::{
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::{auth::ApiKeyConfig, cognito::CognitoSettings, store::Durability};
+use crate::{
+    audit::AuditSettings, auth::ApiKeyConfig, cognito::CognitoSettings, metrics::MetricsSettings,
+    store::Durability,
+};
 
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "TOKENBROKER_";
@@ -73,6 +76,10 @@ pub struct Settings {
     /// this store at once (a Deployment's `replicas`, an autoscaler's maximum). Only a shared
     /// store allows more than one.
     pub replicas: Replicas,
+    /// `[metrics]`: the Prometheus endpoint (off unless `listen` is set).
+    pub metrics: MetricsSettings,
+    /// `[audit]`: where audit events go, and the key that hashes emails in them.
+    pub audit: AuditSettings,
 }
 
 /// How many broker processes may share the store at once; at least 1, and 1 by default.
@@ -391,6 +398,7 @@ impl Settings {
             self.store.fauna.server_key()?;
         }
         self.validate_replicas()?;
+        self.audit.validate()?;
         match checks.iter().find(|(bad, _)| *bad) {
             Some((_, message)) => Err(ConfigError((*message).to_owned())),
             None => self.cognito.validate().map_err(ConfigError),
