@@ -285,8 +285,8 @@ impl AuditLog {
         }
     }
 
-    /// Writes a standalone event line (such as `reuse_detected`) that belongs to `record`'s
-    /// operation.
+    /// Writes a standalone response line (such as `reuse_detected`) that belongs to
+    /// `record`'s operation and ended in `outcome` (the error class the client gets).
     ///
     /// # Errors
     ///
@@ -295,6 +295,7 @@ impl AuditLog {
         &self,
         record: &Record,
         event: Event,
+        outcome: BrokerErrorKind,
         fill: impl FnOnce(&mut Line),
     ) -> BrokerResult<()> {
         if !record.on {
@@ -306,6 +307,7 @@ impl AuditLog {
             id: record.line.id.clone(),
             caller: record.line.caller.clone(),
             time: rfc3339(record.time),
+            outcome: Some(self::outcome(outcome)),
             ..Line::default()
         };
         fill(&mut line);

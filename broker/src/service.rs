@@ -15,7 +15,7 @@ use crate::{
     clock::Clock,
     cognito::CognitoVerifier,
     config::TokenSettings,
-    error::{BrokerError, BrokerResult},
+    error::{BrokerError, BrokerErrorKind, BrokerResult},
     metrics::Metrics,
     model::{
         AccountId, Email, FamilyId, MAX_GROUPS, MAX_SECRET_LEN, Metadata, MintedPair, NewSession,
@@ -453,10 +453,15 @@ impl Broker {
                 RefreshOutcome::ReuseDetected { family_id, revoked } => {
                     warn!(%family_id, revoked, "refresh token reuse; session revoked");
                     self.metrics.tokens_revoked.get([1]).add(revoked);
-                    self.audit.event(record, Event::ReuseDetected, |line| {
-                        line.family_id = Some(family_id.to_string());
-                        line.revoked = Some(revoked);
-                    })?;
+                    self.audit.event(
+                        record,
+                        Event::ReuseDetected,
+                        BrokerErrorKind::Unauthenticated,
+                        |line| {
+                            line.family_id = Some(family_id.to_string());
+                            line.revoked = Some(revoked);
+                        },
+                    )?;
                     Err(inactive_refresh())
                 }
             }

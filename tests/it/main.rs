@@ -1,6 +1,7 @@
 //! The tokenbroker integration tests: one binary, one module per area, every test against a
 //! real broker over gRPC on loopback.
 
+mod audit;
 mod bad_input;
 mod cli;
 mod cognito;
@@ -12,6 +13,7 @@ mod grpcurl;
 mod introspect;
 mod issue;
 mod list;
+mod metrics;
 mod refresh;
 mod revoke;
 mod secrets;
