@@ -494,3 +494,101 @@ impl Record {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::Settings;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::load(None, &env)
+    }
+
+    #[test]
+    fn audit_is_off_by_default_and_an_enabled_sink_needs_its_settings() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.audit.sink, AuditSinkKind::Off);
+        assert_eq!(s.metrics.listen, None);
+
+        let key = ("TOKENBROKER_AUDIT__EMAIL_HMAC_KEY", "k".repeat(32));
+        let err = load(&[("TOKENBROKER_AUDIT__SINK", "stdout")]).unwrap_err();
+        assert!(err.to_string().contains("audit.email_hmac_key"), "{err}");
+        let err = load(&[("TOKENBROKER_AUDIT__SINK", "file"), (key.0, &key.1)]).unwrap_err();
+        assert!(err.to_string().contains("audit.path"), "{err}");
+        let err = load(&[
+            ("TOKENBROKER_AUDIT__SINK", "stdout"),
+            ("TOKENBROKER_AUDIT__EMAIL_HMAC_KEY", "short"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("at least 32 bytes"), "{err}");
+        assert!(!err.to_string().contains("short"), "the key is not echoed");
+        let err = load(&[("TOKENBROKER_AUDIT__SINK", "syslog")]).unwrap_err();
+        assert!(err.to_string().contains("syslog"), "{err}");
+        let s = load(&[
+            ("TOKENBROKER_AUDIT__SINK", "file"),
+            ("TOKENBROKER_AUDIT__PATH", "/var/log/tokenbroker/audit.log"),
+            (key.0, &key.1),
+            ("TOKENBROKER_METRICS__LISTEN", "0.0.0.0:9464"),
+        ])
+        .unwrap();
+        assert_eq!(s.audit.sink, AuditSinkKind::File);
+        assert_eq!(s.metrics.listen, Some(([0, 0, 0, 0], 9464).into()));
+    }
+
+    #[test]
+    fn the_key_can_come_from_a_file_and_hashes_emails_as_hmac_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, format!("{}\n", "k".repeat(32))).unwrap();
+        let settings = AuditSettings {
+            sink: AuditSinkKind::Stdout,
+            email_hmac_key_file: Some(file),
+            ..AuditSettings::default()
+        };
+        let log = AuditLog::open(&settings, Arc::default()).unwrap();
+        let email = Email::parse("Alice@Example.com").unwrap();
+        // Python: hmac.new(b"k" * 32, b"alice@example.com", hashlib.sha256).hexdigest()
+        assert_eq!(
+            log.email_hmac(&email).unwrap(),
+            "0d8b3da1ccc85d32dd2c1a1863a4bd48217a82e7eeab7033dd57fe32f560c133"
+        );
+        assert!(!format!("{log:?}").contains("kkkk"));
+        assert_eq!(AuditLog::off().email_hmac(&email), None);
+    }
+
+    #[test]
+    fn lines_are_whole_json_objects_appended_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, "earlier line\n").unwrap();
+        let settings = AuditSettings {
+            sink: AuditSinkKind::File,
+            path: Some(path.clone()),
+            email_hmac_key: Some(SecretString::from("k".repeat(32))),
+            ..AuditSettings::default()
+        };
+        let log = AuditLog::open(&settings, Arc::default()).unwrap();
+        let mut record = log.record(Event::Revoke, None, UnixMicros(1_700_000_000_123_456));
+        record.set(|line| line.target = Some("secret"));
+        log.request(&mut record).unwrap();
+        log.response(record, Ok::<_, BrokerError>(())).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0], "earlier line", "appended, not truncated");
+        let request: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(request["time"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(request["phase"], "request");
+        assert_eq!(request["caller"], "anonymous");
+        assert!(request.get("outcome").is_none());
+        let response: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
+        assert_eq!(response["outcome"], "ok");
+        assert_eq!(response["id"], request["id"]);
+    }
+}
