@@ -9,7 +9,7 @@
 //! set of metrics needs.
 //!
 //! **Adding a metric**: add a field to [`Metrics`], build it in [`Metrics::new`] and list it in
-//! [`Metrics::families`]. Label values are a fixed list of `&'static str` per label; the caller
+//! `Metrics::families`. Label values are a fixed list of `&'static str` per label; the caller
 //! passes their indices (an enum's discriminant, usually).
 
 mod http;
