@@ -37,6 +37,7 @@ use tracing::error;
 
 use crate::{
     auth::Caller,
+    clock::Clock,
     config::ConfigError,
     error::{BrokerError, BrokerErrorKind, BrokerResult},
     metrics::Metrics,
@@ -227,8 +228,9 @@ impl AuditLog {
         !matches!(self.sink, Sink::Off)
     }
 
-    /// Starts the record of one operation by `caller` (`None`: anonymous) at `time`.
-    pub fn record(&self, event: Event, caller: Option<&Caller>, time: UnixMicros) -> Record {
+    /// Starts the record of one operation by `caller` (`None`: anonymous), timed by `clock`
+    /// (read only when the log is on).
+    pub fn record(&self, event: Event, caller: Option<&Caller>, clock: &dyn Clock) -> Record {
         if !self.is_on() {
             return Record::default();
         }
@@ -240,7 +242,7 @@ impl AuditLog {
                 caller: caller.map_or_else(|| "anonymous".to_owned(), |c| c.name.clone()),
                 ..Line::default()
             },
-            time,
+            time: clock.now(),
         }
     }
 
@@ -574,7 +576,14 @@ mod tests {
             ..AuditSettings::default()
         };
         let log = AuditLog::open(&settings, Arc::default()).unwrap();
-        let mut record = log.record(Event::Revoke, None, UnixMicros(1_700_000_000_123_456));
+        #[derive(Debug)]
+        struct Fixed;
+        impl Clock for Fixed {
+            fn now(&self) -> UnixMicros {
+                UnixMicros(1_700_000_000_123_456)
+            }
+        }
+        let mut record = log.record(Event::Revoke, None, &Fixed);
         record.set(|line| line.target = Some("secret"));
         log.request(&mut record).unwrap();
         log.response(record, Ok::<_, BrokerError>(())).unwrap();

@@ -265,7 +265,7 @@ impl Broker {
         caller: Option<&Caller>,
         request: IssueRequest,
     ) -> BrokerResult<Issued> {
-        let mut record = self.audit.record(Event::Issue, caller, self.clock.now());
+        let mut record = self.audit.record(Event::Issue, caller, &*self.clock);
         let result = self.issue_audited(caller, request, &mut record).await;
         if let Ok(issued) = &result {
             let pair = &issued.pair;
@@ -383,7 +383,7 @@ impl Broker {
     /// `InvalidArgument` for an empty secret or a TTL over the maximum; `Unauthenticated` for an
     /// inactive or reused secret; `PermissionDenied` for another client's token; store failures.
     pub async fn refresh(&self, request: RefreshRequest) -> BrokerResult<Arc<MintedPair>> {
-        let mut record = self.audit.record(Event::Refresh, None, self.clock.now());
+        let mut record = self.audit.record(Event::Refresh, None, &*self.clock);
         record.set(|line| {
             line.token_id = presented_id(&request.refresh_token);
             line.client_id.clone_from(&request.client_id);
@@ -502,7 +502,7 @@ impl Broker {
     /// `InvalidArgument` for an empty secret; `PermissionDenied` for another client's token or a
     /// non-admin naming anything but a secret; store failures.
     pub async fn revoke(&self, caller: Option<&Caller>, target: RevokeBy) -> BrokerResult<u64> {
-        let mut record = self.audit.record(Event::Revoke, caller, self.clock.now());
+        let mut record = self.audit.record(Event::Revoke, caller, &*self.clock);
         record.set(|line| match &target {
             RevokeBy::Secret { secret, client_id } => {
                 line.target = Some("secret");
@@ -609,9 +609,7 @@ impl Broker {
         if !(by_admin && self.audit.is_on()) {
             return self.introspect_unaudited(caller, secret, client_id).await;
         }
-        let mut record = self
-            .audit
-            .record(Event::Introspect, caller, self.clock.now());
+        let mut record = self.audit.record(Event::Introspect, caller, &*self.clock);
         let result = self.introspect_unaudited(caller, secret, client_id).await;
         record.set(|line| {
             line.token_id = presented_id(secret);
@@ -652,7 +650,7 @@ impl Broker {
         caller: Option<&Caller>,
         request: ListRequest,
     ) -> BrokerResult<Listed> {
-        let mut record = self.audit.record(Event::List, caller, self.clock.now());
+        let mut record = self.audit.record(Event::List, caller, &*self.clock);
         record.set(|line| match &request.account {
             AccountRef::Id(id) => line.account_id = Some(id.to_string()),
             AccountRef::Email(email) => line.email_hmac = self.audit.email_hmac(email),

@@ -169,7 +169,10 @@ fn check_k8s(dir: &str, extra_env: &[(&str, &str)]) -> (Value, BTreeMap<String, 
         format!("0.0.0.0:{metrics_port}"),
         "{dir}"
     );
-    assert_eq!(service["spec"]["ports"][1]["targetPort"], "metrics", "{dir}");
+    assert_eq!(
+        service["spec"]["ports"][1]["targetPort"], "metrics",
+        "{dir}"
+    );
     let annotations = &workload["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/port"], metrics_port.to_string());
     assert_eq!(annotations["prometheus.io/scrape"], "true");
