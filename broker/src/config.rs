@@ -17,7 +17,8 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::{
-    auth::ApiKeyConfig, cognito::CognitoSettings, limits::LimitSettings, store::Durability,
+    audit::AuditSettings, auth::ApiKeyConfig, cognito::CognitoSettings, limits::LimitSettings,
+    metrics::MetricsSettings, store::Durability,
 };
 
 /// Prefix of every environment override.
@@ -77,6 +78,10 @@ pub struct Settings {
     /// this store at once (a Deployment's `replicas`, an autoscaler's maximum). Only a shared
     /// store allows more than one.
     pub replicas: Replicas,
+    /// `[metrics]`: the Prometheus endpoint (off unless `listen` is set).
+    pub metrics: MetricsSettings,
+    /// `[audit]`: where audit events go, and the key that hashes emails in them.
+    pub audit: AuditSettings,
 }
 
 /// How many broker processes may share the store at once; at least 1, and 1 by default.
@@ -396,6 +401,7 @@ impl Settings {
         }
         self.validate_replicas()?;
         self.limits.validate().map_err(ConfigError)?;
+        self.audit.validate()?;
         match checks.iter().find(|(bad, _)| *bad) {
             Some((_, message)) => Err(ConfigError((*message).to_owned())),
             None => self.cognito.validate().map_err(ConfigError),

@@ -4,6 +4,7 @@
 //! Layers, outermost first: [`grpc`] (the only module that knows tonic) → [`service`] (roles,
 //! lifetimes, idempotency) → [`store`] (an atomic [`store::TokenStore`] with decorators).
 
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod clock;
@@ -14,6 +15,7 @@ pub mod dev;
 pub mod error;
 pub mod grpc;
 pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod secret;
 pub mod service;

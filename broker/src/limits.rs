@@ -20,7 +20,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::{
     auth::{Caller, Role},
     error::BrokerError,
+    metrics::Metrics,
 };
+
+/// Indices into [`crate::metrics::THROTTLE_REASONS`].
+const CALLER_RATE: usize = 0;
+const ANONYMOUS_RATE: usize = 1;
+const CONCURRENCY: usize = 2;
 
 /// How long a call refused by the in-flight limit is told to wait.
 const OVERLOAD_RETRY_AFTER: Duration = Duration::from_millis(100);
@@ -167,6 +173,7 @@ pub struct Limiter {
     settings: LimitSettings,
     in_flight: Option<Arc<Semaphore>>,
     buckets: Mutex<HashMap<BucketKey, (Bucket, RateLimit)>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Limiter {
@@ -181,6 +188,20 @@ impl Limiter {
             settings,
             in_flight,
             buckets: Mutex::new(HashMap::new()),
+            metrics: None,
+        }
+    }
+
+    /// Counts refused calls in `tokenbroker_throttled_total`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn throttled(&self, reason: usize) {
+        if let Some(metrics) = &self.metrics {
+            metrics.throttled.get([reason]).inc();
         }
     }
 
@@ -200,9 +221,12 @@ impl Limiter {
             Some(semaphore) => Arc::clone(semaphore)
                 .try_acquire_owned()
                 .map(|permit| InFlight(Some(permit)))
-                .map_err(|_| BrokerError::ResourceExhausted {
-                    message: "the broker is at its limit of concurrent calls".into(),
-                    retry_after: OVERLOAD_RETRY_AFTER,
+                .map_err(|_| {
+                    self.throttled(CONCURRENCY);
+                    BrokerError::ResourceExhausted {
+                        message: "the broker is at its limit of concurrent calls".into(),
+                        retry_after: OVERLOAD_RETRY_AFTER,
+                    }
                 }),
         }
     }
@@ -238,9 +262,15 @@ impl Limiter {
             limit,
         ));
         *current = limit;
-        bucket
-            .take(limit, now)
-            .map_err(|retry_after| BrokerError::ResourceExhausted {
+        let taken = bucket.take(limit, now);
+        drop(buckets);
+        taken.map_err(|retry_after| {
+            self.throttled(if caller.is_some() {
+                CALLER_RATE
+            } else {
+                ANONYMOUS_RATE
+            });
+            BrokerError::ResourceExhausted {
                 message: match caller {
                     Some(caller) => format!("caller {} is over its rate limit", caller.name),
                     None => "calls without a credential from this address are over their rate \
@@ -248,7 +278,8 @@ impl Limiter {
                         .to_owned(),
                 },
                 retry_after,
-            })
+            }
+        })
     }
 
     fn bucket_for(

@@ -10,11 +10,13 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::{
+    audit::{AuditLog, Event, Record},
     auth::{Caller, Role, require},
     clock::Clock,
     cognito::CognitoVerifier,
     config::TokenSettings,
-    error::{BrokerError, BrokerResult},
+    error::{BrokerError, BrokerErrorKind, BrokerResult},
+    metrics::Metrics,
     model::{
         AccountId, Email, FamilyId, MAX_GROUPS, MAX_SECRET_LEN, Metadata, MintedPair, NewSession,
         PageCursor, PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId,
@@ -183,6 +185,10 @@ pub struct Broker {
     clock: Arc<dyn Clock>,
     /// Verifies `cognito_token` subjects; `None` while no user pool is configured.
     cognito: Option<Arc<CognitoVerifier>>,
+    /// Where privileged operations are recorded (off by default).
+    audit: Arc<AuditLog>,
+    /// Tokens issued and revoked.
+    metrics: Arc<Metrics>,
 }
 
 impl fmt::Debug for Broker {
@@ -191,6 +197,7 @@ impl fmt::Debug for Broker {
             .field("store", &self.store)
             .field("tokens", &self.tokens)
             .field("cognito", &self.cognito.is_some())
+            .field("audit", &self.audit)
             .finish_non_exhaustive()
     }
 }
@@ -217,7 +224,21 @@ impl Broker {
             rotated,
             clock,
             cognito: None,
+            audit: Arc::new(AuditLog::off()),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Records privileged operations in `audit`.
+    pub fn with_audit(mut self, audit: Arc<AuditLog>) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// Counts tokens issued and revoked in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Accepts `cognito_token` subjects, verified by `verifier`.
@@ -244,6 +265,27 @@ impl Broker {
         caller: Option<&Caller>,
         request: IssueRequest,
     ) -> BrokerResult<Issued> {
+        let mut record = self.audit.record(Event::Issue, caller, &*self.clock);
+        let result = self.issue_audited(caller, request, &mut record).await;
+        if let Ok(issued) = &result {
+            let pair = &issued.pair;
+            record.set(|line| {
+                line.account_id = Some(pair.account_id.to_string());
+                line.family_id = Some(pair.family_id.to_string());
+                line.refresh_token_id = Some(pair.refresh.id.to_string());
+                line.access_token_id = Some(pair.access.id.to_string());
+                line.replayed = Some(issued.replayed);
+            });
+        }
+        self.audit.response(record, result)
+    }
+
+    async fn issue_audited(
+        &self,
+        caller: Option<&Caller>,
+        request: IssueRequest,
+        record: &mut Record,
+    ) -> BrokerResult<Issued> {
         let claims = match request.subject {
             Subject::Claims(claims) => {
                 require(caller, &[Role::Trigger, Role::Admin])?;
@@ -260,6 +302,10 @@ impl Broker {
             }
         };
         let caller = caller.expect("require returned a caller");
+        record.set(|line| {
+            line.email_hmac = self.audit.email_hmac(&claims.email);
+            line.client_id.clone_from(&claims.client_id);
+        });
         let access_ttl = self.ttl(
             "access_ttl_seconds",
             request.access_ttl_seconds,
@@ -294,8 +340,10 @@ impl Broker {
             refresh_ttl,
             metadata: request.metadata,
         };
+        self.audit.request(record)?;
         let mint = async {
             let pair = self.store.issue(session).await?;
+            self.count_minted();
             info!(
                 caller = %caller.name,
                 account_id = %pair.account_id,
@@ -335,6 +383,28 @@ impl Broker {
     /// `InvalidArgument` for an empty secret or a TTL over the maximum; `Unauthenticated` for an
     /// inactive or reused secret; `PermissionDenied` for another client's token; store failures.
     pub async fn refresh(&self, request: RefreshRequest) -> BrokerResult<Arc<MintedPair>> {
+        let mut record = self.audit.record(Event::Refresh, None, &*self.clock);
+        record.set(|line| {
+            line.token_id = presented_id(&request.refresh_token);
+            line.client_id.clone_from(&request.client_id);
+        });
+        let result = self.refresh_audited(request, &mut record).await;
+        if let Ok(pair) = &result {
+            record.set(|line| {
+                line.account_id = Some(pair.account_id.to_string());
+                line.family_id = Some(pair.family_id.to_string());
+                line.refresh_token_id = Some(pair.refresh.id.to_string());
+                line.access_token_id = Some(pair.access.id.to_string());
+            });
+        }
+        self.audit.response(record, result)
+    }
+
+    async fn refresh_audited(
+        &self,
+        request: RefreshRequest,
+        record: &mut Record,
+    ) -> BrokerResult<Arc<MintedPair>> {
         let secret = request.refresh_token.expose_secret();
         if secret.is_empty() {
             return Err(BrokerError::invalid("refresh_token is required"));
@@ -358,6 +428,8 @@ impl Broker {
         if secret.len() > MAX_SECRET_LEN {
             return Err(inactive_refresh());
         }
+        self.audit.request(record)?;
+        let record = &*record;
         let rotate = || async {
             match self
                 .store
@@ -365,6 +437,7 @@ impl Broker {
                 .await?
             {
                 RefreshOutcome::Rotated(pair) => {
+                    self.count_minted();
                     info!(
                         family_id = %pair.family_id,
                         refresh_token_id = %pair.refresh.id,
@@ -379,6 +452,16 @@ impl Broker {
                 )),
                 RefreshOutcome::ReuseDetected { family_id, revoked } => {
                     warn!(%family_id, revoked, "refresh token reuse; session revoked");
+                    self.metrics.tokens_revoked.get([1]).add(revoked);
+                    self.audit.event(
+                        record,
+                        Event::ReuseDetected,
+                        BrokerErrorKind::Unauthenticated,
+                        |line| {
+                            line.family_id = Some(family_id.to_string());
+                            line.revoked = Some(revoked);
+                        },
+                    )?;
                     Err(inactive_refresh())
                 }
             }
@@ -419,17 +502,54 @@ impl Broker {
     /// `InvalidArgument` for an empty secret; `PermissionDenied` for another client's token or a
     /// non-admin naming anything but a secret; store failures.
     pub async fn revoke(&self, caller: Option<&Caller>, target: RevokeBy) -> BrokerResult<u64> {
+        let mut record = self.audit.record(Event::Revoke, caller, &*self.clock);
+        record.set(|line| match &target {
+            RevokeBy::Secret { secret, client_id } => {
+                line.target = Some("secret");
+                line.token_id = presented_id(secret);
+                line.client_id.clone_from(client_id);
+            }
+            RevokeBy::TokenId(id) => {
+                line.target = Some("token_id");
+                line.token_id = Some(id.to_string());
+            }
+            RevokeBy::FamilyId(id) => {
+                line.target = Some("family_id");
+                line.family_id = Some(id.to_string());
+            }
+            RevokeBy::AccountId(id) => {
+                line.target = Some("account_id");
+                line.account_id = Some(id.to_string());
+            }
+            RevokeBy::Email(email) => {
+                line.target = Some("email");
+                line.email_hmac = self.audit.email_hmac(email);
+            }
+        });
+        let result = self.revoke_audited(caller, target, &mut record).await;
+        self.audit.response(record, result)
+    }
+
+    async fn revoke_audited(
+        &self,
+        caller: Option<&Caller>,
+        target: RevokeBy,
+        record: &mut Record,
+    ) -> BrokerResult<u64> {
         let target = match target {
             RevokeBy::Secret { secret, client_id } => {
                 if secret.expose_secret().is_empty() {
                     return Err(BrokerError::invalid("token is required"));
                 }
+                self.audit.request(record)?;
                 let outcome = self
                     .store
                     .revoke_secret(&secret, client_id.as_deref())
                     .await?;
                 return match outcome {
                     SecretRevocation::Revoked(count) => {
+                        self.metrics.tokens_revoked.get([0]).add(count);
+                        record.set(|line| line.revoked = Some(count));
                         info!(
                             caller = caller.map(|c| c.name.as_str()),
                             revoked = count,
@@ -437,7 +557,10 @@ impl Broker {
                         );
                         Ok(0)
                     }
-                    SecretRevocation::NotActive => Ok(0),
+                    SecretRevocation::NotActive => {
+                        record.set(|line| line.revoked = Some(0));
+                        Ok(0)
+                    }
                     SecretRevocation::WrongClient => Err(BrokerError::PermissionDenied(
                         "the token was issued for another client".into(),
                     )),
@@ -449,13 +572,22 @@ impl Broker {
             RevokeBy::Email(email) => {
                 require(caller, &[Role::Admin])?;
                 match self.store.account_by_email(&email).await? {
-                    Some(id) => RevokeTarget::Account(id),
-                    None => return Ok(0),
+                    Some(id) => {
+                        record.set(|line| line.account_id = Some(id.to_string()));
+                        RevokeTarget::Account(id)
+                    }
+                    None => {
+                        record.set(|line| line.revoked = Some(0));
+                        return Ok(0);
+                    }
                 }
             }
         };
         let admin = require(caller, &[Role::Admin])?;
+        self.audit.request(record)?;
         let revoked = self.store.revoke(target.clone()).await?;
+        self.metrics.tokens_revoked.get([0]).add(revoked);
+        record.set(|line| line.revoked = Some(revoked));
         info!(caller = %admin.name, ?target, revoked, "tokens revoked");
         Ok(revoked)
     }
@@ -466,6 +598,35 @@ impl Broker {
     ///
     /// Role errors, `InvalidArgument` for an empty secret, store failures (never `None`).
     pub async fn introspect(
+        &self,
+        caller: Option<&Caller>,
+        secret: &SecretString,
+        client_id: Option<&str>,
+    ) -> BrokerResult<Option<TokenInfo>> {
+        // Services introspect on every request they serve; an admin looking a token up is
+        // the privileged read the audit log is for.
+        let by_admin = caller.is_some_and(|c| c.has_any(&[Role::Admin]));
+        if !(by_admin && self.audit.is_on()) {
+            return self.introspect_unaudited(caller, secret, client_id).await;
+        }
+        let mut record = self.audit.record(Event::Introspect, caller, &*self.clock);
+        let result = self.introspect_unaudited(caller, secret, client_id).await;
+        record.set(|line| {
+            line.token_id = presented_id(secret);
+            if let Ok(info) = &result {
+                line.active = Some(info.is_some());
+                if let Some(info) = info {
+                    line.token_id = Some(info.id.to_string());
+                    line.family_id = Some(info.family_id.to_string());
+                    line.account_id = Some(info.account_id.to_string());
+                    line.email_hmac = self.audit.email_hmac(&info.email);
+                }
+            }
+        });
+        self.audit.response(record, result)
+    }
+
+    async fn introspect_unaudited(
         &self,
         caller: Option<&Caller>,
         secret: &SecretString,
@@ -485,6 +646,26 @@ impl Broker {
     ///
     /// Role errors, `InvalidArgument` for a bad page size or token, store failures.
     pub async fn list(
+        &self,
+        caller: Option<&Caller>,
+        request: ListRequest,
+    ) -> BrokerResult<Listed> {
+        let mut record = self.audit.record(Event::List, caller, &*self.clock);
+        record.set(|line| match &request.account {
+            AccountRef::Id(id) => line.account_id = Some(id.to_string()),
+            AccountRef::Email(email) => line.email_hmac = self.audit.email_hmac(email),
+        });
+        let result = self.list_unaudited(caller, request).await;
+        if let Ok(listed) = &result {
+            record.set(|line| {
+                line.account_id = listed.account_id.as_ref().map(ToString::to_string);
+                line.listed = Some(listed.page.tokens.len());
+            });
+        }
+        self.audit.response(record, result)
+    }
+
+    async fn list_unaudited(
         &self,
         caller: Option<&Caller>,
         request: ListRequest,
@@ -537,6 +718,12 @@ impl Broker {
         })
     }
 
+    /// Counts a freshly minted pair.
+    fn count_minted(&self) {
+        self.metrics.tokens_issued.get([0]).inc();
+        self.metrics.tokens_issued.get([1]).inc();
+    }
+
     /// Returns a requested lifetime, the default for 0, or an error over the maximum.
     fn ttl(&self, field: &str, requested: u32, default: u64, max: u64) -> BrokerResult<Duration> {
         match u64::from(requested) {
@@ -575,6 +762,11 @@ fn exchanged_claims(identity: crate::cognito::ExchangedIdentity) -> BrokerResult
             .take(MAX_GROUPS)
             .collect(),
     })
+}
+
+/// Returns the token id a presented secret embeds, if it is one of the broker's own.
+fn presented_id(secret: &SecretString) -> Option<String> {
+    crate::secret::parse(secret).map(|parsed| parsed.id.to_string())
 }
 
 fn inactive_refresh() -> BrokerError {

@@ -11,14 +11,19 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
 use crate::{
+    audit::AuditLog,
     auth::Authenticator,
     clock::{Clock, SystemClock},
     cognito::{COGNITO_HEALTH_SERVICE, CognitoVerifier},
     config::{Settings, StoreBackend},
     grpc::{GrpcAdapter, SizeLimited},
     limits::Limiter,
+    metrics::{MeteredService, Metrics, MetricsServer},
     service::Broker,
-    store::{CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaConfig, FaunaStore, TokenStore},
+    store::{
+        CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaConfig, FaunaStore, MeteredStore,
+        TokenStore,
+    },
 };
 
 /// A broker bound to its listener, ready to serve.
@@ -31,6 +36,8 @@ pub struct Application {
     store: Arc<dyn TokenStore>,
     shutdown_grace: Duration,
     cognito: Option<Arc<CognitoVerifier>>,
+    metrics: Arc<Metrics>,
+    metrics_server: Option<MetricsServer>,
 }
 
 impl Application {
@@ -53,12 +60,16 @@ impl Application {
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let audit = AuditLog::open(&settings.audit, Arc::clone(&metrics))
+            .context("invalid audit settings")?;
         let mut auth = Authenticator::new(&settings.api_keys)
             .map_err(anyhow::Error::msg)
             .context("invalid api_keys")?;
         let cognito = if settings.cognito.is_enabled() {
             let verifier = CognitoVerifier::new(&settings.cognito, Arc::clone(&clock))
-                .context("invalid cognito settings")?;
+                .context("invalid cognito settings")?
+                .with_metrics(Arc::clone(&metrics));
             Some(Arc::new(verifier))
         } else {
             None
@@ -85,10 +96,13 @@ impl Application {
                     Arc::clone(&clock),
                 )
                 .context("failed to open the embedded store")?;
-                Arc::new(CachedStore::new(
-                    embedded,
-                    settings.store.account_cache_capacity,
-                ))
+                Arc::new(
+                    CachedStore::new(
+                        MeteredStore::new(embedded, Arc::clone(&metrics)),
+                        settings.store.account_cache_capacity,
+                    )
+                    .with_metrics(Arc::clone(&metrics)),
+                )
             }
             StoreBackend::Fauna => {
                 let fauna = &settings.store.fauna;
@@ -99,20 +113,27 @@ impl Application {
                     max_contention_retries: fauna.max_contention_retries,
                     max_attempts: fauna.max_attempts,
                 })
-                .context("failed to set up the fauna store")?;
+                .context("failed to set up the fauna store")?
+                .with_metrics(Arc::clone(&metrics));
                 info!(endpoint = %fauna.endpoint, "fauna store configured");
-                Arc::new(CachedStore::new(
-                    store,
-                    settings.store.account_cache_capacity,
-                ))
+                Arc::new(
+                    CachedStore::new(
+                        MeteredStore::new(store, Arc::clone(&metrics)),
+                        settings.store.account_cache_capacity,
+                    )
+                    .with_metrics(Arc::clone(&metrics)),
+                )
             }
         };
-        let mut broker = Broker::new(Arc::clone(&store), settings.tokens.clone(), clock);
+        let mut broker = Broker::new(Arc::clone(&store), settings.tokens.clone(), clock)
+            .with_audit(Arc::new(audit))
+            .with_metrics(Arc::clone(&metrics));
         if let Some(verifier) = &cognito {
             broker = broker.with_cognito(Arc::clone(verifier));
         }
         let broker = Arc::new(broker);
-        let limits = Arc::new(Limiter::new(settings.limits.clone()));
+        let limits =
+            Arc::new(Limiter::new(settings.limits.clone()).with_metrics(Arc::clone(&metrics)));
         let adapter = GrpcAdapter::new(
             broker,
             Arc::new(auth),
@@ -123,6 +144,10 @@ impl Application {
             .await
             .with_context(|| format!("failed to listen on {}", settings.server.listen))?;
         let local_addr = listener.local_addr().context("listener has no address")?;
+        let metrics_server = match settings.metrics.listen {
+            Some(addr) => Some(MetricsServer::bind(addr, Arc::clone(&metrics)).await?),
+            None => None,
+        };
         Ok(Self {
             listener,
             local_addr,
@@ -131,6 +156,8 @@ impl Application {
             store,
             shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_seconds),
             cognito,
+            metrics,
+            metrics_server,
         })
     }
 
@@ -142,6 +169,16 @@ impl Application {
     /// Returns the bound port.
     pub fn port(&self) -> u16 {
         self.local_addr.port()
+    }
+
+    /// Returns the metrics listener's bound address, if `metrics.listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(MetricsServer::local_addr)
+    }
+
+    /// Returns the metrics registry (tests read it; the listener serves it).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Returns the store (tests inspect it).
@@ -193,12 +230,16 @@ impl Application {
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(SizeLimited::new(self.adapter, self.max_request_bytes))
+            .add_service(MeteredService::new(
+                SizeLimited::new(self.adapter, self.max_request_bytes),
+                Arc::clone(&self.metrics),
+            ))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             });
         let mut server = tokio::spawn(server);
         info!(address = %self.local_addr, "tokenbroker serving");
+        let metrics_task = self.metrics_server.map(|m| tokio::spawn(m.serve()));
 
         tokio::select! {
             result = &mut server => {
@@ -219,6 +260,9 @@ impl Application {
         }
         if let Some(keeper) = cognito_keeper {
             keeper.abort();
+        }
+        if let Some(task) = metrics_task {
+            task.abort();
         }
         self.store
             .close()

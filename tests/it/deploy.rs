@@ -160,6 +160,22 @@ fn check_k8s(dir: &str, extra_env: &[(&str, &str)]) -> (Value, BTreeMap<String, 
     let service = of_kind(&docs, &["Service"]);
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "grpc");
     assert_eq!(container["ports"][0]["name"], "grpc");
+    // Metrics: the configured listener is the pod's `metrics` port, the Service's, and the
+    // one the scrape annotations name.
+    let metrics_port = container["ports"][1]["containerPort"].as_u64().unwrap();
+    assert_eq!(container["ports"][1]["name"], "metrics", "{dir}");
+    assert_eq!(
+        config["metrics"]["listen"].as_str().unwrap(),
+        format!("0.0.0.0:{metrics_port}"),
+        "{dir}"
+    );
+    assert_eq!(
+        service["spec"]["ports"][1]["targetPort"], "metrics",
+        "{dir}"
+    );
+    let annotations = &workload["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], metrics_port.to_string());
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
 
     let dir_path = tempfile::tempdir().unwrap();
     let config_file = dir_path.path().join("tokenbroker.toml");

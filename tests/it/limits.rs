@@ -10,6 +10,13 @@ use tokenbroker::{
 use tokenbroker_client::{ClientErrorKind, pb};
 use tokenbroker_tests::{TestBroker, claims_request, fauna::FaunaDouble};
 
+use crate::metrics::Scrape;
+
+/// A broker with the metrics endpoint on a free port.
+fn with_metrics(s: &mut tokenbroker::config::Settings) {
+    s.metrics.listen = Some(([127, 0, 0, 1], 0).into());
+}
+
 fn limited(per_second: f64, burst: u32) -> RateLimit {
     RateLimit { per_second, burst }
 }
@@ -24,6 +31,7 @@ fn introspect(secret: &str) -> pb::IntrospectRequest {
 #[tokio::test]
 async fn a_caller_over_its_budget_is_throttled_while_another_is_served() {
     let broker = TestBroker::spawn_with(|s| {
+        with_metrics(s);
         s.limits
             .callers
             .insert("dev-trigger".into(), limited(2.0, 3));
@@ -83,6 +91,19 @@ async fn a_caller_over_its_budget_is_throttled_while_another_is_served() {
         .issue_tokens(claims_request("user5@example.com", ""))
         .await
         .expect("served after the advertised wait");
+    let scrape = Scrape::parse(broker.scrape().await);
+    let throttled = scrape.value(r#"tokenbroker_throttled_total{reason="caller_rate"}"#);
+    assert!((1.0..=2.0).contains(&throttled), "{throttled}");
+    assert_eq!(
+        scrape.value(
+            r#"tokenbroker_rpc_requests_total{method="IssueTokens",code="RESOURCE_EXHAUSTED"}"#
+        ),
+        throttled
+    );
+    assert_eq!(
+        scrape.value(r#"tokenbroker_throttled_total{reason="concurrency"}"#),
+        0.0
+    );
 }
 
 #[tokio::test]
@@ -154,6 +175,7 @@ async fn the_in_flight_limit_sheds_calls_over_it() {
             max_concurrent_requests: 2,
             ..LimitSettings::default()
         };
+        with_metrics(s);
     })
     .await;
     let calls = (0..6).map(|i| {
@@ -178,6 +200,11 @@ async fn the_in_flight_limit_sheds_calls_over_it() {
         }
     }
     assert_eq!((served, shed), (2, 4));
+    let scrape = Scrape::parse(broker.scrape().await);
+    assert_eq!(
+        scrape.value(r#"tokenbroker_throttled_total{reason="concurrency"}"#),
+        4.0
+    );
     // The slots are free again once the calls are done.
     double.set_latency(Duration::ZERO);
     broker.issue("after@example.com").await;

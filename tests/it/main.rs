@@ -1,6 +1,7 @@
 //! The tokenbroker integration tests: one binary, one module per area, every test against a
 //! real broker over gRPC on loopback.
 
+mod audit;
 mod bad_input;
 mod cli;
 mod cognito;
@@ -13,6 +14,7 @@ mod introspect;
 mod issue;
 mod limits;
 mod list;
+mod metrics;
 mod refresh;
 mod revoke;
 mod secrets;

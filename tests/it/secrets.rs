@@ -1,17 +1,25 @@
 //! Secrets never leak: a full flow with every log line captured at TRACE, then a search for
-//! every secret the flow handled in the logs, the error messages and `Debug` output.
+//! every secret the flow handled in the logs, the error messages, `Debug` output, the audit log
+//! and a metrics scrape (the last two must not hold the raw email either).
 
 use secrecy::SecretString;
 use tokenbroker_client::pb;
-use tokenbroker_tests::{TestBroker, expose, logs};
+use tokenbroker_tests::{expose, logs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_logs_errors_or_debug_output() {
-    let broker = TestBroker::spawn_with(|s| s.tokens.refresh_grace_seconds = 0).await;
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit_path = audit_dir.path().join("audit.log");
+    let broker = crate::audit::audited_broker(&audit_path, |s| {
+        s.tokens.refresh_grace_seconds = 0;
+        s.metrics.listen = Some(([127, 0, 0, 1], 0).into());
+    })
+    .await;
     let mut secrets: Vec<String> = vec![
         expose(&broker.keys.admin),
         expose(&broker.keys.trigger),
         expose(&broker.keys.service),
+        crate::audit::HMAC_KEY.to_owned(),
     ];
     let mut errors = Vec::new();
     let mut debug = Vec::new();
@@ -103,7 +111,51 @@ async fn no_secret_reaches_logs_errors_or_debug_output() {
         })
         .await
         .unwrap();
+    // An admin's introspection and listing are audited too.
+    broker
+        .admin
+        .introspect_secret(&other.access.secret)
+        .await
+        .unwrap();
+    broker
+        .admin
+        .list_tokens(pb::ListTokensRequest {
+            account: Some(pb::list_tokens_request::Account::Email(
+                "leak@example.com".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let scraped = broker.scrape().await;
     broker.stop().await.unwrap();
+
+    // The audit log and the metrics saw the flow, and hold no secret and no email.
+    let audited = std::fs::read_to_string(&audit_path).unwrap();
+    for event in [
+        "issue",
+        "refresh",
+        "reuse_detected",
+        "revoke",
+        "introspect",
+        "list",
+    ] {
+        assert!(
+            audited.contains(&format!("\"event\":\"{event}\"")),
+            "the audit log saw {event}"
+        );
+    }
+    assert!(scraped.contains("tokenbroker_tokens_issued_total"));
+    for text in [&audited, &scraped] {
+        assert!(
+            !text.contains("leak@example.com"),
+            "an email in audit or metrics"
+        );
+        for secret in &secrets {
+            let tail = &secret[secret.len() - 24..];
+            assert!(!text.contains(tail), "a secret in audit or metrics");
+        }
+    }
 
     let logged = logs().contents();
     assert!(logged.contains("tokens issued"), "the capture saw the flow");

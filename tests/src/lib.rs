@@ -122,6 +122,8 @@ pub struct TestBroker {
     pub addr: SocketAddr,
     /// `http://addr`.
     pub endpoint: String,
+    /// The metrics listener's address, when `metrics.listen` was set.
+    pub metrics_addr: Option<SocketAddr>,
     /// The keys it accepts.
     pub keys: Keys,
     /// A client with the admin key.
@@ -191,6 +193,7 @@ impl TestBroker {
             .await
             .expect("broker builds");
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
@@ -206,6 +209,7 @@ impl TestBroker {
         let with = |key: &SecretString| anonymous.clone().with_api_key(key).expect("ascii key");
         Self {
             addr,
+            metrics_addr,
             admin: with(&keys.admin),
             trigger: with(&keys.trigger),
             service: with(&keys.service),
@@ -297,6 +301,27 @@ impl TestBroker {
             }
             page_token = page.next_page_token;
         }
+    }
+
+    /// Scrapes `GET /metrics` over HTTP and returns the body.
+    ///
+    /// # Panics
+    ///
+    /// If the broker serves no metrics or the scrape fails.
+    pub async fn scrape(&self) -> String {
+        let addr = self.metrics_addr.expect("spawned with metrics.listen set");
+        let response = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("the metrics endpoint answers");
+        assert_eq!(response.status(), 200);
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+        response.text().await.expect("a text body")
     }
 
     /// Stops the broker gracefully and waits for it.

@@ -11,7 +11,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     sync::{
-        Arc, RwLock,
+        Arc, OnceLock, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -23,7 +23,7 @@ use serde::Deserialize;
 use tokio::sync::{Mutex, watch};
 use tracing::{debug, info, warn};
 
-use crate::{clock::Clock, model::UnixMicros};
+use crate::{clock::Clock, metrics::Metrics, model::UnixMicros};
 
 /// Largest JWKS body read; Cognito's is about 1 KiB.
 pub const MAX_JWKS_BYTES: usize = 1 << 20;
@@ -261,6 +261,9 @@ pub struct CachedJwks {
     fetching: Mutex<()>,
     loaded: watch::Sender<bool>,
     fetches: AtomicU64,
+    /// Where fetch outcomes are counted, once attached (the cache is shared by pools, so it is
+    /// attached after it is built).
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 impl fmt::Debug for CachedJwks {
@@ -284,7 +287,14 @@ impl CachedJwks {
             fetching: Mutex::new(()),
             loaded: watch::Sender::new(false),
             fetches: AtomicU64::new(0),
+            metrics: OnceLock::new(),
         }
+    }
+
+    /// Counts fetches by outcome in `metrics` (`tokenbroker_cognito_jwks_fetches_total`); the
+    /// first call wins.
+    pub fn attach_metrics(&self, metrics: Arc<Metrics>) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// Returns the URL the keys come from.
@@ -379,6 +389,10 @@ impl CachedJwks {
         }
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let result = self.source.fetch().await;
+        if let Some(metrics) = self.metrics.get() {
+            let outcome = if result.is_ok() { 0 } else { 1 };
+            metrics.jwks_fetches.get([outcome]).inc();
+        }
         let mut state = self.state.write().expect("jwks state lock poisoned");
         state.missing.clear();
         match result {

@@ -40,6 +40,7 @@ use crate::{
     auth::{Caller, Role},
     clock::Clock,
     error::BrokerError,
+    metrics::Metrics,
     secret::{SecretDigest, sha256},
 };
 
@@ -183,6 +184,7 @@ pub struct CognitoVerifier {
     clock: Arc<dyn Clock>,
     verified: Cache<SecretDigest, Arc<VerifiedToken>>,
     signature_checks: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl fmt::Debug for CognitoVerifier {
@@ -264,7 +266,17 @@ impl CognitoVerifier {
                 .expire_after(UntilExp)
                 .build(),
             signature_checks: AtomicU64::new(0),
+            metrics: Arc::default(),
         })
+    }
+
+    /// Records verified-token cache lookups and JWKS fetches into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        for jwks in self.key_sets() {
+            jwks.attach_metrics(Arc::clone(&metrics));
+        }
+        self.metrics = metrics;
+        self
     }
 
     /// Fetches every pool's keys that are not loaded yet (where the cooldown allows), all at
@@ -328,11 +340,16 @@ impl CognitoVerifier {
                 "the token is larger than 16 KiB",
             )));
         }
+        let mut missed = false;
         let verified = self
             .verified
-            .try_get_with(sha256(raw.as_bytes()), self.verify_signature(raw))
-            .await
-            .map_err(|err| rejected(*err))?;
+            .try_get_with(sha256(raw.as_bytes()), async {
+                missed = true;
+                self.verify_signature(raw).await
+            })
+            .await;
+        self.metrics.verified_cache.get([usize::from(missed)]).inc();
+        let verified = verified.map_err(|err| rejected(*err))?;
         self.check_claims(&verified, allowed).map_err(rejected)?;
         Ok(verified)
     }

@@ -411,3 +411,36 @@ async fn unavailable_keys_are_unavailable_not_unauthenticated() {
         BrokerError::Unavailable(_)
     ));
 }
+
+#[tokio::test]
+async fn cache_lookups_and_jwks_fetches_are_counted() {
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let source = Arc::new(MemorySource::default());
+    *source.body.lock().unwrap() = json!({"keys": [jwk(&KEYS[0], "id-key")]});
+    let clock = Arc::new(ManualClock::new());
+    let verifier = CognitoVerifier::with_sources(&settings(), clock.clone(), |_| {
+        source.clone() as Arc<dyn JwksSource>
+    })
+    .unwrap()
+    .with_metrics(Arc::clone(&metrics));
+    assert!(verifier.hydrate().await);
+
+    let token = secret(sign(&KEYS[0], &rs256("id-key"), &id_claims()));
+    verifier.exchange(&token).await.unwrap();
+    verifier.exchange(&token).await.unwrap();
+    assert_eq!(metrics.verified_cache.get([0]).get(), 1, "hits");
+    assert_eq!(metrics.verified_cache.get([1]).get(), 1, "misses");
+
+    // An unknown kid after the cooldown fetches again; the endpoint now serves no keys.
+    *source.body.lock().unwrap() = json!({"keys": []});
+    clock.advance(Duration::from_secs(11));
+    let unknown = secret(sign(&KEYS[0], &rs256("new-key"), &id_claims()));
+    verifier.exchange(&unknown).await.unwrap_err();
+    assert_eq!(metrics.jwks_fetches.get([0]).get(), 1, "ok fetches");
+    assert_eq!(metrics.jwks_fetches.get([1]).get(), 1, "failed fetches");
+    assert_eq!(
+        metrics.verified_cache.get([1]).get(),
+        2,
+        "a failure is a miss"
+    );
+}

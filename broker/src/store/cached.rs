@@ -4,22 +4,26 @@
 //! Accounts are never deleted and an email never moves to another account, so a cached
 //! mapping cannot go stale; the cache is bounded by capacity only.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use async_trait::async_trait;
 use moka::future::Cache;
 use secrecy::SecretString;
 
 use super::{StoreResult, TokenStore};
-use crate::model::{
-    AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,
-    SecretRevocation, TokenInfo, TokenPage,
+use crate::{
+    metrics::Metrics,
+    model::{
+        AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget,
+        Rotation, SecretRevocation, TokenInfo, TokenPage,
+    },
 };
 
 /// A [`TokenStore`] that remembers which account each email belongs to.
 pub struct CachedStore<S> {
     inner: S,
     accounts: Cache<String, AccountId>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S: TokenStore> CachedStore<S> {
@@ -28,7 +32,23 @@ impl<S: TokenStore> CachedStore<S> {
         Self {
             inner,
             accounts: Cache::builder().max_capacity(capacity).build(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Records cache hits and misses into `metrics`
+    /// (`tokenbroker_account_cache_lookups_total`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Looks `email` up in the cache, counting the hit or miss.
+    async fn cached(&self, email: &Email) -> Option<AccountId> {
+        let found = self.accounts.get(email.as_str()).await;
+        let result = if found.is_some() { 0 } else { 1 };
+        self.metrics.account_cache.get([result]).inc();
+        found
     }
 
     /// Returns the wrapped store.
@@ -50,7 +70,7 @@ impl<S: fmt::Debug> fmt::Debug for CachedStore<S> {
 impl<S: TokenStore> TokenStore for CachedStore<S> {
     async fn issue(&self, mut session: NewSession) -> StoreResult<MintedPair> {
         if session.known_account.is_none() {
-            session.known_account = self.accounts.get(session.email.as_str()).await;
+            session.known_account = self.cached(&session.email).await;
         }
         let email = session.email.as_str().to_owned();
         let pair = self.inner.issue(session).await?;
@@ -83,7 +103,7 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
     }
 
     async fn account_by_email(&self, email: &Email) -> StoreResult<Option<AccountId>> {
-        if let Some(id) = self.accounts.get(email.as_str()).await {
+        if let Some(id) = self.cached(email).await {
             return Ok(Some(id));
         }
         let found = self.inner.account_by_email(email).await?;

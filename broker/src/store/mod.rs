@@ -1,9 +1,10 @@
 //! Token stores: one async trait, every operation atomic, one conformance suite
-//! (`testsuite`, behind the feature of that name) that every backend passes, and decorators that add caching.
+//! (`testsuite`, behind the feature of that name) that every backend passes, and decorators that add caching and metrics.
 
 mod cached;
 mod embedded;
 pub mod fauna;
+mod metered;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
 
@@ -15,6 +16,7 @@ use secrecy::SecretString;
 pub use cached::CachedStore;
 pub use embedded::{Durability, EmbeddedStore, EmbeddedStoreConfig};
 pub use fauna::{FaunaConfig, FaunaStore};
+pub use metered::MeteredStore;
 
 use crate::model::{
     AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,

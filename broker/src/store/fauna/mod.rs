@@ -20,7 +20,10 @@ mod wire;
 
 use std::{
     fmt,
-    sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -36,6 +39,7 @@ use self::wire::Class;
 use super::{StoreError, StoreErrorKind, StoreResult, TokenStore};
 use crate::{
     deadline,
+    metrics::Metrics,
     model::{
         AccountId, Email, FamilyId, MAX_SECRET_LEN, Metadata, MintedPair, MintedToken, NewSession,
         PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo,
@@ -134,6 +138,7 @@ pub struct FaunaStore {
     last_txn_ts: AtomicI64,
     /// HTTP requests sent, per operation (retries included).
     requests: [AtomicU64; 10],
+    metrics: Arc<Metrics>,
     closed: AtomicBool,
 }
 
@@ -192,8 +197,15 @@ impl FaunaStore {
             config,
             last_txn_ts: AtomicI64::new(0),
             requests: Default::default(),
+            metrics: Arc::default(),
             closed: AtomicBool::new(false),
         })
+    }
+
+    /// Records requests and retries by class into `metrics` (`tokenbroker_fauna_*`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Returns how many HTTP requests each operation has sent, retries included, by query
@@ -238,6 +250,10 @@ impl FaunaStore {
                 Err(err) if err.is_timeout() => Class::Transient("no answer in time".into()),
                 Err(err) => Class::Transient(format!("request failed: {err}")),
             };
+            self.metrics
+                .fauna_requests
+                .get([op as usize, class.index()])
+                .inc();
             let wait = match class {
                 Class::Ok { data, txn_ts } => {
                     if let Some(ts) = txn_ts {
@@ -277,10 +293,10 @@ impl FaunaStore {
                     backoff(attempt, Duration::from_millis(50))
                 }
             };
-            let class_name = match class {
-                Class::Contended => "contended",
-                Class::Throttled => "throttled",
-                _ => "transient",
+            let (class_name, retry_class) = match class {
+                Class::Contended => ("contended", 0),
+                Class::Throttled => ("throttled", 1),
+                _ => ("transient", 2),
             };
             let left = deadline::remaining();
             if attempt >= self.config.max_attempts || left.is_some_and(|left| left <= wait) {
@@ -307,6 +323,7 @@ impl FaunaStore {
                 wait_ms = wait.as_millis() as u64,
                 "retrying fauna query"
             );
+            self.metrics.fauna_retries.get([retry_class]).inc();
             tokio::time::sleep(wait).await;
         }
     }

@@ -103,6 +103,22 @@ pub(super) enum Class {
     Refused(String),
 }
 
+impl Class {
+    /// Returns the class's index in [`crate::metrics::FAUNA_CLASSES`].
+    pub(super) fn index(&self) -> usize {
+        match self {
+            Self::Ok { .. } => 0,
+            Self::Unauthorized => 1,
+            Self::QueryError(_) => 2,
+            Self::Malformed(_) => 3,
+            Self::Refused(_) => 4,
+            Self::Contended => 5,
+            Self::Throttled => 6,
+            Self::Transient(_) => 7,
+        }
+    }
+}
+
 /// Classifies a response by status first, then by body.
 pub(super) fn classify(status: u16, body: &[u8]) -> Class {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
