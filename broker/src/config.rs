@@ -16,7 +16,12 @@ use std::{
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::{auth::ApiKeyConfig, cognito::CognitoSettings, store::Durability};
+use crate::{
+    auth::{ApiKeyConfig, CertCallerConfig},
+    cognito::CognitoSettings,
+    store::Durability,
+    tls::TlsSettings,
+};
 
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "TOKENBROKER_";
@@ -67,6 +72,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// The API keys callers authenticate with. Empty with no config file: dev mode.
     pub api_keys: Vec<ApiKeyConfig>,
+    /// `[[cert_callers]]`: client certificate subjects that authenticate as callers (mTLS).
+    pub cert_callers: Vec<CertCallerConfig>,
     /// `[cognito]`: trusted user pools, their keys and role mappings.
     pub cognito: CognitoSettings,
     /// `replicas` (env `TOKENBROKER_REPLICAS`): the most broker processes that may serve from
@@ -96,6 +103,8 @@ pub struct ServerSettings {
     pub shutdown_grace_seconds: u64,
     /// Deadline applied to every call, shortened by the client's own `grpc-timeout`.
     pub request_timeout_seconds: u64,
+    /// `[server.tls]`: TLS (and mTLS) on the listener; plaintext when absent.
+    pub tls: Option<TlsSettings>,
 }
 
 /// Which store backend.
@@ -246,6 +255,7 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             shutdown_grace_seconds: 10,
             request_timeout_seconds: 10,
+            tls: None,
         }
     }
 }
@@ -391,10 +401,35 @@ impl Settings {
             self.store.fauna.server_key()?;
         }
         self.validate_replicas()?;
+        self.validate_tls()?;
         match checks.iter().find(|(bad, _)| *bad) {
             Some((_, message)) => Err(ConfigError((*message).to_owned())),
             None => self.cognito.validate().map_err(ConfigError),
         }
+    }
+
+    /// Checks `[server.tls]` and `[[cert_callers]]` without reading the certificate files
+    /// (start-up and `check-config` read them).
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        if let Some(tls) = &self.server.tls {
+            tls.validate().map_err(ConfigError)?;
+        }
+        let mtls = self
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.client_ca_file.is_some());
+        if !self.cert_callers.is_empty() && !mtls {
+            return Err(ConfigError(
+                "cert_callers need mTLS: set server.tls.client_ca_file (the CA that signs the \
+                 client certificates)"
+                    .into(),
+            ));
+        }
+        crate::auth::Authenticator::new(&[])
+            .and_then(|auth| auth.with_cert_callers(&self.cert_callers))
+            .map(drop)
+            .map_err(ConfigError)
     }
 
     /// Refuses several replicas on the embedded store. Its SQLite file belongs to one process:
@@ -556,6 +591,65 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.replicas, Replicas(6));
+    }
+
+    #[test]
+    fn tls_settings_come_from_env_and_are_checked() {
+        let s = Settings::load(
+            None,
+            &env(&[
+                ("TOKENBROKER_SERVER__TLS__CERT_FILE", "/etc/tb/tls.crt"),
+                ("TOKENBROKER_SERVER__TLS__KEY_FILE", "/etc/tb/tls.key"),
+                ("TOKENBROKER_SERVER__TLS__CLIENT_CA_FILE", "/etc/tb/ca.crt"),
+                (
+                    "TOKENBROKER_CERT_CALLERS",
+                    r#"[{ name = "billing", subject = "CN=billing,O=Example", roles = ["service"] }]"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        let tls = s.server.tls.unwrap();
+        assert_eq!(tls.key_file, PathBuf::from("/etc/tb/tls.key"));
+        assert_eq!(tls.reload_interval_seconds, 10);
+        assert_eq!(tls.client_auth(), Some(crate::tls::ClientAuth::Required));
+        assert_eq!(s.cert_callers[0].name, "billing");
+        assert!(
+            Settings::load(None, &env(&[]))
+                .unwrap()
+                .server
+                .tls
+                .is_none()
+        );
+
+        let err = Settings::load(
+            None,
+            &env(&[(
+                "TOKENBROKER_CERT_CALLERS",
+                r#"[{ name = "x", subject = "CN=x", roles = [] }]"#,
+            )]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("client_ca_file"), "{err}");
+        let err = Settings::load(
+            None,
+            &env(&[("TOKENBROKER_SERVER__TLS__CERT_FILE", "/etc/tb/tls.crt")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("key_file"), "{err}");
+        let err = Settings::load(
+            None,
+            &env(&[
+                ("TOKENBROKER_SERVER__TLS__CERT_FILE", "c"),
+                ("TOKENBROKER_SERVER__TLS__KEY_FILE", "k"),
+                ("TOKENBROKER_SERVER__TLS__CLIENT_CA_FILE", "ca"),
+                (
+                    "TOKENBROKER_CERT_CALLERS",
+                    r#"[{ name = "x", subject = "billing", roles = [] }]"#,
+                ),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cert_callers \"x\""), "{err}");
     }
 
     #[test]

@@ -44,10 +44,13 @@ impl GrpcAdapter {
     }
 
     /// Authenticates the caller from the `authorization` metadata and records it on the span.
+    /// Without that header, a verified client certificate (mTLS) mapped in `cert_callers` is
+    /// the caller; an unmapped one is anonymous.
     ///
     /// Async because a Cognito access token may need its pool's keys fetched; bounded by the
     /// call's deadline like the work itself.
-    async fn caller(&self, metadata: &MetadataMap) -> Result<Option<Arc<Caller>>, Status> {
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Option<Arc<Caller>>, Status> {
+        let metadata = request.metadata();
         let header = match metadata.get("authorization") {
             Some(value) => Some(value.to_str().map_err(|_| {
                 Status::from(BrokerError::Unauthenticated(
@@ -56,9 +59,14 @@ impl GrpcAdapter {
             })?),
             None => None,
         };
-        let caller = self
+        let mut caller = self
             .within(metadata, self.auth.authenticate(header))
             .await?;
+        if header.is_none() {
+            caller = request
+                .peer_certs()
+                .and_then(|certs| self.auth.certificate_caller(certs.first()?.as_ref()));
+        }
         Span::current().record(
             "caller",
             caller.as_deref().map_or("anonymous", |c| c.name.as_str()),
@@ -93,7 +101,7 @@ impl TokenBroker for GrpcAdapter {
         &self,
         request: Request<pb::IssueTokensRequest>,
     ) -> Result<Response<pb::IssueTokensResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = self.caller(&request).await?;
         let (metadata, _, message) = request.into_parts();
         let parsed = issue_request(message)?;
         let issued = self
@@ -114,7 +122,7 @@ impl TokenBroker for GrpcAdapter {
         &self,
         request: Request<pb::RefreshTokensRequest>,
     ) -> Result<Response<pb::RefreshTokensResponse>, Status> {
-        self.caller(request.metadata()).await?;
+        self.caller(&request).await?;
         let (metadata, _, message) = request.into_parts();
         let parsed = RefreshRequest {
             refresh_token: SecretString::from(message.refresh_token),
@@ -132,7 +140,7 @@ impl TokenBroker for GrpcAdapter {
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         use pb::revoke_request::Target;
-        let caller = self.caller(request.metadata()).await?;
+        let caller = self.caller(&request).await?;
         let (metadata, _, message) = request.into_parts();
         let target = match message.target {
             Some(Target::Token(secret)) => RevokeBy::Secret {
@@ -161,7 +169,7 @@ impl TokenBroker for GrpcAdapter {
         &self,
         request: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
+        let caller = self.caller(&request).await?;
         let (metadata, _, message) = request.into_parts();
         let client_id = parse_name("client_id", &message.client_id)?;
         let secret = SecretString::from(message.token);
@@ -195,7 +203,7 @@ impl TokenBroker for GrpcAdapter {
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         use pb::list_tokens_request::Account;
-        let caller = self.caller(request.metadata()).await?;
+        let caller = self.caller(&request).await?;
         let (metadata, _, message) = request.into_parts();
         let account = match message.account {
             Some(Account::AccountId(id)) => AccountRef::Id(AccountId::parse(&id)?),
