@@ -270,7 +270,7 @@ impl Value {
             // TeletexString: in practice Latin-1.
             TAG_TELETEX_STRING => content.iter().map(|&b| char::from(b)).collect(),
             TAG_BMP_STRING => {
-                if content.len() % 2 != 0 {
+                if !content.len().is_multiple_of(2) {
                     return None;
                 }
                 let units = content
@@ -281,7 +281,7 @@ impl Value {
                     .ok()?
             }
             TAG_UNIVERSAL_STRING => {
-                if content.len() % 4 != 0 {
+                if !content.len().is_multiple_of(4) {
                     return None;
                 }
                 content
