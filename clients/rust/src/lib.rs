@@ -93,6 +93,28 @@ impl ClientError {
 
 impl From<Status> for ClientError {
     fn from(status: Status) -> Self {
+        // A status that carries a source error was made on this side, from a connection that
+        // broke under the call (a TLS handshake the broker rejected after the client thought it
+        // done, a reset): tonic reports those as UNKNOWN "transport error" or CANCELLED
+        // "operation was canceled". The broker could not be reached. (Statuses the broker sends
+        // have no source; tonic's own timeout is handled below.)
+        let timed_out = status.message().contains("Timeout expired");
+        if matches!(status.code(), Code::Unknown | Code::Cancelled)
+            && !timed_out
+            && let Some(cause) = std::error::Error::source(&status)
+        {
+            let mut message = format!("cannot reach the broker: {cause}");
+            let mut next = cause.source();
+            while let Some(inner) = next {
+                message.push_str(&format!(": {inner}"));
+                next = inner.source();
+            }
+            return Self {
+                kind: ClientErrorKind::Unavailable,
+                code: Code::Unavailable,
+                message,
+            };
+        }
         let kind = match status.code() {
             Code::InvalidArgument | Code::OutOfRange => ClientErrorKind::InvalidArgument,
             Code::Unauthenticated => ClientErrorKind::Unauthenticated,
