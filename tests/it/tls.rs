@@ -99,7 +99,7 @@ impl Ca {
 
 /// The broker's TLS files in a temporary directory.
 struct Files {
-    _dir: TempDir,
+    dir: TempDir,
     cert: PathBuf,
     key: PathBuf,
     client_ca: PathBuf,
@@ -112,7 +112,7 @@ impl Files {
             cert: dir.path().join("tls.crt"),
             key: dir.path().join("tls.key"),
             client_ca: dir.path().join("client-ca.crt"),
-            _dir: dir,
+            dir,
         };
         files.install(server);
         replace(&files.client_ca, &client_ca.pem());
@@ -495,4 +495,52 @@ async fn the_admin_cli_presents_a_client_certificate() {
     // Without a certificate the handshake fails: unavailable (exit 6).
     let output = run(false).await;
     assert_eq!(output.status.code(), Some(6), "{output:?}");
+}
+
+#[tokio::test]
+async fn check_config_reads_the_tls_files() {
+    let ca = Ca::new("Test CA");
+    let server = ca.server();
+    let files = Files::new(&server, &ca);
+    let config = files.dir.path().join("tokenbroker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server.tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\n\
+             [[cert_callers]]\nname = \"ops\"\nsubject = \"CN=ops,O=Example\"\nroles = [\"admin\"]\n",
+            files.cert, files.key, files.client_ca
+        ),
+    )
+    .unwrap();
+    let check = || {
+        let mut command =
+            std::process::Command::new(tokenbroker_tests::workspace_binary("tokenbroker"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("TOKENBROKER_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .arg("--config")
+            .arg(&config)
+            .arg("check-config")
+            .output()
+            .unwrap()
+    };
+    let output = check();
+    assert!(output.status.success(), "{output:?}");
+    // A key that does not fit the certificate fails the check, naming the files, not the key.
+    let other = ca.server();
+    replace(&files.key, &other.key);
+    let output = check();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{output:?}");
+    assert!(
+        stderr.contains("server.tls.key_file") && stderr.contains("does not fit"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(other.key.lines().nth(1).unwrap()),
+        "{stderr}"
+    );
 }
