@@ -5,6 +5,9 @@
 //! no usable secret. A presented key is hashed and looked up; because keys carry at least 256
 //! bits of entropy, a hash-table lookup on the digest leaks nothing useful through timing.
 //!
+//! Over mTLS, a verified client certificate whose subject is configured in `[[cert_callers]]`
+//! is a caller too, when the call carries no `authorization` header (see [`Authenticator::certificate_caller`]).
+//!
 //! A credential shaped like a JWT (`ey…` with two dots) is verified as a Cognito access token
 //! instead; its roles come from the pool's group and scope mappings. Verifying may fetch the
 //! pool's keys, so authentication is async and runs at the top of each gRPC method, never in
@@ -19,6 +22,7 @@ use crate::{
     cognito::{CognitoVerifier, looks_like_jwt},
     error::{BrokerError, BrokerResult},
     secret::{SecretDigest, sha256},
+    tls::subject::DistinguishedName,
 };
 
 /// What a caller may do.
@@ -93,10 +97,24 @@ pub struct ApiKeyConfig {
     pub sha256: String,
 }
 
+/// A client certificate subject that authenticates as a caller (mTLS), like an API key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertCallerConfig {
+    /// The caller's name.
+    pub name: String,
+    /// The certificate subject, RFC 4514 style, most specific first: `CN=billing,O=Example`
+    /// (see [`crate::tls::subject`] for the matching rules).
+    pub subject: String,
+    /// Its roles.
+    pub roles: Vec<Role>,
+}
+
 /// Maps presented credentials to callers.
 pub struct Authenticator {
     keys: HashMap<SecretDigest, Arc<Caller>>,
     cognito: Option<Arc<CognitoVerifier>>,
+    certificates: HashMap<DistinguishedName, Arc<Caller>>,
 }
 
 impl fmt::Debug for Authenticator {
@@ -104,6 +122,7 @@ impl fmt::Debug for Authenticator {
         f.debug_struct("Authenticator")
             .field("api_keys", &self.keys.len())
             .field("cognito", &self.cognito.is_some())
+            .field("cert_callers", &self.certificates.len())
             .finish()
     }
 }
@@ -144,7 +163,59 @@ impl Authenticator {
         Ok(Self {
             keys: table,
             cognito: None,
+            certificates: HashMap::new(),
         })
+    }
+
+    /// Also accepts verified client certificates whose subject is one of `entries`.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the entry whose name is empty, whose subject does not parse, or whose
+    /// subject is configured twice.
+    pub fn with_cert_callers(mut self, entries: &[CertCallerConfig]) -> Result<Self, String> {
+        for entry in entries {
+            if entry.name.trim().is_empty() {
+                return Err("a cert_callers entry has an empty name".into());
+            }
+            let subject = DistinguishedName::parse(&entry.subject)
+                .map_err(|err| format!("cert_callers {:?}: subject: {err}", entry.name))?;
+            let caller = Arc::new(Caller {
+                name: entry.name.clone(),
+                roles: entry.roles.clone(),
+            });
+            if self.certificates.insert(subject, caller).is_some() {
+                return Err(format!(
+                    "cert_callers {:?}: the same subject is configured twice",
+                    entry.name
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    /// The caller a verified client certificate (DER, the end-entity one) maps to, if its
+    /// subject is configured; otherwise the client is anonymous.
+    ///
+    /// Only consulted when the call has no `authorization` header: a bearer credential, when
+    /// present, decides alone.
+    pub fn certificate_caller(&self, der: &[u8]) -> Option<Arc<Caller>> {
+        if self.certificates.is_empty() {
+            return None;
+        }
+        match DistinguishedName::from_certificate(der) {
+            Ok(subject) => {
+                let caller = self.certificates.get(&subject).cloned();
+                if caller.is_none() {
+                    tracing::debug!(%subject, "client certificate subject is not in cert_callers");
+                }
+                caller
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot read the client certificate's subject");
+                None
+            }
+        }
     }
 
     /// Also accepts Cognito access tokens, verified by `verifier`.

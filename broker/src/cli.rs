@@ -101,6 +101,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if matches!(args.command, Some(Command::CheckConfig)) {
         crate::auth::Authenticator::new(&settings.api_keys)
             .map_err(|err| anyhow::anyhow!("invalid api_keys: {err}"))?;
+        if let Some(tls) = &settings.server.tls {
+            crate::tls::check(tls).context("invalid server.tls")?;
+        }
         println!("configuration is valid");
         return Ok(());
     }

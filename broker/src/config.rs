@@ -17,8 +17,13 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::{
-    audit::AuditSettings, auth::ApiKeyConfig, cognito::CognitoSettings, limits::LimitSettings,
-    metrics::MetricsSettings, store::Durability,
+    audit::AuditSettings,
+    auth::{ApiKeyConfig, CertCallerConfig},
+    cognito::CognitoSettings,
+    limits::LimitSettings,
+    metrics::MetricsSettings,
+    store::Durability,
+    tls::TlsSettings,
 };
 
 /// Prefix of every environment override.
@@ -70,6 +75,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// The API keys callers authenticate with. Empty with no config file: dev mode.
     pub api_keys: Vec<ApiKeyConfig>,
+    /// `[[cert_callers]]`: client certificate subjects that authenticate as callers (mTLS).
+    pub cert_callers: Vec<CertCallerConfig>,
     /// `[cognito]`: trusted user pools, their keys and role mappings.
     pub cognito: CognitoSettings,
     /// `[limits]`: in-flight, request size and per-caller rate limits.
@@ -105,6 +112,8 @@ pub struct ServerSettings {
     pub shutdown_grace_seconds: u64,
     /// Deadline applied to every call, shortened by the client's own `grpc-timeout`.
     pub request_timeout_seconds: u64,
+    /// `[server.tls]`: TLS (and mTLS) on the listener; plaintext when absent.
+    pub tls: Option<TlsSettings>,
 }
 
 /// Which store backend.
@@ -255,6 +264,7 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             shutdown_grace_seconds: 10,
             request_timeout_seconds: 10,
+            tls: None,
         }
     }
 }
@@ -402,10 +412,35 @@ impl Settings {
         self.validate_replicas()?;
         self.limits.validate().map_err(ConfigError)?;
         self.audit.validate()?;
+        self.validate_tls()?;
         match checks.iter().find(|(bad, _)| *bad) {
             Some((_, message)) => Err(ConfigError((*message).to_owned())),
             None => self.cognito.validate().map_err(ConfigError),
         }
+    }
+
+    /// Checks `[server.tls]` and `[[cert_callers]]` without reading the certificate files
+    /// (start-up and `check-config` read them).
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        if let Some(tls) = &self.server.tls {
+            tls.validate().map_err(ConfigError)?;
+        }
+        let mtls = self
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.client_ca_file.is_some());
+        if !self.cert_callers.is_empty() && !mtls {
+            return Err(ConfigError(
+                "cert_callers need mTLS: set server.tls.client_ca_file (the CA that signs the \
+                 client certificates)"
+                    .into(),
+            ));
+        }
+        crate::auth::Authenticator::new(&[])
+            .and_then(|auth| auth.with_cert_callers(&self.cert_callers))
+            .map(drop)
+            .map_err(ConfigError)
     }
 
     /// Refuses several replicas on the embedded store. Its SQLite file belongs to one process:
@@ -593,6 +628,65 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.replicas, Replicas(6));
+    }
+
+    #[test]
+    fn tls_settings_come_from_env_and_are_checked() {
+        let s = Settings::load(
+            None,
+            &env(&[
+                ("TOKENBROKER_SERVER__TLS__CERT_FILE", "/etc/tb/tls.crt"),
+                ("TOKENBROKER_SERVER__TLS__KEY_FILE", "/etc/tb/tls.key"),
+                ("TOKENBROKER_SERVER__TLS__CLIENT_CA_FILE", "/etc/tb/ca.crt"),
+                (
+                    "TOKENBROKER_CERT_CALLERS",
+                    r#"[{ name = "billing", subject = "CN=billing,O=Example", roles = ["service"] }]"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        let tls = s.server.tls.unwrap();
+        assert_eq!(tls.key_file, PathBuf::from("/etc/tb/tls.key"));
+        assert_eq!(tls.reload_interval_seconds, 10);
+        assert_eq!(tls.client_auth(), Some(crate::tls::ClientAuth::Required));
+        assert_eq!(s.cert_callers[0].name, "billing");
+        assert!(
+            Settings::load(None, &env(&[]))
+                .unwrap()
+                .server
+                .tls
+                .is_none()
+        );
+
+        let err = Settings::load(
+            None,
+            &env(&[(
+                "TOKENBROKER_CERT_CALLERS",
+                r#"[{ name = "x", subject = "CN=x", roles = [] }]"#,
+            )]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("client_ca_file"), "{err}");
+        let err = Settings::load(
+            None,
+            &env(&[("TOKENBROKER_SERVER__TLS__CERT_FILE", "/etc/tb/tls.crt")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("key_file"), "{err}");
+        let err = Settings::load(
+            None,
+            &env(&[
+                ("TOKENBROKER_SERVER__TLS__CERT_FILE", "c"),
+                ("TOKENBROKER_SERVER__TLS__KEY_FILE", "k"),
+                ("TOKENBROKER_SERVER__TLS__CLIENT_CA_FILE", "ca"),
+                (
+                    "TOKENBROKER_CERT_CALLERS",
+                    r#"[{ name = "x", subject = "billing", roles = [] }]"#,
+                ),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cert_callers \"x\""), "{err}");
     }
 
     #[test]

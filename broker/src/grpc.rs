@@ -67,17 +67,20 @@ impl GrpcAdapter {
         request: &Request<T>,
     ) -> Result<(InFlight, Option<Arc<Caller>>), Status> {
         let in_flight = self.limits.enter()?;
-        let caller = self.caller(request.metadata()).await?;
+        let caller = self.caller(request).await?;
         let peer = request.remote_addr().map(|addr| addr.ip());
         self.limits.charge(caller.as_deref(), peer)?;
         Ok((in_flight, caller))
     }
 
     /// Authenticates the caller from the `authorization` metadata and records it on the span.
+    /// Without that header, a verified client certificate (mTLS) mapped in `cert_callers` is
+    /// the caller; an unmapped one is anonymous.
     ///
     /// Async because a Cognito access token may need its pool's keys fetched; bounded by the
     /// call's deadline like the work itself.
-    async fn caller(&self, metadata: &MetadataMap) -> Result<Option<Arc<Caller>>, Status> {
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Option<Arc<Caller>>, Status> {
+        let metadata = request.metadata();
         let header = match metadata.get("authorization") {
             Some(value) => Some(value.to_str().map_err(|_| {
                 Status::from(BrokerError::Unauthenticated(
@@ -86,9 +89,14 @@ impl GrpcAdapter {
             })?),
             None => None,
         };
-        let caller = self
+        let mut caller = self
             .within(metadata, self.auth.authenticate(header))
             .await?;
+        if header.is_none() {
+            caller = request
+                .peer_certs()
+                .and_then(|certs| self.auth.certificate_caller(certs.first()?.as_ref()));
+        }
         Span::current().record(
             "caller",
             caller.as_deref().map_or("anonymous", |c| c.name.as_str()),

@@ -22,6 +22,7 @@ pub mod service;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use error::{BrokerError, BrokerErrorKind, BrokerResult};
 pub use startup::Application;

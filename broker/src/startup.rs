@@ -1,11 +1,11 @@
 //! Builds the running application: store, service, gRPC server with health and reflection, and
 //! graceful shutdown.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokenbroker_proto::v1::token_broker_server::TokenBrokerServer;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
 use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
@@ -24,6 +24,7 @@ use crate::{
         CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaConfig, FaunaStore, MeteredStore,
         TokenStore,
     },
+    tls::TlsServer,
 };
 
 /// A broker bound to its listener, ready to serve.
@@ -38,6 +39,7 @@ pub struct Application {
     cognito: Option<Arc<CognitoVerifier>>,
     metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
+    tls: Option<TlsServer>,
 }
 
 impl Application {
@@ -65,7 +67,17 @@ impl Application {
             .context("invalid audit settings")?;
         let mut auth = Authenticator::new(&settings.api_keys)
             .map_err(anyhow::Error::msg)
-            .context("invalid api_keys")?;
+            .context("invalid api_keys")?
+            .with_cert_callers(&settings.cert_callers)
+            .map_err(anyhow::Error::msg)
+            .context("invalid cert_callers")?;
+        let tls = settings
+            .server
+            .tls
+            .as_ref()
+            .map(TlsServer::load)
+            .transpose()
+            .context("invalid server.tls")?;
         let cognito = if settings.cognito.is_enabled() {
             let verifier = CognitoVerifier::new(&settings.cognito, Arc::clone(&clock))
                 .context("invalid cognito settings")?
@@ -158,6 +170,7 @@ impl Application {
             cognito,
             metrics,
             metrics_server,
+            tls,
         })
     }
 
@@ -224,21 +237,39 @@ impl Application {
         }
 
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let server = Server::builder()
+        let router = Server::builder()
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(MeteredService::new(
                 SizeLimited::new(self.adapter, self.max_request_bytes),
                 Arc::clone(&self.metrics),
-            ))
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            });
+            ));
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        // The TLS accept loop and file watcher end with this function, however it returns.
+        let mut tls_tasks = AbortOnDrop(Vec::new());
+        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match &self.tls {
+                None => {
+                    let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
+                        .with_nodelay(Some(true));
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+                }
+                Some(tls) => {
+                    let (incoming, accept) = tls.incoming(self.listener);
+                    tls_tasks.0.extend([accept, tls.spawn_reloader()]);
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+                }
+            };
         let mut server = tokio::spawn(server);
-        info!(address = %self.local_addr, "tokenbroker serving");
+        info!(
+            address = %self.local_addr,
+            tls = self.tls.is_some(),
+            client_auth = ?self.tls.as_ref().and_then(TlsServer::client_auth),
+            "tokenbroker serving"
+        );
         let metrics_task = self.metrics_server.map(|m| tokio::spawn(m.serve()));
 
         tokio::select! {
@@ -264,12 +295,24 @@ impl Application {
         if let Some(task) = metrics_task {
             task.abort();
         }
+        drop(tls_tasks);
         self.store
             .close()
             .await
             .context("failed to flush the store")?;
         info!("tokenbroker stopped");
         Ok(())
+    }
+}
+
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 

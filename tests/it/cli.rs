@@ -76,10 +76,10 @@ async fn admin(endpoint: &str, cred: Cred<'_>, args: &[&str], stdin: Option<&str
     command
         .args(["--endpoint", endpoint])
         .args(args)
-        .env_remove("TOKENBROKER_ENDPOINT")
-        .env_remove("TOKENBROKER_API_KEY")
-        .env_remove("TOKENBROKER_API_KEY_FILE")
-        .env_remove("TOKENBROKER_COGNITO_TOKEN")
+        .env_remove("TB_ENDPOINT")
+        .env_remove("TB_API_KEY")
+        .env_remove("TB_API_KEY_FILE")
+        .env_remove("TB_COGNITO_TOKEN")
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -91,10 +91,10 @@ async fn admin(endpoint: &str, cred: Cred<'_>, args: &[&str], stdin: Option<&str
     match cred {
         Cred::None => {}
         Cred::ApiKey(key) => {
-            command.env("TOKENBROKER_API_KEY", key.expose_secret());
+            command.env("TB_API_KEY", key.expose_secret());
         }
         Cred::CognitoToken(token) => {
-            command.env("TOKENBROKER_COGNITO_TOKEN", token.expose_secret());
+            command.env("TB_COGNITO_TOKEN", token.expose_secret());
         }
     }
     let mut child = command.spawn().expect("tokenbroker-admin starts");
@@ -584,12 +584,7 @@ async fn the_key_can_come_from_a_file_and_usage_errors_exit_2() {
 
     let help = admin(e, Cred::None, &["--help"], None).await;
     help.assert_code(OK);
-    for section in [
-        "EXIT CODES",
-        "EXAMPLES",
-        "CREDENTIALS",
-        "TOKENBROKER_API_KEY",
-    ] {
+    for section in ["EXIT CODES", "EXAMPLES", "CREDENTIALS", "TB_API_KEY"] {
         assert!(help.stdout.contains(section), "--help lacks {section}");
     }
     let help = admin(e, Cred::None, &["revoke", "--help"], None).await;

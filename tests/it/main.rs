@@ -19,6 +19,7 @@ mod refresh;
 mod revoke;
 mod secrets;
 mod server;
+mod tls;
 mod trigger;
 
 use tokenbroker_client::{ClientErrorKind, ClientResult};

@@ -22,7 +22,7 @@ use tokenbroker::{
     config::Settings,
     dev::generate_dev_keys,
 };
-use tokenbroker_client::{Client, TokenPair, pb};
+use tokenbroker_client::{Client, TlsOptions, TokenPair, pb};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -120,7 +120,7 @@ pub struct Keys {
 pub struct TestBroker {
     /// The bound address.
     pub addr: SocketAddr,
-    /// `http://addr`.
+    /// `http://addr` (`https://addr` when spawned with TLS).
     pub endpoint: String,
     /// The metrics listener's address, when `metrics.listen` was set.
     pub metrics_addr: Option<SocketAddr>,
@@ -151,23 +151,31 @@ impl TestBroker {
 
     /// Spawns a broker whose settings `configure` may change.
     pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> Self {
-        Self::start(configure, None, None).await
+        Self::start(configure, None, None, None).await
     }
 
     /// Spawns a broker on a manual clock that the test moves with [`TestBroker::advance`].
     pub async fn spawn_with_manual_clock(configure: impl FnOnce(&mut Settings)) -> Self {
-        Self::start(configure, Some(Arc::new(ManualClock::new())), None).await
+        Self::start(configure, Some(Arc::new(ManualClock::new())), None, None).await
     }
 
     /// Spawns a broker on an existing data directory (which the caller keeps).
     pub async fn spawn_on(dir: &Path) -> Self {
-        Self::start(|_| {}, None, Some(dir.to_owned())).await
+        Self::start(|_| {}, None, Some(dir.to_owned()), None).await
+    }
+
+    /// Spawns a broker whose settings `configure` sets up with `[server.tls]`; its endpoint is
+    /// `https://127.0.0.1:PORT` and its clients connect with `tls` (the CA to trust, and a
+    /// client certificate if mTLS requires one).
+    pub async fn spawn_tls(configure: impl FnOnce(&mut Settings), tls: TlsOptions) -> Self {
+        Self::start(configure, None, None, Some(tls)).await
     }
 
     async fn start(
         configure: impl FnOnce(&mut Settings),
         manual_clock: Option<Arc<ManualClock>>,
         data_dir: Option<PathBuf>,
+        tls: Option<TlsOptions>,
     ) -> Self {
         logs();
         let (dir, data_dir) = match data_dir {
@@ -198,14 +206,20 @@ impl TestBroker {
         let task = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
         }));
-        let endpoint = format!("http://{addr}");
+        let endpoint = match tls {
+            Some(_) => format!("https://{addr}"),
+            None => format!("http://{addr}"),
+        };
         let mut keys = generated.into_iter().map(|k| k.key);
         let keys = Keys {
             admin: keys.next().expect("admin key"),
             trigger: keys.next().expect("trigger key"),
             service: keys.next().expect("service key"),
         };
-        let anonymous = connect(&endpoint).await;
+        let anonymous = match &tls {
+            Some(tls) => connect_tls(&endpoint, tls).await,
+            None => connect(&endpoint).await,
+        };
         let with = |key: &SecretString| anonymous.clone().with_api_key(key).expect("ascii key");
         Self {
             addr,
@@ -357,6 +371,18 @@ pub async fn connect(endpoint: &str) -> Client {
     Client::connect(endpoint)
         .await
         .expect("broker is reachable")
+        .with_timeout(Duration::from_secs(10))
+}
+
+/// Connects a client without an API key to the `https://` `endpoint` with `tls`.
+///
+/// # Panics
+///
+/// If the broker cannot be reached or the handshake fails.
+pub async fn connect_tls(endpoint: &str, tls: &TlsOptions) -> Client {
+    Client::connect_tls(endpoint, tls)
+        .await
+        .expect("broker is reachable over TLS")
         .with_timeout(Duration::from_secs(10))
 }
 

@@ -32,13 +32,19 @@ use tonic_health::pb::{
 };
 
 /// The broker's address, `http://…` or `https://…` (same as `--endpoint`).
-pub const ENV_ENDPOINT: &str = "TOKENBROKER_ENDPOINT";
+pub const ENV_ENDPOINT: &str = "TB_ENDPOINT";
 /// An API key to authenticate with.
-pub const ENV_API_KEY: &str = "TOKENBROKER_API_KEY";
+pub const ENV_API_KEY: &str = "TB_API_KEY";
 /// A file holding the API key (same as `--api-key-file`).
-pub const ENV_API_KEY_FILE: &str = "TOKENBROKER_API_KEY_FILE";
+pub const ENV_API_KEY_FILE: &str = "TB_API_KEY_FILE";
 /// An operator's Cognito access token to authenticate with, instead of an API key.
-pub const ENV_COGNITO_TOKEN: &str = "TOKENBROKER_COGNITO_TOKEN";
+pub const ENV_COGNITO_TOKEN: &str = "TB_COGNITO_TOKEN";
+/// A PEM file with the CA certificates to trust for an https:// broker (same as `--ca-file`).
+pub const ENV_CA_FILE: &str = "TB_CA_FILE";
+/// A PEM file with this tool's client certificate, for mTLS (same as `--cert-file`).
+pub const ENV_CERT_FILE: &str = "TB_CERT_FILE";
+/// A PEM file with the client certificate's private key (same as `--key-file`).
+pub const ENV_KEY_FILE: &str = "TB_KEY_FILE";
 /// Where a dev-mode broker listens.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
 /// Longest `list --all-pages` follows `next_page_token`: a bound, not an expected size.
@@ -50,14 +56,13 @@ check health, and mint test tokens.";
 const AFTER_HELP: &str = "\
 CREDENTIALS
   The broker authenticates the caller with a bearer credential, taken from:
-    --api-key-file FILE (or TOKENBROKER_API_KEY_FILE)  a file holding an API key; wins over:
-    TOKENBROKER_API_KEY                                an API key, or
-    TOKENBROKER_COGNITO_TOKEN                          an operator's Cognito access token
+    --api-key-file FILE (or TB_API_KEY_FILE)  a file holding an API key; wins over:
+    TB_API_KEY                                an API key, or
+    TB_COGNITO_TOKEN                          an operator's Cognito access token
   (setting both of the last two is a usage error). A credential is never taken from the command
   line, and token secrets are read from stdin: arguments show in `ps` and shell history.
   health needs no credential, and neither does revoke --token-stdin (a secret's holder may
-  revoke it). These variables belong to this tool: don't export them to the broker itself,
-  which reads every TOKENBROKER_* variable as a setting.
+  revoke it). These TB_* variables are this tool's; the broker reads only TOKENBROKER_* ones.
 
 OUTPUT
   Tables for people; with --json, one JSON document on stdout, and a failure as
@@ -76,15 +81,17 @@ EXIT CODES
      serving
 
 EXAMPLES
-  export TOKENBROKER_ENDPOINT=http://127.0.0.1:50051
-  export TOKENBROKER_API_KEY=\"$TB_ADMIN_KEY\"     # dev mode writes it to data/dev-keys.env
+  export TB_ENDPOINT=http://127.0.0.1:50051
+  export TB_API_KEY=\"$TB_ADMIN_KEY\"     # dev mode writes it to data/dev-keys.env
   tokenbroker-admin health
   tokenbroker-admin list --email alice@example.com --include-inactive
   tokenbroker-admin revoke --email alice@example.com      # sign alice out everywhere
   tokenbroker-admin revoke --family 01JD6Q…               # end one session
   printf %s \"$SECRET\" | tokenbroker-admin introspect --json | jq .active
   printf %s \"$SECRET\" | tokenbroker-admin revoke --token-stdin
-  tokenbroker-admin --endpoint https://broker.internal list --account 01JD6P… --json";
+  tokenbroker-admin --endpoint https://broker.internal list --account 01JD6P… --json
+  tokenbroker-admin --endpoint https://broker.internal:50051 --ca-file ca.crt \\
+    --cert-file ops.crt --key-file ops.key list --email alice@example.com   # mTLS";
 
 /// tokenbroker-admin: inspect, revoke and list tokens on a running broker.
 #[derive(Debug, Parser)]
@@ -106,6 +113,20 @@ pub struct Args {
         value_name = "URL"
     )]
     pub endpoint: String,
+
+    /// For an https:// broker: a PEM file with the CA certificates to trust, instead of the
+    /// platform's roots.
+    #[arg(long, global = true, env = ENV_CA_FILE, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// For a broker with mTLS: a PEM file with this tool's client certificate (with
+    /// --key-file). A certificate mapped in the broker's cert_callers is a credential itself.
+    #[arg(long, global = true, env = ENV_CERT_FILE, value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+
+    /// The PEM private key of --cert-file.
+    #[arg(long, global = true, env = ENV_KEY_FILE, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 
     /// A file holding the API key (or a Cognito access token) to authenticate with.
     #[arg(long, global = true, env = ENV_API_KEY_FILE, value_name = "FILE")]
@@ -416,7 +437,7 @@ async fn execute(args: Args) -> Result<(), Failure> {
     let timeout = Duration::from_secs(args.timeout.max(1));
     let out = Printer { json: args.json };
     if let Command::Health(health_args) = &args.command {
-        let channel = connect(&args.endpoint, timeout).await?;
+        let channel = connect(&args, timeout).await?;
         return health(channel, &health_args.service, timeout, out).await;
     }
     // clap's `requires` counts a flag's default as present, so this one is checked by hand.
@@ -437,8 +458,7 @@ async fn execute(args: Args) -> Result<(), Failure> {
     let credential = credential(args.api_key_file.as_deref(), &|name| {
         std::env::var(name).ok()
     })?;
-    let mut client =
-        Client::from_channel(connect(&args.endpoint, timeout).await?).with_timeout(timeout);
+    let mut client = Client::from_channel(connect(&args, timeout).await?).with_timeout(timeout);
     if let Some(credential) = &credential {
         client = client
             .with_api_key(credential)
@@ -474,8 +494,8 @@ impl Printer {
     }
 }
 
-/// Returns the caller's credential: `--api-key-file`, else `TOKENBROKER_API_KEY` or
-/// `TOKENBROKER_COGNITO_TOKEN` (not both). `None` when there is none: the broker then decides
+/// Returns the caller's credential: `--api-key-file`, else `TB_API_KEY` or
+/// `TB_COGNITO_TOKEN` (not both). `None` when there is none: the broker then decides
 /// (UNAUTHENTICATED where one is needed).
 fn credential(
     file: Option<&Path>,
@@ -533,15 +553,21 @@ fn read_secret(what: &str) -> Result<SecretString, Failure> {
 }
 
 /// Opens the one channel every call of this run uses.
-async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, Failure> {
+async fn connect(args: &Args, timeout: Duration) -> Result<Channel, Failure> {
+    let endpoint = args.endpoint.as_str();
     let parsed = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|_| Failure::usage(format!("--endpoint {endpoint:?} is not a valid URL")))?
         .connect_timeout(timeout)
         .tcp_nodelay(true);
     let parsed = match parsed.uri().scheme_str() {
-        Some("http") => parsed,
+        Some("http") if args.ca_file.is_none() && args.cert_file.is_none() => parsed,
+        Some("http") => {
+            return Err(Failure::usage(
+                "--ca-file, --cert-file and --key-file need an https:// endpoint",
+            ));
+        }
         Some("https") => parsed
-            .tls_config(ClientTlsConfig::new().with_native_roots())
+            .tls_config(tls_config(args)?)
             .map_err(|err| Failure::usage(format!("cannot set up TLS: {err}")))?,
         _ => {
             return Err(Failure::usage(format!(
@@ -558,6 +584,33 @@ async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, Failure> 
             message: format!("no connection to {endpoint} within {}s", timeout.as_secs()),
         }),
     }
+}
+
+/// TLS for an https:// endpoint: the CA to trust (the platform's roots by default) and the
+/// client certificate to present, if any.
+fn tls_config(args: &Args) -> Result<ClientTlsConfig, Failure> {
+    use tonic::transport::{Certificate, Identity};
+    let read = |flag: &str, path: &Path| {
+        std::fs::read(path)
+            .map_err(|err| Failure::usage(format!("cannot read {flag} {}: {err}", path.display())))
+    };
+    // Checked here: clap's `requires` misjudges global flags given before the subcommand.
+    if args.cert_file.is_some() != args.key_file.is_some() {
+        return Err(Failure::usage(
+            "--cert-file and --key-file go together (the client certificate and its key)",
+        ));
+    }
+    let mut config = ClientTlsConfig::new();
+    config = match &args.ca_file {
+        Some(path) => config.ca_certificate(Certificate::from_pem(read("--ca-file", path)?)),
+        None => config.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&args.cert_file, &args.key_file) {
+        let mut key = read("--key-file", key)?;
+        config = config.identity(Identity::from_pem(read("--cert-file", cert)?, &key));
+        key.zeroize();
+    }
+    Ok(config)
 }
 
 /// Splits `KEY=VALUE`.

@@ -7,7 +7,8 @@
 //! the broker's error classes. Minted secrets come back wrapped in [`SecretString`].
 //!
 //! With the `tls` feature, `https://` endpoints use TLS (rustls with ring) and the platform's
-//! root certificates; `SSL_CERT_FILE` can name a bundle with a private CA.
+//! root certificates; `SSL_CERT_FILE` can name a bundle with a private CA. [`TlsOptions`] and
+//! [`Client::connect_tls`] trust a given CA instead and present a client certificate (mTLS).
 
 use std::{fmt, future::Future, time::Duration};
 
@@ -101,6 +102,29 @@ impl ClientError {
 
 impl From<Status> for ClientError {
     fn from(status: Status) -> Self {
+        // A status that carries a source error was made on this side, from a connection that
+        // broke under the call (a TLS handshake the broker rejected after the client thought it
+        // done, a reset): tonic reports those as UNKNOWN "transport error" or CANCELLED
+        // "operation was canceled". The broker could not be reached. (Statuses the broker sends
+        // have no source; tonic's own timeout is handled below.)
+        let timed_out = status.message().contains("Timeout expired");
+        if matches!(status.code(), Code::Unknown | Code::Cancelled)
+            && !timed_out
+            && let Some(cause) = std::error::Error::source(&status)
+        {
+            let mut message = format!("cannot reach the broker: {cause}");
+            let mut next = cause.source();
+            while let Some(inner) = next {
+                message.push_str(&format!(": {inner}"));
+                next = inner.source();
+            }
+            return Self {
+                kind: ClientErrorKind::Unavailable,
+                code: Code::Unavailable,
+                message,
+                retry_after: None,
+            };
+        }
         let kind = match status.code() {
             Code::InvalidArgument | Code::OutOfRange => ClientErrorKind::InvalidArgument,
             Code::Unauthenticated => ClientErrorKind::Unauthenticated,
@@ -241,6 +265,73 @@ impl CallOptions {
     }
 }
 
+/// How to reach an `https://` broker beyond the defaults: which CA to trust, which client
+/// certificate to present (mTLS), which name to expect. The key never appears in `Debug`.
+#[cfg(feature = "tls")]
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    ca_pem: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, secrecy::SecretSlice<u8>)>,
+    domain_name: Option<String>,
+}
+
+#[cfg(feature = "tls")]
+impl fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("custom_ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity.is_some())
+            .field("domain_name", &self.domain_name)
+            .finish()
+    }
+}
+
+#[cfg(feature = "tls")]
+impl TlsOptions {
+    /// Trusts the platform's root certificates and presents no client certificate.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Trusts the CA certificates in `pem` (and not the platform's roots).
+    pub fn with_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Presents the client certificate chain `cert_pem` with its private key `key_pem`.
+    pub fn with_identity_pem(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: secrecy::SecretSlice<u8>,
+    ) -> Self {
+        self.identity = Some((cert_pem.into(), key_pem));
+        self
+    }
+
+    /// Expects the server certificate to name `name` instead of the endpoint's host.
+    pub fn with_domain_name(mut self, name: impl Into<String>) -> Self {
+        self.domain_name = Some(name.into());
+        self
+    }
+
+    fn config(&self) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca_pem {
+            Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key.expose_secret()));
+        }
+        if let Some(name) = &self.domain_name {
+            config = config.domain_name(name.clone());
+        }
+        config
+    }
+}
+
 /// A connection to a broker, with a credential and a deadline. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
@@ -298,6 +389,45 @@ impl Client {
                 "the broker endpoint must start with http:// or https://",
             )),
         }
+    }
+
+    /// Connects to an `https://` endpoint with `tls` (a private CA, a client certificate).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` for a malformed or non-`https` endpoint, `Unavailable` if it cannot
+    /// be reached or the handshake fails.
+    #[cfg(feature = "tls")]
+    pub async fn connect_tls(endpoint: &str, tls: &TlsOptions) -> ClientResult<Self> {
+        let channel = Self::tls_endpoint(endpoint, tls)?.connect().await?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Like [`Client::connect_tls`], connecting on first use.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` for a malformed or non-`https` endpoint.
+    #[cfg(feature = "tls")]
+    pub fn connect_tls_lazy(endpoint: &str, tls: &TlsOptions) -> ClientResult<Self> {
+        Ok(Self::from_channel(
+            Self::tls_endpoint(endpoint, tls)?.connect_lazy(),
+        ))
+    }
+
+    #[cfg(feature = "tls")]
+    fn tls_endpoint(endpoint: &str, tls: &TlsOptions) -> ClientResult<Endpoint> {
+        let parsed = Endpoint::from_shared(endpoint.to_owned())
+            .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
+            .map_err(|_| ClientError::config("the broker endpoint is not a valid URI"))?;
+        if parsed.uri().scheme_str() != Some("https") {
+            return Err(ClientError::config(
+                "a TLS endpoint must start with https://",
+            ));
+        }
+        parsed
+            .tls_config(tls.config())
+            .map_err(|err| ClientError::config(format!("cannot set up TLS: {err}")))
     }
 
     #[cfg(feature = "tls")]
