@@ -16,7 +16,9 @@ use std::{
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::{auth::ApiKeyConfig, cognito::CognitoSettings, store::Durability};
+use crate::{
+    auth::ApiKeyConfig, cognito::CognitoSettings, store::Durability, telemetry::TelemetrySettings,
+};
 
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "TOKENBROKER_";
@@ -65,6 +67,8 @@ pub struct Settings {
     pub tokens: TokenSettings,
     /// Log output.
     pub log: LogSettings,
+    /// `[telemetry]`: trace export over OTLP (off by default).
+    pub telemetry: TelemetrySettings,
     /// The API keys callers authenticate with. Empty with no config file: dev mode.
     pub api_keys: Vec<ApiKeyConfig>,
     /// `[cognito]`: trusted user pools, their keys and role mappings.
@@ -391,6 +395,7 @@ impl Settings {
             self.store.fauna.server_key()?;
         }
         self.validate_replicas()?;
+        self.telemetry.validate()?;
         match checks.iter().find(|(bad, _)| *bad) {
             Some((_, message)) => Err(ConfigError((*message).to_owned())),
             None => self.cognito.validate().map_err(ConfigError),

@@ -15,9 +15,12 @@ use crate::{
     clock::{Clock, SystemClock},
     cognito::{COGNITO_HEALTH_SERVICE, CognitoVerifier},
     config::{Settings, StoreBackend},
-    grpc::GrpcAdapter,
+    grpc::{GrpcAdapter, Traced},
     service::Broker,
-    store::{CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaConfig, FaunaStore, TokenStore},
+    store::{
+        CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaConfig, FaunaStore, TokenStore,
+        TracedStore,
+    },
 };
 
 /// A broker bound to its listener, ready to serve.
@@ -83,9 +86,9 @@ impl Application {
                     Arc::clone(&clock),
                 )
                 .context("failed to open the embedded store")?;
-                Arc::new(CachedStore::new(
-                    embedded,
-                    settings.store.account_cache_capacity,
+                Arc::new(TracedStore::new(
+                    CachedStore::new(embedded, settings.store.account_cache_capacity),
+                    "sqlite",
                 ))
             }
             StoreBackend::Fauna => {
@@ -99,9 +102,9 @@ impl Application {
                 })
                 .context("failed to set up the fauna store")?;
                 info!(endpoint = %fauna.endpoint, "fauna store configured");
-                Arc::new(CachedStore::new(
-                    store,
-                    settings.store.account_cache_capacity,
+                Arc::new(TracedStore::new(
+                    CachedStore::new(store, settings.store.account_cache_capacity),
+                    "fauna",
                 ))
             }
         };
@@ -188,7 +191,7 @@ impl Application {
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(TokenBrokerServer::new(self.adapter))
+            .add_service(Traced::new(TokenBrokerServer::new(self.adapter)))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             });

@@ -1,11 +1,12 @@
 //! Token stores: one async trait, every operation atomic, one conformance suite
-//! (`testsuite`, behind the feature of that name) that every backend passes, and decorators that add caching.
+//! (`testsuite`, behind the feature of that name) that every backend passes, and decorators that add caching and tracing.
 
 mod cached;
 mod embedded;
 pub mod fauna;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
+mod traced;
 
 use std::{error::Error as StdError, fmt};
 
@@ -15,6 +16,7 @@ use secrecy::SecretString;
 pub use cached::CachedStore;
 pub use embedded::{Durability, EmbeddedStore, EmbeddedStoreConfig};
 pub use fauna::{FaunaConfig, FaunaStore};
+pub use traced::TracedStore;
 
 use crate::model::{
     AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,
