@@ -149,6 +149,10 @@ pub fn init(log: &LogSettings, telemetry: &TelemetrySettings) -> anyhow::Result<
     let otel_layer = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("tokenbroker"))
+            // Source location and target stay; thread ids and busy/idle timings say little
+            // about an async call and cost a clock read per poll.
+            .with_threads(false)
+            .with_tracked_inactivity(false)
             .with_filter(filter_fn(exported).with_max_level_hint(LevelFilter::DEBUG))
     });
     tracing_subscriber::registry()

@@ -12,6 +12,7 @@ mod grpcurl;
 mod introspect;
 mod issue;
 mod list;
+mod otel;
 mod refresh;
 mod revoke;
 mod secrets;
