@@ -213,9 +213,7 @@ impl TokenBroker for GrpcAdapter {
         let caller = self.caller(request.metadata()).await?;
         let (metadata, _, message) = request.into_parts();
         let account = match message.account {
-            Some(Account::AccountId(id)) => {
-                AccountRef::Id(record("account_id", AccountId::parse(&id)?))
-            }
+            Some(Account::AccountId(id)) => AccountRef::Id(AccountId::parse(&id)?),
             Some(Account::Email(email)) => AccountRef::Email(Email::parse(&email)?),
             None => {
                 return Err(
@@ -237,6 +235,9 @@ impl TokenBroker for GrpcAdapter {
                 ),
             )
             .await?;
+        if let Some(id) = &listed.account_id {
+            record("account_id", id);
+        }
         Ok(Response::new(pb::ListTokensResponse {
             account_id: listed
                 .account_id

@@ -213,6 +213,46 @@ mod tests {
     }
 
     #[test]
+    fn settings_load_from_the_environment_and_are_checked() {
+        use std::collections::HashMap;
+
+        use crate::config::Settings;
+        let env = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let s = Settings::load(
+            None,
+            &env(&[
+                (
+                    "TOKENBROKER_TELEMETRY__OTLP_ENDPOINT",
+                    "http://otel-collector:4317",
+                ),
+                ("TOKENBROKER_TELEMETRY__SERVICE_NAME", "broker-eu"),
+                ("TOKENBROKER_TELEMETRY__SAMPLING_RATIO", "0.1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.telemetry.endpoint(), Some("http://otel-collector:4317"));
+        assert_eq!(s.telemetry.service_name, "broker-eu");
+        assert!((s.telemetry.sampling_ratio - 0.1).abs() < f64::EPSILON);
+        let err = Settings::load(
+            None,
+            &env(&[("TOKENBROKER_TELEMETRY__SAMPLING_RATIO", "2")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("telemetry.sampling_ratio"),
+            "{err}"
+        );
+        let err =
+            Settings::load(None, &env(&[("TOKENBROKER_TELEMETRY__ENDPOINT", "x")])).unwrap_err();
+        assert!(err.to_string().contains("endpoint"), "{err}");
+    }
+
+    #[test]
     fn export_is_off_by_default() {
         let settings = TelemetrySettings::default();
         assert_eq!(settings.endpoint(), None);
