@@ -107,7 +107,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("configuration is valid");
         return Ok(());
     }
-    telemetry::init(&settings.log)?;
+    let telemetry = telemetry::init(&settings.log, &settings.telemetry)?;
 
     if args.config.is_none() && settings.api_keys.is_empty() {
         let keys = dev::generate_dev_keys();
@@ -128,11 +128,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         warn!("no api keys configured: only RefreshTokens and Revoke by secret can succeed");
     }
 
-    let app = Application::build(settings).await?;
-    // On stdout, for people and scripts: with `--listen 127.0.0.1:0` this is how they learn
-    // the port.
-    println!("tokenbroker listening on {}", app.local_addr());
-    app.run_until_stopped(shutdown_signal()).await
+    let served = async {
+        let app = Application::build(settings).await?;
+        // On stdout, for people and scripts: with `--listen 127.0.0.1:0` this is how they
+        // learn the port.
+        println!("tokenbroker listening on {}", app.local_addr());
+        app.run_until_stopped(shutdown_signal()).await
+    }
+    .await;
+    // Whether the broker stopped or failed, the spans of its last calls are exported.
+    telemetry.shutdown().await;
+    served
 }
 
 fn gen_key(name: &str, role: &str) -> anyhow::Result<()> {

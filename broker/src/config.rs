@@ -23,6 +23,7 @@ use crate::{
     limits::LimitSettings,
     metrics::MetricsSettings,
     store::Durability,
+    telemetry::TelemetrySettings,
     tls::TlsSettings,
 };
 
@@ -73,6 +74,8 @@ pub struct Settings {
     pub tokens: TokenSettings,
     /// Log output.
     pub log: LogSettings,
+    /// `[telemetry]`: trace export over OTLP (off by default).
+    pub telemetry: TelemetrySettings,
     /// The API keys callers authenticate with. Empty with no config file: dev mode.
     pub api_keys: Vec<ApiKeyConfig>,
     /// `[[cert_callers]]`: client certificate subjects that authenticate as callers (mTLS).
@@ -413,6 +416,7 @@ impl Settings {
         self.limits.validate().map_err(ConfigError)?;
         self.audit.validate()?;
         self.validate_tls()?;
+        self.telemetry.validate()?;
         match checks.iter().find(|(bad, _)| *bad) {
             Some((_, message)) => Err(ConfigError((*message).to_owned())),
             None => self.cognito.validate().map_err(ConfigError),

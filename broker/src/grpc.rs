@@ -3,7 +3,9 @@
 //! Each method authenticates the caller, converts the request into domain types, calls the
 //! service under the call's deadline and converts the answer. This is the only module that
 //! builds a `tonic::Status`, and [`From<BrokerError> for Status`] is the only place domain errors
-//! become one.
+//! become one. Each call runs in the RPC span that [`Traced`] opens around the service.
+
+mod trace;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -18,7 +20,7 @@ use tonic::{
     metadata::MetadataMap,
     server::NamedService,
 };
-use tracing::{Span, error, instrument, warn};
+use tracing::{Span, error, warn};
 
 use crate::{
     auth::{Authenticator, Caller},
@@ -32,7 +34,10 @@ use crate::{
         AccountRef, AssertedClaims, Broker, IssueRequest, ListRequest, RefreshRequest, RevokeBy,
         Subject,
     },
+    telemetry::context::{self, TRACEPARENT, TRACESTATE},
 };
+
+pub use self::trace::Traced;
 
 /// The `TokenBroker` gRPC service.
 #[derive(Debug, Clone)]
@@ -117,7 +122,12 @@ impl GrpcAdapter {
             .map(|t| t.saturating_sub((t / 10).min(Duration::from_millis(10))))
             .map_or(self.request_timeout, |t| t.min(self.request_timeout));
         let at = tokio::time::Instant::now() + deadline;
-        match tokio::time::timeout_at(at, crate::deadline::scope(at, work)).await {
+        let header = |name| metadata.get(name).and_then(|v| v.to_str().ok());
+        let work = context::scope(
+            context::incoming(header(TRACEPARENT), header(TRACESTATE)),
+            crate::deadline::scope(at, work),
+        );
+        match tokio::time::timeout_at(at, work).await {
             Ok(result) => result.map_err(Status::from),
             Err(_) => Err(BrokerError::DeadlineExceeded.into()),
         }
@@ -126,7 +136,6 @@ impl GrpcAdapter {
 
 #[tonic::async_trait]
 impl TokenBroker for GrpcAdapter {
-    #[instrument(skip_all, fields(rpc = "IssueTokens", caller = tracing::field::Empty))]
     async fn issue_tokens(
         &self,
         request: Request<pb::IssueTokensRequest>,
@@ -138,6 +147,7 @@ impl TokenBroker for GrpcAdapter {
             .within(&metadata, self.broker.issue(caller.as_deref(), parsed))
             .await?;
         let pair = &issued.pair;
+        record_pair(pair);
         Ok(Response::new(pb::IssueTokensResponse {
             account_id: pair.account_id.to_string(),
             family_id: pair.family_id.to_string(),
@@ -147,7 +157,6 @@ impl TokenBroker for GrpcAdapter {
         }))
     }
 
-    #[instrument(skip_all, fields(rpc = "RefreshTokens", caller = tracing::field::Empty))]
     async fn refresh_tokens(
         &self,
         request: Request<pb::RefreshTokensRequest>,
@@ -161,10 +170,10 @@ impl TokenBroker for GrpcAdapter {
             client_id: parse_name("client_id", &message.client_id)?,
         };
         let pair = self.within(&metadata, self.broker.refresh(parsed)).await?;
+        record_pair(&pair);
         Ok(Response::new(refresh_response(&pair)))
     }
 
-    #[instrument(skip_all, fields(rpc = "Revoke", caller = tracing::field::Empty))]
     async fn revoke(
         &self,
         request: Request<pb::RevokeRequest>,
@@ -177,9 +186,15 @@ impl TokenBroker for GrpcAdapter {
                 secret: SecretString::from(secret),
                 client_id: parse_name("client_id", &message.client_id)?,
             },
-            Some(Target::TokenId(id)) => RevokeBy::TokenId(TokenId::parse(&id)?),
-            Some(Target::FamilyId(id)) => RevokeBy::FamilyId(FamilyId::parse(&id)?),
-            Some(Target::AccountId(id)) => RevokeBy::AccountId(AccountId::parse(&id)?),
+            Some(Target::TokenId(id)) => {
+                RevokeBy::TokenId(record("token_id", TokenId::parse(&id)?))
+            }
+            Some(Target::FamilyId(id)) => {
+                RevokeBy::FamilyId(record("family_id", FamilyId::parse(&id)?))
+            }
+            Some(Target::AccountId(id)) => {
+                RevokeBy::AccountId(record("account_id", AccountId::parse(&id)?))
+            }
             Some(Target::Email(email)) => RevokeBy::Email(Email::parse(&email)?),
             None => {
                 return Err(BrokerError::invalid(
@@ -194,7 +209,6 @@ impl TokenBroker for GrpcAdapter {
         Ok(Response::new(pb::RevokeResponse { revoked_count }))
     }
 
-    #[instrument(skip_all, fields(rpc = "Introspect", caller = tracing::field::Empty))]
     async fn introspect(
         &self,
         request: Request<pb::IntrospectRequest>,
@@ -213,6 +227,8 @@ impl TokenBroker for GrpcAdapter {
         let Some(info) = info else {
             return Ok(Response::new(pb::IntrospectResponse::default()));
         };
+        record("token_id", &info.id);
+        record("account_id", &info.account_id);
         Ok(Response::new(pb::IntrospectResponse {
             active: true,
             token_id: info.id.to_string(),
@@ -227,7 +243,6 @@ impl TokenBroker for GrpcAdapter {
         }))
     }
 
-    #[instrument(skip_all, fields(rpc = "ListTokens", caller = tracing::field::Empty))]
     async fn list_tokens(
         &self,
         request: Request<pb::ListTokensRequest>,
@@ -258,6 +273,9 @@ impl TokenBroker for GrpcAdapter {
                 ),
             )
             .await?;
+        if let Some(id) = &listed.account_id {
+            record("account_id", id);
+        }
         Ok(Response::new(pb::ListTokensResponse {
             account_id: listed
                 .account_id
@@ -427,6 +445,20 @@ fn issue_request(message: pb::IssueTokensRequest) -> Result<IssueRequest, Broker
         refresh_ttl_seconds: message.refresh_ttl_seconds,
         metadata,
     })
+}
+
+/// Records an id on the call's span (see [`Traced`]) and returns it.
+fn record<T: std::fmt::Display>(field: &'static str, id: T) -> T {
+    Span::current().record(field, tracing::field::display(&id));
+    id
+}
+
+/// Records a minted pair's ids (never its secrets) on the call's span.
+fn record_pair(pair: &MintedPair) {
+    record("account_id", &pair.account_id);
+    record("family_id", &pair.family_id);
+    record("refresh_token_id", &pair.refresh.id);
+    record("access_token_id", &pair.access.id);
 }
 
 fn refresh_response(pair: &MintedPair) -> pb::RefreshTokensResponse {

@@ -16,13 +16,13 @@ use crate::{
     clock::{Clock, SystemClock},
     cognito::{COGNITO_HEALTH_SERVICE, CognitoVerifier},
     config::{Settings, StoreBackend},
-    grpc::{GrpcAdapter, SizeLimited},
+    grpc::{GrpcAdapter, SizeLimited, Traced},
     limits::Limiter,
     metrics::{MeteredService, Metrics, MetricsServer},
     service::Broker,
     store::{
         CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaConfig, FaunaStore, MeteredStore,
-        TokenStore,
+        TokenStore, TracedStore,
     },
     tls::TlsServer,
 };
@@ -108,13 +108,14 @@ impl Application {
                     Arc::clone(&clock),
                 )
                 .context("failed to open the embedded store")?;
-                Arc::new(
+                Arc::new(TracedStore::new(
                     CachedStore::new(
                         MeteredStore::new(embedded, Arc::clone(&metrics)),
                         settings.store.account_cache_capacity,
                     )
                     .with_metrics(Arc::clone(&metrics)),
-                )
+                    "sqlite",
+                ))
             }
             StoreBackend::Fauna => {
                 let fauna = &settings.store.fauna;
@@ -128,13 +129,14 @@ impl Application {
                 .context("failed to set up the fauna store")?
                 .with_metrics(Arc::clone(&metrics));
                 info!(endpoint = %fauna.endpoint, "fauna store configured");
-                Arc::new(
+                Arc::new(TracedStore::new(
                     CachedStore::new(
                         MeteredStore::new(store, Arc::clone(&metrics)),
                         settings.store.account_cache_capacity,
                     )
                     .with_metrics(Arc::clone(&metrics)),
-                )
+                    "fauna",
+                ))
             }
         };
         let mut broker = Broker::new(Arc::clone(&store), settings.tokens.clone(), clock)
@@ -241,10 +243,10 @@ impl Application {
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(MeteredService::new(
+            .add_service(Traced::new(MeteredService::new(
                 SizeLimited::new(self.adapter, self.max_request_bytes),
                 Arc::clone(&self.metrics),
-            ));
+            )));
         let stopped = async {
             let _ = stopped.await;
         };

@@ -15,6 +15,7 @@ mod issue;
 mod limits;
 mod list;
 mod metrics;
+mod otel;
 mod refresh;
 mod revoke;
 mod secrets;

@@ -196,6 +196,8 @@ pub struct Recorded {
     pub max_contention_retries: Option<String>,
     /// `traceparent`.
     pub traceparent: Option<String>,
+    /// `tracestate`.
+    pub tracestate: Option<String>,
 }
 
 /// A running Fauna double; it stops when dropped.
@@ -680,6 +682,7 @@ impl Shared {
             last_txn_ts: header(headers, "x-last-txn-ts"),
             max_contention_retries: header(headers, "x-max-contention-retries"),
             traceparent: header(headers, "traceparent"),
+            tracestate: header(headers, "tracestate"),
         });
         requests.len() - 1
     }

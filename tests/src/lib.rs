@@ -1,9 +1,10 @@
 //! Test support for tokenbroker: a broker on a loopback port with a client per role, log
-//! capture, bounded polling, and the load tool's echo server.
+//! capture, bounded polling, an OTLP trace collector, and the load tool's echo server.
 
 pub mod cognito;
 pub mod echo;
 pub mod fauna;
+pub mod otlp;
 
 use std::{
     future::Future,
@@ -426,12 +427,26 @@ impl BrokerProcess {
     ///
     /// If it cannot start or exits before listening.
     pub async fn start(cwd: &Path, extra_args: &[&std::ffi::OsStr]) -> Self {
+        Self::start_with_env(cwd, extra_args, &[]).await
+    }
+
+    /// Like [`BrokerProcess::start`], with extra environment variables.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot start or exits before listening.
+    pub async fn start_with_env(
+        cwd: &Path,
+        extra_args: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+    ) -> Self {
         use tokio::io::{AsyncBufReadExt as _, BufReader};
         let mut child = tokio::process::Command::new(workspace_binary("tokenbroker"))
             .args(["--listen", "127.0.0.1:0"])
             .args(extra_args)
             .current_dir(cwd)
             .env_remove("TOKENBROKER_CONFIG")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -455,6 +470,25 @@ impl BrokerProcess {
             endpoint: format!("http://{address}"),
             address,
         }
+    }
+
+    /// Sends SIGTERM (a graceful stop) and waits, at most 30 s, for the process to exit.
+    ///
+    /// # Panics
+    ///
+    /// If the signal cannot be sent or the process does not exit in time.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("the broker is still running");
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the broker exits within 30 s of SIGTERM")
+            .expect("the broker's exit status")
     }
 }
 

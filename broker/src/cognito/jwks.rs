@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use jsonwebtoken::DecodingKey;
 use serde::Deserialize;
 use tokio::sync::{Mutex, watch};
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::{clock::Clock, metrics::Metrics, model::UnixMicros};
 
@@ -162,16 +162,47 @@ impl HttpJwksSource {
         }
     }
 
+    /// Fetches once, in an HTTP client span (`DEBUG`) whose context the request carries as
+    /// `traceparent`.
     async fn fetch_once(&self) -> Result<Jwks, JwksError> {
-        let mut response = self
+        let span = tracing::debug_span!(
+            "jwks.fetch",
+            otel.name = "GET",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = "GET",
+            url.full = %self.url,
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let trace = span.in_scope(crate::telemetry::context::outgoing);
+        let fetched = self.fetch_in_span(trace).instrument(span.clone()).await;
+        if let Err(err) = &fetched {
+            span.record("error.type", tracing::field::display(err));
+            span.record("otel.status_code", "ERROR");
+        }
+        fetched
+    }
+
+    async fn fetch_in_span(
+        &self,
+        trace: Option<crate::telemetry::context::Outgoing>,
+    ) -> Result<Jwks, JwksError> {
+        use crate::telemetry::context::{TRACEPARENT, TRACESTATE};
+        let mut request = self
             .client
             .get(&self.url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(classify)?;
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(trace) = trace {
+            request = request.header(TRACEPARENT, trace.traceparent);
+            if let Some(state) = trace.tracestate {
+                request = request.header(TRACESTATE, state);
+            }
+        }
+        let mut response = request.send().await.map_err(classify)?;
         // Classify by status before reading the body: an error page is not a malformed JWKS.
         let status = response.status();
+        tracing::Span::current().record("http.response.status_code", status.as_u16());
         if !status.is_success() {
             return Err(JwksError::Status(status.as_u16()));
         }

@@ -1,5 +1,5 @@
 //! Token stores: one async trait, every operation atomic, one conformance suite
-//! (`testsuite`, behind the feature of that name) that every backend passes, and decorators that add caching and metrics.
+//! (`testsuite`, behind the feature of that name) that every backend passes, and decorators that add caching, metrics and tracing.
 
 mod cached;
 mod embedded;
@@ -7,6 +7,7 @@ pub mod fauna;
 mod metered;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
+mod traced;
 
 use std::{error::Error as StdError, fmt};
 
@@ -17,6 +18,7 @@ pub use cached::CachedStore;
 pub use embedded::{Durability, EmbeddedStore, EmbeddedStoreConfig};
 pub use fauna::{FaunaConfig, FaunaStore};
 pub use metered::MeteredStore;
+pub use traced::TracedStore;
 
 use crate::model::{
     AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,

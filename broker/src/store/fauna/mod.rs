@@ -33,7 +33,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tracing::{debug, error, warn};
+use tracing::{Instrument as _, debug, debug_span, error, field::Empty, warn};
 
 use self::wire::Class;
 use super::{StoreError, StoreErrorKind, StoreResult, TokenStore};
@@ -45,6 +45,7 @@ use crate::{
         PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo,
         TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros, random_hex,
     },
+    telemetry::context::{self, TRACEPARENT, TRACESTATE},
 };
 
 /// Settings of the Fauna store.
@@ -132,6 +133,8 @@ enum Answer {
 pub struct FaunaStore {
     client: reqwest::Client,
     url: String,
+    /// The endpoint's host and port, for the HTTP spans' `server.address` and `server.port`.
+    server: (String, u16),
     server_auth: HeaderValue,
     config: FaunaConfig,
     /// The highest `txn_ts` seen, sent as `X-Last-Txn-Ts` so reads never go back in time.
@@ -190,9 +193,17 @@ impl FaunaStore {
                     Some(Box::new(err)),
                 )
             })?;
+        let url = format!("{endpoint}/query/1");
+        let parsed = reqwest::Url::parse(&url)
+            .map_err(|_| misconfigured("store.fauna.endpoint is not a valid URL"))?;
+        let server = (
+            parsed.host_str().unwrap_or_default().to_owned(),
+            parsed.port_or_known_default().unwrap_or_default(),
+        );
         Ok(Self {
             client,
-            url: format!("{endpoint}/query/1"),
+            url,
+            server,
             server_auth,
             config,
             last_txn_ts: AtomicI64::new(0),
@@ -245,7 +256,10 @@ impl FaunaStore {
                 None => self.config.query_timeout,
             };
             self.requests[op as usize].fetch_add(1, Ordering::Relaxed);
-            let class = match self.send(name, bearer, body.clone(), timeout).await {
+            let sent = self
+                .send(name, attempt, bearer, body.clone(), timeout)
+                .await;
+            let class = match sent {
                 Ok((status, bytes)) => wire::classify(status, &bytes),
                 Err(err) if err.is_timeout() => Class::Transient("no answer in time".into()),
                 Err(err) => Class::Transient(format!("request failed: {err}")),
@@ -328,15 +342,75 @@ impl FaunaStore {
         }
     }
 
-    /// Sends one request and reads the whole answer.
+    /// Sends one request and reads the whole answer, in an HTTP client span (`DEBUG`) whose
+    /// context the request carries as `traceparent`.
     async fn send(
         &self,
         name: &str,
+        attempt: u32,
+        bearer: Bearer<'_>,
+        body: String,
+        timeout: Duration,
+    ) -> Result<(u16, Vec<u8>), reqwest::Error> {
+        let span = debug_span!(
+            "fauna.query",
+            otel.name = "POST",
+            otel.kind = "client",
+            otel.status_code = Empty,
+            http.request.method = "POST",
+            url.full = %self.url,
+            server.address = %self.server.0,
+            server.port = self.server.1,
+            db.system.name = "fauna",
+            db.operation.name = name,
+            http.request.resend_count = attempt.saturating_sub(1),
+            http.response.status_code = Empty,
+            error.type = Empty,
+        );
+        let trace = span.in_scope(context::outgoing);
+        let sent = self
+            .send_in_span(name, trace, bearer, body, timeout)
+            .instrument(span.clone())
+            .await;
+        match &sent {
+            Ok((status, _)) => {
+                span.record("http.response.status_code", status);
+                if *status >= 500 {
+                    span.record("error.type", status);
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+            Err(err) => {
+                let kind = if err.is_timeout() {
+                    "timeout"
+                } else {
+                    "request"
+                };
+                span.record("error.type", kind);
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        sent
+    }
+
+    async fn send_in_span(
+        &self,
+        name: &str,
+        trace: Option<context::Outgoing>,
         bearer: Bearer<'_>,
         body: String,
         timeout: Duration,
     ) -> Result<(u16, Vec<u8>), reqwest::Error> {
         let mut headers = HeaderMap::new();
+        if let Some(trace) = trace {
+            // Checked W3C syntax (or our own ids): always a valid header value.
+            if let Ok(value) = HeaderValue::from_str(&trace.traceparent) {
+                headers.insert(TRACEPARENT, value);
+            }
+            if let Some(Ok(value)) = trace.tracestate.as_deref().map(HeaderValue::from_str) {
+                headers.insert(TRACESTATE, value);
+            }
+        }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert("x-format", HeaderValue::from_static("tagged"));
         let millis = u64::try_from(timeout.as_millis())
