@@ -98,24 +98,9 @@ async fn every_privileged_operation_is_audited_with_its_ids() {
     let normalised = "audit.me@example.com";
 
     let pair = broker.issue_for_client(email, "web").await;
-    let next = broker
-        .anonymous
-        .refresh_tokens(pb::RefreshTokensRequest {
-            refresh_token: expose(&pair.refresh.secret),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let next = broker.refresh(&pair.refresh.secret).await.unwrap();
     assert_eq!(
-        kind_of(
-            broker
-                .anonymous
-                .refresh_tokens(pb::RefreshTokensRequest {
-                    refresh_token: expose(&pair.refresh.secret),
-                    ..Default::default()
-                })
-                .await
-        ),
+        kind_of(broker.refresh(&pair.refresh.secret).await),
         ClientErrorKind::Unauthenticated,
         "reuse"
     );
@@ -345,13 +330,7 @@ async fn an_unwritable_sink_makes_privileged_operations_fail_and_changes_nothing
         })
         .await;
     assert_eq!(kind_of(by_secret), ClientErrorKind::Unavailable);
-    let refresh = broker
-        .anonymous
-        .refresh_tokens(pb::RefreshTokensRequest {
-            refresh_token: expose(&pair.refresh.secret),
-            ..Default::default()
-        })
-        .await;
+    let refresh = broker.refresh(&pair.refresh.secret).await;
     assert_eq!(kind_of(refresh), ClientErrorKind::Unavailable);
     assert_eq!(
         kind_of(

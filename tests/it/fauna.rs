@@ -110,27 +110,13 @@ async fn full_flow_over_grpc_mints_real_fauna_tokens() {
     assert_eq!(info.client_id, "web");
     assert_eq!(info.family_id, pair.family_id);
 
-    let next = broker
-        .anonymous
-        .refresh_tokens(pb::RefreshTokensRequest {
-            refresh_token: expose(&pair.refresh.secret),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let next = broker.refresh(&pair.refresh.secret).await.unwrap();
     assert_eq!(next.family_id, pair.family_id);
     assert!(!broker.is_active(&pair.refresh.secret).await, "consumed");
     assert!(broker.is_active(&next.access.secret).await);
 
-    let revoked = broker
-        .admin
-        .revoke(pb::RevokeRequest {
-            target: Some(pb::revoke_request::Target::Email("flow@example.com".into())),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(revoked.revoked_count, 3, "first access, and the new pair");
+    let revoked = broker.revoke_email("flow@example.com").await;
+    assert_eq!(revoked, 3, "first access, and the new pair");
     for secret in [
         &pair.access.secret,
         &next.access.secret,
@@ -161,14 +147,7 @@ async fn every_rpc_costs_one_fauna_request() {
         .unwrap();
     assert_eq!(sent(&double), ["introspect"]);
 
-    let next = broker
-        .anonymous
-        .refresh_tokens(pb::RefreshTokensRequest {
-            refresh_token: expose(&first.refresh.secret),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let next = broker.refresh(&first.refresh.secret).await.unwrap();
     assert_eq!(sent(&double), ["rotate"]);
 
     let list = broker

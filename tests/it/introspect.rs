@@ -71,14 +71,7 @@ async fn anything_but_an_active_token_is_bare_inactive() {
     );
 
     let rotated = broker.issue("vic@example.com").await;
-    broker
-        .anonymous
-        .refresh_tokens(pb::RefreshTokensRequest {
-            refresh_token: expose(&rotated.refresh.secret),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    broker.refresh(&rotated.refresh.secret).await.unwrap();
     assert_bare_inactive(
         &introspect(&broker, &expose(&rotated.refresh.secret), "").await,
         "rotated",

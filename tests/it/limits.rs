@@ -62,16 +62,7 @@ async fn a_caller_over_its_budget_is_throttled_while_another_is_served() {
             .unwrap();
         assert!(!info.active);
     }
-    broker
-        .admin
-        .revoke(pb::RevokeRequest {
-            target: Some(pb::revoke_request::Target::Email(
-                "user0@example.com".into(),
-            )),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    broker.revoke_email("user0@example.com").await;
     // The trigger is still over budget unless the refill time has passed…
     let started = Instant::now();
     let still = broker

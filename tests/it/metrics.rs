@@ -7,9 +7,9 @@ use tokenbroker::{
     clock::{Clock, SystemClock},
     config::{Settings, StoreBackend},
 };
-use tokenbroker_client::{ClientErrorKind, pb};
+use tokenbroker_client::ClientErrorKind;
 use tokenbroker_tests::{
-    TestBroker, claims_request, expose,
+    TestBroker, claims_request,
     fauna::{Fault, FaunaDouble},
 };
 
@@ -97,14 +97,7 @@ async fn a_scripted_flow_shows_in_the_counters() {
 
     let pair = broker.issue("metrics@example.com").await;
     assert!(broker.is_active(&pair.access.secret).await);
-    let next = broker
-        .anonymous
-        .refresh_tokens(pb::RefreshTokensRequest {
-            refresh_token: expose(&pair.refresh.secret),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let next = broker.refresh(&pair.refresh.secret).await.unwrap();
     // Bad requests: an anonymous introspection and a malformed email.
     assert_eq!(
         kind_of(
@@ -124,17 +117,8 @@ async fn a_scripted_flow_shows_in_the_counters() {
         ),
         ClientErrorKind::InvalidArgument
     );
-    let revoked = broker
-        .admin
-        .revoke(pb::RevokeRequest {
-            target: Some(pb::revoke_request::Target::Email(
-                "metrics@example.com".into(),
-            )),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(revoked.revoked_count, 3);
+    let revoked = broker.revoke_email("metrics@example.com").await;
+    assert_eq!(revoked, 3);
     assert!(!broker.is_active(&next.access.secret).await);
 
     let after = Scrape::parse(broker.scrape().await);

@@ -93,14 +93,7 @@ async fn another_clients_token_cannot_be_revoked_by_secret() {
 async fn revoking_a_refresh_token_cascades_to_its_family_only() {
     let broker = TestBroker::spawn().await;
     let session = broker.issue("rae@example.com").await;
-    let rotated = broker
-        .anonymous
-        .refresh_tokens(pb::RefreshTokensRequest {
-            refresh_token: expose(&session.refresh.secret),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let rotated = broker.refresh(&session.refresh.secret).await.unwrap();
     let other = broker.issue("rae@example.com").await;
     broker
         .anonymous

@@ -36,26 +36,12 @@ async fn no_secret_reaches_logs_errors_or_debug_output() {
         .introspect_secret(&pair.access.secret)
         .await
         .unwrap();
-    let next = broker
-        .anonymous
-        .refresh_tokens(pb::RefreshTokensRequest {
-            refresh_token: expose(&pair.refresh.secret),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let next = broker.refresh(&pair.refresh.secret).await.unwrap();
     debug.push(format!("{next:?}"));
     secrets.extend([expose(&next.access.secret), expose(&next.refresh.secret)]);
 
     // Reuse (grace 0): the family is revoked; the error must not echo the secret.
-    let reuse = broker
-        .anonymous
-        .refresh_tokens(pb::RefreshTokensRequest {
-            refresh_token: expose(&pair.refresh.secret),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let reuse = broker.refresh(&pair.refresh.secret).await.unwrap_err();
     errors.push(reuse.to_string());
 
     // A wrong API key, a wrong client, garbage secrets: errors must not echo them.
@@ -103,14 +89,7 @@ async fn no_secret_reaches_logs_errors_or_debug_output() {
             .unwrap_err()
             .to_string(),
     );
-    broker
-        .admin
-        .revoke(pb::RevokeRequest {
-            target: Some(pb::revoke_request::Target::Email("leak@example.com".into())),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    broker.revoke_email("leak@example.com").await;
     // An admin's introspection and listing are audited too.
     broker
         .admin

@@ -23,7 +23,7 @@ use tokenbroker::{
     config::Settings,
     dev::generate_dev_keys,
 };
-use tokenbroker_client::{Client, TlsOptions, TokenPair, pb};
+use tokenbroker_client::{Client, ClientResult, TlsOptions, TokenPair, pb};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -289,6 +289,36 @@ impl TestBroker {
             .await
             .expect("Introspect succeeds")
             .active
+    }
+
+    /// Rotates `refresh` as its holder does: RefreshTokens without a credential.
+    ///
+    /// # Errors
+    ///
+    /// The call's error.
+    pub async fn refresh(&self, refresh: &SecretString) -> ClientResult<TokenPair> {
+        self.anonymous
+            .refresh_tokens(pb::RefreshTokensRequest {
+                refresh_token: expose(refresh),
+                ..Default::default()
+            })
+            .await
+    }
+
+    /// Revokes every token of the account with `email` (admin); returns how many were active.
+    ///
+    /// # Panics
+    ///
+    /// If the call fails.
+    pub async fn revoke_email(&self, email: &str) -> u64 {
+        self.admin
+            .revoke(pb::RevokeRequest {
+                target: Some(pb::revoke_request::Target::Email(email.into())),
+                ..Default::default()
+            })
+            .await
+            .expect("Revoke succeeds")
+            .revoked_count
     }
 
     /// Lists every token of the account with `email`, inactive ones included (admin).
