@@ -73,6 +73,9 @@ pub struct Incoming(Option<Outgoing>);
 /// Call it before `span` is first entered: a span's parent is fixed when it starts.
 pub fn link_parent(span: &Span, traceparent: Option<&str>, tracestate: Option<&str>) {
     if !exporting() {
+        if span.is_disabled() {
+            return;
+        }
         if let Some(parsed) = traceparent.and_then(TraceParent::parse) {
             span.record("trace_id", parsed.trace_id);
         }
