@@ -21,8 +21,8 @@ use crate::{
     metrics::{MeteredService, Metrics, MetricsServer},
     service::Broker,
     store::{
-        CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaConfig, FaunaStore, MeteredStore,
-        TokenStore, TracedStore,
+        CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaConfig, FaunaStore, ObservedStore,
+        TokenStore,
     },
     tls::TlsServer,
 };
@@ -108,14 +108,13 @@ impl Application {
                     Arc::clone(&clock),
                 )
                 .context("failed to open the embedded store")?;
-                Arc::new(TracedStore::new(
+                Arc::new(
                     CachedStore::new(
-                        MeteredStore::new(embedded, Arc::clone(&metrics)),
+                        ObservedStore::new(embedded, Arc::clone(&metrics), "sqlite"),
                         settings.store.account_cache_capacity,
                     )
                     .with_metrics(Arc::clone(&metrics)),
-                    "sqlite",
-                ))
+                )
             }
             StoreBackend::Fauna => {
                 let fauna = &settings.store.fauna;
@@ -129,14 +128,13 @@ impl Application {
                 .context("failed to set up the fauna store")?
                 .with_metrics(Arc::clone(&metrics));
                 info!(endpoint = %fauna.endpoint, "fauna store configured");
-                Arc::new(TracedStore::new(
+                Arc::new(
                     CachedStore::new(
-                        MeteredStore::new(store, Arc::clone(&metrics)),
+                        ObservedStore::new(store, Arc::clone(&metrics), "fauna"),
                         settings.store.account_cache_capacity,
                     )
                     .with_metrics(Arc::clone(&metrics)),
-                    "fauna",
-                ))
+                )
             }
         };
         let mut broker = Broker::new(Arc::clone(&store), settings.tokens.clone(), clock)

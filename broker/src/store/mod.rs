@@ -1,13 +1,13 @@
 //! Token stores: one async trait, every operation atomic, one conformance suite
-//! (`testsuite`, behind the feature of that name) that every backend passes, and decorators that add caching, metrics and tracing.
+//! (`testsuite`, behind the feature of that name) that every backend passes, and decorators:
+//! the account cache and [`ObservedStore`] (spans and metrics).
 
 mod cached;
 mod embedded;
 pub mod fauna;
-mod metered;
+mod observed;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
-mod traced;
 
 use std::{error::Error as StdError, fmt};
 
@@ -17,8 +17,7 @@ use secrecy::SecretString;
 pub use cached::CachedStore;
 pub use embedded::{Durability, EmbeddedStore, EmbeddedStoreConfig};
 pub use fauna::{FaunaConfig, FaunaStore};
-pub use metered::MeteredStore;
-pub use traced::TracedStore;
+pub use observed::ObservedStore;
 
 use crate::model::{
     AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,

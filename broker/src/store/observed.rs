@@ -1,0 +1,163 @@
+//! A decorator that makes every backend operation observable, for any backend:
+//!
+//! - a span `store.<operation>` at `DEBUG`, with `db.system.name` (the backend),
+//!   `db.operation.name`, and `error.type` (the [`StoreErrorKind`](super::StoreErrorKind)) when
+//!   it fails; never an argument (secrets, emails and metadata stay out). At `DEBUG` the spans
+//!   cost nothing unless a subscriber wants them: the default log filter does not, the OTLP
+//!   exporter, when configured, does;
+//! - its latency and failures by kind in `tokenbroker_store_*`.
+//!
+//! It wraps the backend inside the account cache, so a cached account lookup is not a store
+//! operation: spans and histograms show what the backend costs.
+
+use std::{fmt, future::Future, sync::Arc, time::Instant};
+
+use async_trait::async_trait;
+use secrecy::SecretString;
+use tracing::{Instrument as _, debug_span, field::Empty};
+
+use super::{StoreResult, TokenStore};
+use crate::{
+    metrics::Metrics,
+    model::{
+        AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget,
+        Rotation, SecretRevocation, TokenInfo, TokenPage,
+    },
+};
+
+/// A store operation; its discriminant indexes [`crate::metrics::STORE_OPERATIONS`].
+#[derive(Debug, Clone, Copy)]
+enum Operation {
+    Issue,
+    Refresh,
+    Introspect,
+    RevokeSecret,
+    Revoke,
+    AccountByEmail,
+    ListTokens,
+}
+
+impl Operation {
+    /// The span's name and the operation's name.
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Issue => ("store.issue", "issue"),
+            Self::Refresh => ("store.refresh", "refresh"),
+            Self::Introspect => ("store.introspect", "introspect"),
+            Self::RevokeSecret => ("store.revoke_secret", "revoke_secret"),
+            Self::Revoke => ("store.revoke", "revoke"),
+            Self::AccountByEmail => ("store.account_by_email", "account_by_email"),
+            Self::ListTokens => ("store.list_tokens", "list_tokens"),
+        }
+    }
+}
+
+/// A [`TokenStore`] whose every operation runs in its own span and is timed.
+pub struct ObservedStore<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    system: &'static str,
+}
+
+impl<S: TokenStore> ObservedStore<S> {
+    /// Wraps `inner`, recording into `metrics`; `system` names the backend in
+    /// `db.system.name` (`sqlite`, `fauna`).
+    pub fn new(inner: S, metrics: Arc<Metrics>, system: &'static str) -> Self {
+        Self {
+            inner,
+            metrics,
+            system,
+        }
+    }
+
+    async fn observed<T>(
+        &self,
+        operation: Operation,
+        work: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let (name, operation_name) = operation.names();
+        let span = debug_span!(
+            "store",
+            otel.name = name,
+            db.system.name = self.system,
+            db.operation.name = operation_name,
+            error.type = Empty,
+            otel.status_code = Empty,
+        );
+        let started = Instant::now();
+        let result = work.instrument(span.clone()).await;
+        let error = result.as_ref().err().map(|err| err.kind());
+        self.metrics
+            .store_operation(operation as usize, started.elapsed(), error);
+        if let Some(kind) = error {
+            span.record("error.type", tracing::field::debug(kind));
+            span.record("otel.status_code", "ERROR");
+        }
+        result
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for ObservedStore<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObservedStore")
+            .field("inner", &self.inner)
+            .field("system", &self.system)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl<S: TokenStore> TokenStore for ObservedStore<S> {
+    async fn issue(&self, session: NewSession) -> StoreResult<MintedPair> {
+        self.observed(Operation::Issue, self.inner.issue(session))
+            .await
+    }
+
+    async fn refresh(
+        &self,
+        secret: &SecretString,
+        rotation: Rotation,
+    ) -> StoreResult<RefreshOutcome> {
+        self.observed(Operation::Refresh, self.inner.refresh(secret, rotation))
+            .await
+    }
+
+    async fn introspect(&self, secret: &SecretString) -> StoreResult<Option<TokenInfo>> {
+        self.observed(Operation::Introspect, self.inner.introspect(secret))
+            .await
+    }
+
+    async fn revoke_secret(
+        &self,
+        secret: &SecretString,
+        client_id: Option<&str>,
+    ) -> StoreResult<SecretRevocation> {
+        self.observed(
+            Operation::RevokeSecret,
+            self.inner.revoke_secret(secret, client_id),
+        )
+        .await
+    }
+
+    async fn revoke(&self, target: RevokeTarget) -> StoreResult<u64> {
+        self.observed(Operation::Revoke, self.inner.revoke(target))
+            .await
+    }
+
+    async fn account_by_email(&self, email: &Email) -> StoreResult<Option<AccountId>> {
+        self.observed(
+            Operation::AccountByEmail,
+            self.inner.account_by_email(email),
+        )
+        .await
+    }
+
+    async fn list_tokens(&self, account: &AccountId, page: PageRequest) -> StoreResult<TokenPage> {
+        self.observed(Operation::ListTokens, self.inner.list_tokens(account, page))
+            .await
+    }
+
+    async fn close(&self) -> StoreResult<()> {
+        self.inner.close().await
+    }
+}
