@@ -1,10 +1,16 @@
-//! The trigger Lambda in the real Lambda runtime emulator (`cargo lambda watch`), invoked with
-//! `cargo lambda invoke`, against a real broker on loopback: claims that introspect active,
-//! idempotent retries, both failure policies with the broker stopped or hung, and no secret in
-//! the function's log output.
+//! The trigger Lambda in the real Lambda runtime emulator, invoked with `cargo lambda invoke`,
+//! against a real broker on loopback: claims that introspect active, idempotent retries, both
+//! failure policies with the broker stopped or hung, and no secret in the function's log output.
 //!
-//! Each test starts its own emulator (the function's settings come from its environment) in
-//! its own process group, and stops the whole group when it ends. Every wait is bounded.
+//! The emulator is `cargo lambda watch --only-lambda-apis` (the Runtime API and the invoke
+//! endpoint, without building the function); the function is the workspace's own `bootstrap`
+//! binary, already built by `cargo build --workspace --bins`, started with the environment the
+//! emulator names. `cargo lambda watch` without that flag would `cargo run` the trigger alone,
+//! whose features differ from the workspace build's: a second build of half the tree.
+//!
+//! Each test starts its own emulator and function (the function's settings come from its
+//! environment) in one process group, and stops the whole group when it ends. Every wait is
+//! bounded.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -18,21 +24,19 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokenbroker_client::pb;
-use tokenbroker_tests::{TestBroker, expose};
+use tokenbroker_tests::{TestBroker, expose, workspace_binary};
 use tokio::{
     io::{AsyncRead, AsyncReadExt},
     process::{Child, Command},
 };
 
-/// How long the first invocation may take: the emulator builds the function then (`cargo run`
-/// of the trigger alone, whose features differ from the workspace build's; a cold `target/`
-/// on two shared cores).
-const BUILD_LIMIT: Duration = Duration::from_secs(900);
-/// How long the emulator may take to listen, and a later invocation to answer.
+/// How long the emulator may take to listen, and an invocation to answer.
 const START_LIMIT: Duration = Duration::from_secs(60);
 const INVOKE_LIMIT: Duration = Duration::from_secs(120);
 /// Room for the `cargo lambda invoke` process itself around the function's own deadline.
 const INVOKE_SLACK: Duration = Duration::from_secs(3);
+/// The function name the emulator gives a function it does not start itself.
+const FUNCTION: &str = "_";
 
 fn trigger_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../trigger")
@@ -56,9 +60,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `cargo lambda watch` running the trigger with the given environment.
+/// The Lambda runtime emulator and the trigger's `bootstrap` polling it, in one process group.
 struct Emulator {
-    child: Child,
+    emulator: Child,
+    function: Child,
     port: u16,
     output: Arc<Mutex<Vec<u8>>>,
     dir: TempDir,
@@ -68,16 +73,12 @@ impl Emulator {
     async fn start(env: &[(&str, &str)]) -> Self {
         require_cargo_lambda();
         let dir = tempfile::tempdir().expect("temp dir");
-        let env_file = dir.path().join("function.env");
-        let lines: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        std::fs::write(&env_file, lines.join("\n")).expect("env file");
         let port = free_port();
-        let mut child = Command::new("cargo")
-            .args(["lambda", "watch", "--ignore-changes", "--bin", "bootstrap"])
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut emulator = Command::new("cargo")
+            .args(["lambda", "watch", "--only-lambda-apis"])
             .args(["--invoke-address", "127.0.0.1", "--invoke-port"])
             .arg(port.to_string())
-            .arg("--env-file")
-            .arg(&env_file)
             .current_dir(trigger_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -86,31 +87,50 @@ impl Emulator {
             .kill_on_drop(true)
             .spawn()
             .expect("cargo lambda watch starts");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        collect(child.stdout.take().expect("piped"), output.clone());
-        collect(child.stderr.take().expect("piped"), output.clone());
-        let emulator = Self {
-            child,
-            port,
-            output,
-            dir,
-        };
+        collect(emulator.stdout.take().expect("piped"), output.clone());
+        collect(emulator.stderr.take().expect("piped"), output.clone());
+        let group = emulator.id().expect("running") as i32;
+
         let started = Instant::now();
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         while tokio::net::TcpStream::connect(addr).await.is_err() {
             assert!(
                 started.elapsed() < START_LIMIT,
                 "the emulator listens within {START_LIMIT:?}: {}",
-                emulator.output()
+                String::from_utf8_lossy(&output.lock().expect("output lock"))
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // The emulator builds and starts the function (`cargo run`) on the first invocation.
-        // Warm it up with an event that never reaches the broker, so the invocations the tests
-        // time measure the function, not cargo.
-        let (reply, _) = emulator
-            .invoke_within(&client_credentials(), BUILD_LIMIT)
-            .await;
+
+        // What the emulator prints for a function it does not start, and what Lambda sets.
+        let runtime_api = format!("http://127.0.0.1:{port}/.rt");
+        let mut function = Command::new(workspace_binary("bootstrap"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("AWS_LAMBDA_RUNTIME_API", runtime_api)
+            .env("AWS_LAMBDA_FUNCTION_NAME", FUNCTION)
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(group)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the bootstrap binary starts");
+        collect(function.stdout.take().expect("piped"), output.clone());
+        collect(function.stderr.take().expect("piped"), output.clone());
+
+        let emulator = Self {
+            emulator,
+            function,
+            port,
+            output,
+            dir,
+        };
+        // A first event that never reaches the broker: the function is polling the emulator.
+        let (reply, _) = emulator.invoke(&client_credentials()).await;
         assert_eq!(
             reply.as_ref().ok(),
             Some(&client_credentials()),
@@ -127,19 +147,11 @@ impl Emulator {
 
     /// Invokes the function with `event`: the reply, or the error text, and how long it took.
     async fn invoke(&self, event: &Value) -> (Result<Value, String>, Duration) {
-        self.invoke_within(event, INVOKE_LIMIT).await
-    }
-
-    async fn invoke_within(
-        &self,
-        event: &Value,
-        limit: Duration,
-    ) -> (Result<Value, String>, Duration) {
         let file = self.dir.path().join("event.json");
         std::fs::write(&file, event.to_string()).expect("event file");
         let started = Instant::now();
         let invoke = Command::new("cargo")
-            .args(["lambda", "invoke", "bootstrap", "--output-format", "json"])
+            .args(["lambda", "invoke", FUNCTION, "--output-format", "json"])
             .args(["--invoke-address", "127.0.0.1", "--invoke-port"])
             .arg(self.port.to_string())
             .arg("--data-file")
@@ -147,7 +159,7 @@ impl Emulator {
             .current_dir(trigger_dir())
             .kill_on_drop(true)
             .output();
-        let output = tokio::time::timeout(limit, invoke)
+        let output = tokio::time::timeout(INVOKE_LIMIT, invoke)
             .await
             .unwrap_or_else(|_| panic!("the invocation answers: {}", self.output()))
             .expect("cargo lambda invoke runs");
@@ -166,12 +178,16 @@ impl Emulator {
     /// Stops the emulator and the function (SIGINT to the group, then SIGKILL) and returns
     /// their output.
     async fn stop(mut self) -> String {
-        let group = format!("-{}", self.child.id().expect("running"));
+        let group = self.group();
         let _ = Command::new("kill")
             .args(["-INT", "--", &group])
             .status()
             .await;
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+        let both = async {
+            let _ = self.function.wait().await;
+            let _ = self.emulator.wait().await;
+        };
+        if tokio::time::timeout(Duration::from_secs(10), both)
             .await
             .is_err()
         {
@@ -179,22 +195,26 @@ impl Emulator {
                 .args(["-KILL", "--", &group])
                 .status()
                 .await;
-            let _ = self.child.wait().await;
+            let _ = self.function.wait().await;
+            let _ = self.emulator.wait().await;
         }
         // The readers drain what is left once the pipes close.
         tokio::time::sleep(Duration::from_millis(200)).await;
         self.output()
     }
+
+    /// The process group, as `kill` takes it.
+    fn group(&self) -> String {
+        format!("-{}", self.emulator.id().unwrap_or_default())
+    }
 }
 
 impl Drop for Emulator {
-    /// A failed test does not get to `stop`: still end the function with the emulator.
+    /// A failed test does not get to `stop`: still end the function and the emulator.
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait()
-            && let Some(id) = self.child.id()
-        {
+        if let Ok(None) = self.emulator.try_wait() {
             let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{id}")])
+                .args(["-KILL", "--", &self.group()])
                 .status();
         }
     }
