@@ -72,9 +72,16 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
         if session.known_account.is_none() {
             session.known_account = self.cached(&session.email).await;
         }
-        let email = session.email.as_str().to_owned();
+        // Only a sign-in the cache could not help is worth remembering: an insert costs more
+        // than a lookup, and a returning user's entry is already there.
+        let remember = session
+            .known_account
+            .is_none()
+            .then(|| session.email.as_str().to_owned());
         let pair = self.inner.issue(session).await?;
-        self.accounts.insert(email, pair.account_id.clone()).await;
+        if let Some(email) = remember {
+            self.accounts.insert(email, pair.account_id.clone()).await;
+        }
         Ok(pair)
     }
 
