@@ -1,10 +1,10 @@
 //! The embedded store: one SQLite file in WAL mode, the default backend.
 //!
 //! Writes go through a single writer thread that drains its queue into one transaction per
-//! batch (group commit): each operation runs in its own savepoint, so one failing operation does
-//! not undo its neighbours, and every reply waits for the batch's COMMIT, so an acknowledged
-//! write is durable (across a process kill with `normal` durability, across power loss with
-//! `full`). A single writer also makes every operation trivially atomic: two first sign-ins of
+//! batch (group commit): one failing operation does not undo its neighbours (the batch runs
+//! again with a savepoint per operation), and every reply waits for the batch's COMMIT, so an
+//! acknowledged write is durable (across a process kill with `normal` durability, across power
+//! loss with `full`). A single writer also makes every operation trivially atomic: two first sign-ins of
 //! one email, or fifty refreshes of one token, are simply serialised.
 //!
 //! Reads (introspection, listing) use a small pool of read-only connections and run inline on
@@ -12,7 +12,8 @@
 //! blocking thread would.
 //!
 //! Secrets never reach this module's SQL: only their SHA-256 digests are stored and compared
-//! (in constant time). Expired tokens are deleted in the background, in small batches.
+//! (in constant time). Expired tokens are deleted by the writer in small batches, on schedule
+//! even while writes keep it busy.
 
 use std::{
     fmt, fs,
@@ -51,6 +52,9 @@ const DB_FILE: &str = "tokenbroker.db";
 const MAX_BATCH: usize = 512;
 /// Most expired tokens deleted in one transaction, so cleanup never holds the writer for long.
 const CLEANUP_BATCH: usize = 1000;
+/// While a backlog of expired tokens drains, the writer serves writes for this long between
+/// two cleanup transactions.
+const CLEANUP_PAUSE: Duration = Duration::from_millis(25);
 /// Most idle read connections kept open.
 const MAX_IDLE_READERS: usize = 8;
 
@@ -883,19 +887,21 @@ impl Writer {
     fn run(mut self) {
         let mut next_cleanup = Instant::now() + self.cleanup_interval;
         loop {
+            // Checked before waiting for writes, not only when none arrive: under sustained
+            // load the queue is never empty, and expired tokens must still be collected.
+            if Instant::now() >= next_cleanup {
+                let more = self.collect_expired();
+                next_cleanup = Instant::now()
+                    + if more {
+                        CLEANUP_PAUSE
+                    } else {
+                        self.cleanup_interval
+                    };
+            }
             let wait = next_cleanup.saturating_duration_since(Instant::now());
             let first = match self.jobs.recv_timeout(wait) {
                 Ok(job) => job,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let full = self.collect_expired();
-                    next_cleanup = Instant::now()
-                        + if full {
-                            Duration::ZERO
-                        } else {
-                            self.cleanup_interval
-                        };
-                    continue;
-                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
             let mut batch = Vec::with_capacity(16);
@@ -1366,6 +1372,62 @@ mod tests {
             2,
             "only the long-lived pair remains, got {ids:?}"
         );
+        store.close().await.expect("close succeeds");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cleanup_runs_while_writes_keep_the_writer_busy() {
+        const WRITES: usize = 2000;
+        let dir = TempDir::new().expect("a temporary directory can be created");
+        let clock = Arc::new(ManualClock::new());
+        let store = Arc::new(
+            EmbeddedStore::open(
+                &config(dir.path(), Duration::from_millis(50)),
+                Arc::clone(&clock) as Arc<dyn Clock>,
+            )
+            .expect("the store opens"),
+        );
+        let short = store
+            .issue(session(
+                "carol@example.com",
+                Duration::from_secs(60),
+                Duration::from_secs(3600),
+            ))
+            .await
+            .expect("issue succeeds");
+        let account = short.account_id.clone();
+        clock.advance(Duration::from_secs(61));
+
+        // About two seconds of writes queued at once: the writer's queue is never empty
+        // until they have all run. Each counts itself on the writer thread as it runs.
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writes: Vec<_> = (0..WRITES)
+            .map(|_| {
+                let (store, ran) = (Arc::clone(&store), Arc::clone(&ran));
+                tokio::spawn(async move {
+                    store
+                        .write(move |_, _| {
+                            thread::sleep(Duration::from_millis(1));
+                            ran.fetch_add(1, Ordering::SeqCst);
+                            Ok(())
+                        })
+                        .await
+                        .expect("the write succeeds");
+                })
+            })
+            .collect();
+        eventually("the expired access token is deleted", || async {
+            !listed(&store, &account).await.contains(&short.access.id)
+        })
+        .await;
+        let ran = ran.load(Ordering::SeqCst);
+        assert!(
+            ran < WRITES,
+            "cleanup waited until the queue was empty ({ran} of {WRITES} writes had run)"
+        );
+        for write in writes {
+            write.await.expect("the write task ends");
+        }
         store.close().await.expect("close succeeds");
     }
 
