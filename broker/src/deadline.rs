@@ -10,8 +10,8 @@ tokio::task_local! {
 }
 
 /// Runs `work` with `deadline` as the current call's deadline.
-pub async fn scope<F: Future>(deadline: Instant, work: F) -> F::Output {
-    DEADLINE.scope(deadline, work).await
+pub fn scope<F: Future>(deadline: Instant, work: F) -> impl Future<Output = F::Output> {
+    DEADLINE.scope(deadline, work)
 }
 
 /// Returns the time left before the current call's deadline, if one is set.

@@ -123,9 +123,11 @@ impl GrpcAdapter {
             .map_or(self.request_timeout, |t| t.min(self.request_timeout));
         let at = tokio::time::Instant::now() + deadline;
         let header = |name| metadata.get(name).and_then(|v| v.to_str().ok());
+        // Boxed once here: the service's futures are large, and each wrapper below would
+        // otherwise copy the whole state machine again on every call.
         let work = context::scope(
             context::incoming(header(TRACEPARENT), header(TRACESTATE)),
-            crate::deadline::scope(at, work),
+            crate::deadline::scope(at, Box::pin(work)),
         );
         match tokio::time::timeout_at(at, work).await {
             Ok(result) => result.map_err(Status::from),

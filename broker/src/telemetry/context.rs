@@ -118,8 +118,8 @@ pub fn incoming(traceparent: Option<&str>, tracestate: Option<&str>) -> Incoming
 }
 
 /// Runs `work` with `incoming` as the current call's trace context.
-pub async fn scope<F: Future>(incoming: Incoming, work: F) -> F::Output {
-    INCOMING.scope(incoming, work).await
+pub fn scope<F: Future>(incoming: Incoming, work: F) -> impl Future<Output = F::Output> {
+    INCOMING.scope(incoming, work)
 }
 
 /// Returns the trace context an outbound request made now should carry: the current span's
