@@ -223,12 +223,7 @@ impl FaunaDouble {
     ///
     /// If no loopback port can be bound.
     pub async fn start(clock: Arc<dyn Clock>) -> Self {
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("a loopback port is free");
-        let addr = listener
-            .local_addr()
-            .expect("bound listener has an address");
+        let (listener, addr) = crate::loopback_listener().await;
         let schema_version = clock.now().0;
         let shared = Arc::new(Shared {
             clock,

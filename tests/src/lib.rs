@@ -522,6 +522,21 @@ impl BrokerProcess {
     }
 }
 
+/// Binds a listener on a free loopback port, for the test servers and doubles.
+///
+/// # Panics
+///
+/// If no loopback port can be bound.
+pub async fn loopback_listener() -> (tokio::net::TcpListener, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("a loopback port is free");
+    let addr = listener
+        .local_addr()
+        .expect("bound listener has an address");
+    (listener, addr)
+}
+
 /// Returns the path of a workspace binary built next to the running test binary.
 ///
 /// # Panics

@@ -16,7 +16,7 @@ use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, KeyValue, any_value::Value},
     trace::v1::Span,
 };
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
 /// One received span, with the `service.name` of the resource that sent it.
@@ -141,12 +141,7 @@ impl OtlpCollector {
     ///
     /// If no loopback port can be bound.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("a loopback port is free");
-        let addr = listener
-            .local_addr()
-            .expect("bound listener has an address");
+        let (listener, addr) = crate::loopback_listener().await;
         let received = Received::default();
         let service = TraceServiceServer::new(received.clone());
         let task = tokio::spawn(async move {

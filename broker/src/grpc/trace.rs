@@ -22,7 +22,10 @@ use tonic::{
 use tracing::{Instrument as _, Span, debug_span, field::Empty, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::telemetry::context::{self, TRACEPARENT, TRACESTATE};
+use crate::{
+    metrics::grpc_code,
+    telemetry::context::{self, TRACEPARENT, TRACESTATE},
+};
 
 /// Wraps a gRPC service so that each call runs in its own RPC span.
 #[derive(Debug, Clone)]
@@ -60,7 +63,7 @@ where
         Box::pin(async move {
             let result = call.await;
             if let Ok(response) = &result {
-                record_outcome(&span, response.headers());
+                record_outcome(&span, grpc_code(response));
             }
             result
         })
@@ -112,16 +115,9 @@ fn rpc_span(path: &str, headers: &http::HeaderMap) -> Span {
     span
 }
 
-/// Records the call's gRPC code: a failure's travels in the response headers (a
-/// trailers-only response); a response without one is a success whose `grpc-status: 0`
-/// follows in the trailers.
-fn record_outcome(span: &Span, headers: &http::HeaderMap) {
-    let code = headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i64>().ok())
-        .unwrap_or(0);
-    span.record("rpc.grpc.status_code", code);
+/// Records the call's gRPC code (see [`grpc_code`]).
+fn record_outcome(span: &Span, code: usize) {
+    span.record("rpc.grpc.status_code", code as u64);
     // The server-side failures of OpenTelemetry's gRPC conventions: UNKNOWN,
     // DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS. A client's mistake
     // (INVALID_ARGUMENT, PERMISSION_DENIED...) is not the server's error.

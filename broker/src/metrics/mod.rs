@@ -25,6 +25,7 @@ use std::{
 use serde::Deserialize;
 
 pub use http::MetricsServer;
+pub(crate) use rpc::grpc_code;
 pub use rpc::{MeteredService, RPC_METHODS};
 
 use crate::store::StoreErrorKind;

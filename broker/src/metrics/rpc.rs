@@ -112,8 +112,9 @@ where
     }
 }
 
-/// The gRPC status code of a response head: its `grpc-status` header, or `OK` without one.
-fn grpc_code<R>(response: &http::Response<R>) -> usize {
+/// The gRPC status code of a response head: its `grpc-status` header, or `OK` without one;
+/// `UNKNOWN` for a header that is not a known code.
+pub(crate) fn grpc_code<R>(response: &http::Response<R>) -> usize {
     match response.headers().get("grpc-status") {
         None => 0,
         Some(value) => std::str::from_utf8(value.as_bytes())

@@ -226,9 +226,7 @@ fn client_verifier(
 ///
 /// A message naming the file and what is wrong with it; never the key's content.
 pub fn check(settings: &TlsSettings) -> anyhow::Result<()> {
-    settings.validate().map_err(anyhow::Error::msg)?;
-    Files::read(settings)?.server_config(settings)?;
-    Ok(())
+    TlsServer::load(settings).map(drop)
 }
 
 /// The listener's TLS: the current server config and the settings to reload it from.
@@ -287,10 +285,9 @@ impl TlsServer {
                     if seen == fingerprint {
                         return Ok((seen, None));
                     }
-                    match files.server_config(&settings) {
-                        Ok(config) => Ok((seen, Some(config))),
-                        Err(err) => Err(err),
-                    }
+                    files
+                        .server_config(&settings)
+                        .map(|config| (seen, Some(config)))
                 })
                 .await;
                 match loaded {
