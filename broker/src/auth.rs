@@ -112,7 +112,8 @@ pub struct CertCallerConfig {
 
 /// Maps presented credentials to callers.
 pub struct Authenticator {
-    keys: HashMap<SecretDigest, Arc<Caller>>,
+    /// Looked up on every call: hashed with foldhash (randomly seeded), not SipHash.
+    keys: HashMap<SecretDigest, Arc<Caller>, foldhash::fast::RandomState>,
     cognito: Option<Arc<CognitoVerifier>>,
     certificates: HashMap<DistinguishedName, Arc<Caller>>,
 }
@@ -135,7 +136,7 @@ impl Authenticator {
     /// A message naming the key whose digest is not 64 hex digits, whose name is empty, or
     /// whose digest is configured twice.
     pub fn new(keys: &[ApiKeyConfig]) -> Result<Self, String> {
-        let mut table = HashMap::new();
+        let mut table = HashMap::default();
         for key in keys {
             if key.name.trim().is_empty() {
                 return Err("an api key has an empty name".into());

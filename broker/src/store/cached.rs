@@ -22,7 +22,7 @@ use crate::{
 /// A [`TokenStore`] that remembers which account each email belongs to.
 pub struct CachedStore<S> {
     inner: S,
-    accounts: Cache<String, AccountId>,
+    accounts: Cache<String, AccountId, foldhash::fast::RandomState>,
     metrics: Arc<Metrics>,
 }
 
@@ -31,7 +31,9 @@ impl<S: TokenStore> CachedStore<S> {
     pub fn new(inner: S, capacity: u64) -> Self {
         Self {
             inner,
-            accounts: Cache::builder().max_capacity(capacity).build(),
+            accounts: Cache::builder()
+                .max_capacity(capacity)
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             metrics: Arc::default(),
         }
     }
