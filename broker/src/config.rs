@@ -219,7 +219,7 @@ pub struct EmbeddedSettings {
     pub dir: PathBuf,
     /// `normal` (survives a process crash) or `full` (fsync per commit; survives power loss).
     pub durability: Durability,
-    /// How often expired tokens are deleted.
+    /// How often a pass that deletes expired tokens starts.
     pub cleanup_interval_seconds: u64,
 }
 

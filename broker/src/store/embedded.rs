@@ -50,16 +50,21 @@ use crate::{
 const DB_FILE: &str = "tokenbroker.db";
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
-/// Most expired tokens deleted in one transaction, so cleanup never holds the writer for long.
-const CLEANUP_BATCH: usize = 1000;
-/// While a backlog of expired tokens drains, the writer serves writes for this long between
-/// two cleanup transactions.
+/// Most tokens one cleanup step looks at (and so deletes), so cleanup never holds the writer
+/// for long.
+const CLEANUP_WINDOW: i64 = 2000;
+/// While a cleanup pass is under way, the writer serves writes for at least this long between
+/// two steps...
 const CLEANUP_PAUSE: Duration = Duration::from_millis(25);
+/// ...and for at least this many times as long as the last step took, so a pass over a large
+/// store spends at most 1/(1 + this) of the writer's time.
+const CLEANUP_PAUSE_FACTOR: u32 = 19;
 /// Most idle read connections kept open.
 const MAX_IDLE_READERS: usize = 8;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE accounts (
     id          TEXT PRIMARY KEY,
     email       TEXT NOT NULL UNIQUE,
@@ -85,7 +90,11 @@ CREATE TABLE tokens (
 CREATE INDEX tokens_by_account ON tokens (account_id, issued_at, id);
 CREATE INDEX tokens_by_family ON tokens (family_id);
 CREATE INDEX tokens_by_expiry ON tokens (expires_at);
-"];
+",
+    // The expiry index cost every sign-in two insertion points, a sixth of the pages each
+    // commit writes; cleanup walks the table in id order instead (see `Writer::collect_expired`).
+    "DROP INDEX tokens_by_expiry;",
+];
 
 /// How hard SQLite works to keep a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -106,7 +115,7 @@ pub struct EmbeddedStoreConfig {
     pub dir: PathBuf,
     /// Commit durability.
     pub durability: Durability,
-    /// How often expired tokens are collected.
+    /// How often a cleanup pass (see `Writer::collect_expired`) starts.
     pub cleanup_interval: Duration,
 }
 
@@ -166,6 +175,7 @@ impl EmbeddedStore {
             clock: Arc::clone(&clock),
             last_stamp: UnixMicros(0),
             cleanup_interval: config.cleanup_interval,
+            cleanup_after: None,
             _stop_checkpoints: stop_checkpoints,
         };
         thread::Builder::new()
@@ -879,6 +889,8 @@ struct Writer {
     /// and "issued after it" never tie, whatever the clock's resolution.
     last_stamp: UnixMicros,
     cleanup_interval: Duration,
+    /// Where the cleanup pass under way continues: after this token id. `None` between passes.
+    cleanup_after: Option<String>,
     /// Dropped with the writer, which stops the checkpoint thread.
     _stop_checkpoints: mpsc::Sender<()>,
 }
@@ -890,10 +902,11 @@ impl Writer {
             // Checked before waiting for writes, not only when none arrive: under sustained
             // load the queue is never empty, and expired tokens must still be collected.
             if Instant::now() >= next_cleanup {
+                let started = Instant::now();
                 let more = self.collect_expired();
                 next_cleanup = Instant::now()
                     + if more {
-                        CLEANUP_PAUSE
+                        CLEANUP_PAUSE.max(started.elapsed() * CLEANUP_PAUSE_FACTOR)
                     } else {
                         self.cleanup_interval
                     };
@@ -1004,19 +1017,42 @@ impl Writer {
         self.conn.prepare_cached(sql)?.execute([]).map(|_| ())
     }
 
-    /// Deletes one batch of expired tokens; returns whether the batch was full (more to do).
+    /// Runs one step of a cleanup pass: deletes the expired tokens among the next
+    /// [`CLEANUP_WINDOW`] tokens in id order. Returns whether the pass goes on (the table has
+    /// tokens past this window).
+    ///
+    /// A pass walks the whole table rather than an index on expiry: keeping such an index cost
+    /// every sign-in two more B-tree insertion points. Token ids begin with their issue time, so
+    /// the oldest tokens, the likeliest to have expired, come first. A failed step is logged and
+    /// ends the pass; the next one starts after `cleanup_interval`.
     fn collect_expired(&mut self) -> bool {
         let now = self.stamp();
-        let deleted = self.conn.execute(
-            "DELETE FROM tokens WHERE id IN \
-             (SELECT id FROM tokens WHERE expires_at <= ?1 LIMIT ?2)",
-            params![now.0, CLEANUP_BATCH as i64],
-        );
-        match deleted {
-            Ok(0) => false,
-            Ok(n) => {
-                debug!(deleted = n, "expired tokens collected");
-                n == CLEANUP_BATCH
+        let after = self.cleanup_after.take().unwrap_or_default();
+        let step = || -> rusqlite::Result<(usize, Option<String>)> {
+            // The window's last id; none when fewer tokens than a window remain.
+            let last: Option<String> = self
+                .conn
+                .prepare_cached(
+                    "SELECT id FROM tokens WHERE id > ?1 ORDER BY id LIMIT 1 OFFSET ?2",
+                )?
+                .query_row(params![after, CLEANUP_WINDOW - 1], |r| r.get(0))
+                .optional()?;
+            let deleted = self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM tokens WHERE id > ?1 AND (?2 IS NULL OR id <= ?2) \
+                     AND expires_at <= ?3",
+                )?
+                .execute(params![after, last, now.0])?;
+            Ok((deleted, last))
+        };
+        match step() {
+            Ok((deleted, last)) => {
+                if deleted > 0 {
+                    debug!(deleted, "expired tokens collected");
+                }
+                self.cleanup_after = last;
+                self.cleanup_after.is_some()
             }
             Err(err) => {
                 warn!(error = %err, "expired token cleanup failed");
@@ -1429,6 +1465,122 @@ mod tests {
             write.await.expect("the write task ends");
         }
         store.close().await.expect("close succeeds");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cleanup_pass_covers_every_window_of_the_table() {
+        // More than one cleanup window of tokens, so a pass takes several steps; the expired
+        // half (the access tokens) is spread over every window.
+        const PAIRS: usize = CLEANUP_WINDOW as usize * 3 / 2;
+        let dir = TempDir::new().expect("a temporary directory can be created");
+        let clock = Arc::new(ManualClock::new());
+        let store = Arc::new(
+            EmbeddedStore::open(
+                &config(dir.path(), Duration::from_millis(50)),
+                Arc::clone(&clock) as Arc<dyn Clock>,
+            )
+            .expect("the store opens"),
+        );
+        let issues: Vec<_> = (0..PAIRS)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    store
+                        .issue(session(
+                            &format!("user{}@example.com", i % 10),
+                            Duration::from_secs(60),
+                            Duration::from_secs(3600),
+                        ))
+                        .await
+                        .expect("issue succeeds")
+                })
+            })
+            .collect();
+        for issue in issues {
+            issue.await.expect("the issue task ends");
+        }
+        let count = |kind: &'static str| {
+            store
+                .read(move |conn, _| {
+                    conn.query_row("SELECT COUNT(*) FROM tokens WHERE kind = ?1", [kind], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                })
+                .expect("the count reads")
+        };
+        assert_eq!(count("access"), PAIRS as i64);
+
+        clock.advance(Duration::from_secs(61));
+        let mut left = count("access");
+        for _ in 0..400 {
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            left = count("access");
+        }
+        assert_eq!(left, 0, "expired access tokens left after the passes");
+        assert_eq!(count("refresh"), PAIRS as i64, "unexpired tokens are kept");
+        store.close().await.expect("close succeeds");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_1_database_migrates_with_its_tokens() {
+        let dir = TempDir::new().expect("a temporary directory can be created");
+        let (id, secret, digest) = secret::mint(TokenKind::Access);
+        let conn = Connection::open(dir.path().join(DB_FILE)).expect("the file opens");
+        conn.execute_batch(&format!(
+            "{} PRAGMA user_version = 1; \
+             INSERT INTO accounts (id, email, created_at) VALUES ('acc_1', 'dave@example.com', 1); \
+             INSERT INTO tokens (id, kind, account_id, family_id, secret_sha256, issued_at, expires_at) \
+             VALUES ('{}', 'access', 'acc_1', 'fam_1', x'{}', 1, 9223372036854775807);",
+            MIGRATIONS[0],
+            id.as_str(),
+            hex::encode(digest)
+        ))
+        .expect("the version 1 schema and a token are written");
+        drop(conn);
+
+        let store = EmbeddedStore::open(
+            &config(dir.path(), NO_CLEANUP),
+            Arc::new(ManualClock::new()),
+        )
+        .expect("the store opens and migrates");
+        let (version, expiry_index) = store
+            .read(|conn, _| {
+                Ok((
+                    conn.query_row("PRAGMA user_version", [], |r| r.get::<_, usize>(0))?,
+                    conn.query_row(
+                        "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'tokens_by_expiry'",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )?,
+                ))
+            })
+            .expect("the schema reads");
+        assert_eq!((version, expiry_index), (MIGRATIONS.len(), 0));
+        let info = store
+            .introspect(&secret)
+            .await
+            .expect("introspect succeeds")
+            .expect("the token stored before the migration is active");
+        assert_eq!(info.id, id);
+        store.close().await.expect("close succeeds");
+        drop(store);
+
+        let conn = Connection::open(dir.path().join(DB_FILE)).expect("the file opens");
+        conn.execute_batch(&format!("PRAGMA user_version = {}", MIGRATIONS.len() + 1))
+            .expect("the version is set");
+        drop(conn);
+        let err = EmbeddedStore::open(
+            &config(dir.path(), NO_CLEANUP),
+            Arc::new(ManualClock::new()),
+        )
+        .expect_err("a newer schema is refused");
+        assert!(
+            err.to_string().contains("newer than this binary knows"),
+            "{err}"
+        );
     }
 
     /// Returns the ids of every token of `account` still stored, whatever its state.
