@@ -725,6 +725,12 @@ enum RotationResult {
     },
 }
 
+/// Revokes a superseded successor (`?1`) and its access tokens. The family (`?3`) narrows the
+/// search to its index: `parent_id` has none, and without it this statement scanned the whole
+/// table on the writer.
+const SUPERSEDE: &str = "UPDATE tokens SET revoked_at = ?2 \
+     WHERE family_id = ?3 AND (id = ?1 OR parent_id = ?1) AND revoked_at IS NULL";
+
 fn rotate(
     conn: &Connection,
     now: UnixMicros,
@@ -767,10 +773,11 @@ fn rotate(
             });
         }
         debug!(token_id = %id, superseded = %successor, "refresh retried within grace window");
-        conn.prepare_cached(
-            "UPDATE tokens SET revoked_at = ?2 WHERE (id = ?1 OR parent_id = ?1) AND revoked_at IS NULL",
-        )?
-        .execute(params![successor.as_str(), now.0])?;
+        conn.prepare_cached(SUPERSEDE)?.execute(params![
+            successor.as_str(),
+            now.0,
+            row.family_id.as_str()
+        ])?;
     }
     insert_pair(
         conn,
@@ -1580,6 +1587,23 @@ mod tests {
         assert!(
             err.to_string().contains("newer than this binary knows"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn superseding_a_successor_searches_the_family_index() {
+        let conn = Connection::open_in_memory().expect("an in-memory database opens");
+        migrate(&conn).expect("the schema migrates");
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {SUPERSEDE}"))
+            .expect("the statement prepares")
+            .query_map(params!["tok_a", 1, "fam_a"], |r| r.get(3))
+            .expect("the plan runs")
+            .collect::<rusqlite::Result<_>>()
+            .expect("the plan reads");
+        assert!(
+            plan.iter().all(|step| step.contains("tokens_by_family")),
+            "{plan:?}"
         );
     }
 
