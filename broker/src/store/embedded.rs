@@ -1370,11 +1370,7 @@ mod tests {
     async fn expired_tokens_are_deleted_in_the_background() {
         let dir = TempDir::new().expect("a temporary directory can be created");
         let clock = Arc::new(ManualClock::new());
-        let store = EmbeddedStore::open(
-            &config(dir.path(), Duration::from_millis(50)),
-            Arc::clone(&clock) as Arc<dyn Clock>,
-        )
-        .expect("the store opens");
+        let store = cleaning_store(dir.path(), &clock);
         let short = store
             .issue(session(
                 "bob@example.com",
@@ -1425,13 +1421,7 @@ mod tests {
         const WRITES: usize = 2000;
         let dir = TempDir::new().expect("a temporary directory can be created");
         let clock = Arc::new(ManualClock::new());
-        let store = Arc::new(
-            EmbeddedStore::open(
-                &config(dir.path(), Duration::from_millis(50)),
-                Arc::clone(&clock) as Arc<dyn Clock>,
-            )
-            .expect("the store opens"),
-        );
+        let store = Arc::new(cleaning_store(dir.path(), &clock));
         let short = store
             .issue(session(
                 "carol@example.com",
@@ -1483,13 +1473,7 @@ mod tests {
         const PAIRS: usize = CLEANUP_WINDOW as usize * 3 / 2;
         let dir = TempDir::new().expect("a temporary directory can be created");
         let clock = Arc::new(ManualClock::new());
-        let store = Arc::new(
-            EmbeddedStore::open(
-                &config(dir.path(), Duration::from_millis(50)),
-                Arc::clone(&clock) as Arc<dyn Clock>,
-            )
-            .expect("the store opens"),
-        );
+        let store = Arc::new(cleaning_store(dir.path(), &clock));
         let issues: Vec<_> = (0..PAIRS)
             .map(|i| {
                 let store = Arc::clone(&store);
@@ -1609,6 +1593,15 @@ mod tests {
             plan.iter().all(|step| step.contains("tokens_by_family")),
             "{plan:?}"
         );
+    }
+
+    /// Opens a store in `dir` whose cleanup passes start every 50 ms.
+    fn cleaning_store(dir: &Path, clock: &Arc<ManualClock>) -> EmbeddedStore {
+        EmbeddedStore::open(
+            &config(dir, Duration::from_millis(50)),
+            Arc::clone(clock) as Arc<dyn Clock>,
+        )
+        .expect("the store opens")
     }
 
     /// Returns the ids of every token of `account` still stored, whatever its state.
