@@ -1,28 +1,27 @@
 //! tokenbroker: a gRPC service that mints, rotates, revokes and introspects refresh and access
 //! tokens for accounts identified by email.
 //!
-//! Layers, outermost first: [`grpc`] (the only module that knows tonic) → [`service`] (roles,
-//! lifetimes, idempotency) → [`store`] (an atomic [`store::TokenStore`] with decorators).
+//! The modules are layers; each imports only the ones listed before it (`scripts/check-layers`
+//! enforces it):
+//!
+//! - [`model`]: the values every layer shares (ids, emails, times, token facts, secrets, the
+//!   clock and the call's deadline);
+//! - [`obs`]: logs, traces, trace context and the metrics registry;
+//! - [`store`]: the atomic [`store::TokenStore`], its backends and decorators;
+//! - [`identity`]: who is calling (API keys, Cognito JWTs, client certificates) and their roles;
+//! - [`domain`]: the [`domain::Broker`] service (roles, lifetimes, idempotency, audit) and
+//!   [`BrokerError`];
+//! - [`grpc`]: the tonic adapter and its layers (admission, size limit, tracing, RPC metrics),
+//!   the only module besides `app` that knows tonic;
+//! - [`app`]: settings, start-up, the command line, dev mode and the listener's TLS.
 
-pub mod audit;
-pub mod auth;
-pub mod cli;
-pub mod clock;
-pub mod cognito;
-pub mod config;
-pub mod deadline;
-pub mod dev;
-pub mod error;
+pub mod app;
+pub mod domain;
 pub mod grpc;
-pub mod limits;
-pub mod metrics;
+pub mod identity;
 pub mod model;
-pub mod secret;
-pub mod service;
-pub mod startup;
+pub mod obs;
 pub mod store;
-pub mod telemetry;
-pub mod tls;
 
-pub use error::{BrokerError, BrokerErrorKind, BrokerResult};
-pub use startup::Application;
+pub use app::Application;
+pub use domain::{BrokerError, BrokerErrorKind, BrokerResult};

@@ -11,8 +11,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = tokenbroker::cli::Args::parse();
-    match tokenbroker::cli::run(args).await {
+    let args = tokenbroker::app::cli::Args::parse();
+    match tokenbroker::app::cli::run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tokenbroker: {err:#}");

@@ -23,8 +23,8 @@ use tracing::{Instrument as _, Span, debug_span, field::Empty, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
-    metrics::grpc_code,
-    telemetry::context::{self, TRACEPARENT, TRACESTATE},
+    grpc::metered::{GrpcCode, grpc_code},
+    obs::context::{self, TRACEPARENT, TRACESTATE},
 };
 
 /// Wraps a gRPC service so that each call runs in its own RPC span.
@@ -116,8 +116,9 @@ fn rpc_span(path: &str, headers: &http::HeaderMap) -> Span {
 }
 
 /// Records the call's gRPC code (see [`grpc_code`]).
-fn record_outcome(span: &Span, code: usize) {
-    span.record("rpc.grpc.status_code", code as u64);
+fn record_outcome(span: &Span, code: GrpcCode) {
+    let code = code.number();
+    span.record("rpc.grpc.status_code", u64::from(code));
     // The server-side failures of OpenTelemetry's gRPC conventions: UNKNOWN,
     // DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS. A client's mistake
     // (INVALID_ARGUMENT, PERMISSION_DENIED...) is not the server's error.

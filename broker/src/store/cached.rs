@@ -10,20 +10,20 @@ use async_trait::async_trait;
 use moka::future::Cache;
 use secrecy::SecretString;
 
-use super::{StoreResult, TokenStore};
+use super::{StoreMetrics, StoreResult, TokenStore};
 use crate::{
-    metrics::Metrics,
     model::{
         AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget,
         Rotation, SecretRevocation, TokenInfo, TokenPage,
     },
+    obs::metrics::CacheResult,
 };
 
 /// A [`TokenStore`] that remembers which account each email belongs to.
 pub struct CachedStore<S> {
     inner: S,
     accounts: Cache<String, AccountId, foldhash::fast::RandomState>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
 }
 
 impl<S: TokenStore> CachedStore<S> {
@@ -40,7 +40,7 @@ impl<S: TokenStore> CachedStore<S> {
 
     /// Records cache hits and misses into `metrics`
     /// (`tokenbroker_account_cache_lookups_total`).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<StoreMetrics>) -> Self {
         self.metrics = metrics;
         self
     }
@@ -48,8 +48,12 @@ impl<S: TokenStore> CachedStore<S> {
     /// Looks `email` up in the cache, counting the hit or miss.
     async fn cached(&self, email: &Email) -> Option<AccountId> {
         let found = self.accounts.get(email.as_str()).await;
-        let result = if found.is_some() { 0 } else { 1 };
-        self.metrics.account_cache.get([result]).inc();
+        let result = if found.is_some() {
+            CacheResult::Hit
+        } else {
+            CacheResult::Miss
+        };
+        self.metrics.account_cache.get(result).inc();
         found
     }
 

@@ -37,13 +37,13 @@ use tracing::{debug, error, info, warn};
 
 use super::{StoreError, StoreErrorKind, StoreResult, TokenStore};
 use crate::{
-    clock::Clock,
+    model::clock::Clock,
+    model::secret::{self, SecretDigest},
     model::{
         AccountId, Email, FamilyId, Metadata, MintedPair, MintedToken, NewSession, PageRequest,
         RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo, TokenKind,
         TokenPage, TokenRecord, TokenState, UnixMicros,
     },
-    secret::{self, SecretDigest},
 };
 
 /// The database file inside the data directory.
@@ -1200,8 +1200,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        clock::ManualClock,
         model::NewSession,
+        model::clock::ManualClock,
         store::testsuite::{StoreHarness, store_test_suite},
     };
 

@@ -5,7 +5,9 @@
 mod cached;
 mod embedded;
 pub mod fauna;
+pub mod metrics;
 mod observed;
+pub mod settings;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
 
@@ -16,8 +18,10 @@ use secrecy::SecretString;
 
 pub use cached::CachedStore;
 pub use embedded::{Durability, EmbeddedStore, EmbeddedStoreConfig};
-pub use fauna::{FaunaConfig, FaunaStore};
+pub use fauna::FaunaStore;
+pub use metrics::StoreMetrics;
 pub use observed::ObservedStore;
+pub use settings::{EmbeddedSettings, FaunaSettings, StoreBackend, StoreSettings};
 
 use crate::model::{
     AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,

@@ -16,53 +16,26 @@ use async_trait::async_trait;
 use secrecy::SecretString;
 use tracing::{Instrument as _, debug_span, field::Empty};
 
-use super::{StoreResult, TokenStore};
-use crate::{
-    metrics::Metrics,
-    model::{
-        AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget,
-        Rotation, SecretRevocation, TokenInfo, TokenPage,
-    },
+use super::{
+    StoreResult, TokenStore,
+    metrics::{Operation, StoreMetrics},
 };
-
-/// A store operation; its discriminant indexes [`crate::metrics::STORE_OPERATIONS`].
-#[derive(Debug, Clone, Copy)]
-enum Operation {
-    Issue,
-    Refresh,
-    Introspect,
-    RevokeSecret,
-    Revoke,
-    AccountByEmail,
-    ListTokens,
-}
-
-impl Operation {
-    /// The span's name and the operation's name.
-    fn names(self) -> (&'static str, &'static str) {
-        match self {
-            Self::Issue => ("store.issue", "issue"),
-            Self::Refresh => ("store.refresh", "refresh"),
-            Self::Introspect => ("store.introspect", "introspect"),
-            Self::RevokeSecret => ("store.revoke_secret", "revoke_secret"),
-            Self::Revoke => ("store.revoke", "revoke"),
-            Self::AccountByEmail => ("store.account_by_email", "account_by_email"),
-            Self::ListTokens => ("store.list_tokens", "list_tokens"),
-        }
-    }
-}
+use crate::model::{
+    AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,
+    SecretRevocation, TokenInfo, TokenPage,
+};
 
 /// A [`TokenStore`] whose every operation runs in its own span and is timed.
 pub struct ObservedStore<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
     system: &'static str,
 }
 
 impl<S: TokenStore> ObservedStore<S> {
     /// Wraps `inner`, recording into `metrics`; `system` names the backend in
     /// `db.system.name` (`sqlite`, `fauna`).
-    pub fn new(inner: S, metrics: Arc<Metrics>, system: &'static str) -> Self {
+    pub fn new(inner: S, metrics: Arc<StoreMetrics>, system: &'static str) -> Self {
         Self {
             inner,
             metrics,
@@ -75,20 +48,18 @@ impl<S: TokenStore> ObservedStore<S> {
         operation: Operation,
         work: impl Future<Output = StoreResult<T>>,
     ) -> StoreResult<T> {
-        let (name, operation_name) = operation.names();
         let span = debug_span!(
             "store",
-            otel.name = name,
+            otel.name = operation.span_name(),
             db.system.name = self.system,
-            db.operation.name = operation_name,
+            db.operation.name = operation.name(),
             error.type = Empty,
             otel.status_code = Empty,
         );
         let started = Instant::now();
         let result = work.instrument(span.clone()).await;
         let error = result.as_ref().err().map(|err| err.kind());
-        self.metrics
-            .store_operation(operation as usize, started.elapsed(), error);
+        self.metrics.operation(operation, started.elapsed(), error);
         if let Some(kind) = error {
             span.record("error.type", tracing::field::debug(kind));
             span.record("otel.status_code", "ERROR");

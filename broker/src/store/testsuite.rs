@@ -28,7 +28,7 @@ use tokio::task::{JoinError, JoinSet};
 
 use super::{StoreErrorKind, StoreResult, TokenStore};
 use crate::{
-    clock::{Clock, ManualClock},
+    model::clock::{Clock, ManualClock},
     model::{
         AccountId, Email, FamilyId, Metadata, MintedPair, NewSession, PageRequest, RefreshOutcome,
         RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo, TokenKind, TokenPage,

@@ -36,58 +36,23 @@ use serde_json::{Value, json};
 use tracing::{Instrument as _, debug, debug_span, error, field::Empty, warn};
 
 use self::wire::Class;
-use super::{StoreError, StoreErrorKind, StoreResult, TokenStore};
+use super::{
+    StoreError, StoreErrorKind, StoreResult, TokenStore,
+    metrics::{RetryClass, StoreMetrics},
+    settings::FaunaSettings,
+};
 use crate::{
-    deadline,
-    metrics::Metrics,
+    model::deadline,
     model::{
         AccountId, Email, FamilyId, MAX_SECRET_LEN, Metadata, MintedPair, MintedToken, NewSession,
         PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo,
         TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros, random_hex,
     },
-    telemetry::context::{self, TRACEPARENT, TRACESTATE},
+    obs::context::{self, TRACEPARENT, TRACESTATE},
 };
 
-/// Settings of the Fauna store.
-pub struct FaunaConfig {
-    /// Base URL of the Fauna HTTP API, such as `http://localhost:8443`.
-    pub endpoint: String,
-    /// The server key.
-    pub secret: SecretString,
-    /// Longest a single query may take (`X-Query-Timeout-Ms`), shortened to the caller's
-    /// remaining deadline.
-    pub query_timeout: Duration,
-    /// Fauna's own retries on contention (`X-Max-Contention-Retries`, 0 to 7).
-    pub max_contention_retries: u8,
-    /// Most attempts per operation, the first included, for retryable failures.
-    pub max_attempts: u32,
-}
-
-impl fmt::Debug for FaunaConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FaunaConfig")
-            .field("endpoint", &self.endpoint)
-            .field("query_timeout", &self.query_timeout)
-            .field("max_contention_retries", &self.max_contention_retries)
-            .field("max_attempts", &self.max_attempts)
-            .finish_non_exhaustive()
-    }
-}
-
 /// The store's operations; each sends exactly one query text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    IssueByEmail,
-    IssueForAccount,
-    Rotate,
-    Introspect,
-    RevokeSecret,
-    RevokeToken,
-    RevokeFamily,
-    RevokeAccount,
-    AccountByEmail,
-    ListTokens,
-}
+use super::metrics::FaunaQuery as Op;
 
 impl Op {
     const ALL: [Op; 10] = [
@@ -136,12 +101,12 @@ pub struct FaunaStore {
     /// The endpoint's host and port, for the HTTP spans' `server.address` and `server.port`.
     server: (String, u16),
     server_auth: HeaderValue,
-    config: FaunaConfig,
+    config: FaunaSettings,
     /// The highest `txn_ts` seen, sent as `X-Last-Txn-Ts` so reads never go back in time.
     last_txn_ts: AtomicI64,
     /// HTTP requests sent, per operation (retries included).
     requests: [AtomicU64; 10],
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
     closed: AtomicBool,
 }
 
@@ -160,26 +125,11 @@ impl FaunaStore {
     /// # Errors
     ///
     /// `Internal` for a malformed endpoint or key, or settings out of range.
-    pub fn new(config: FaunaConfig) -> StoreResult<Self> {
+    pub fn new(config: &FaunaSettings) -> StoreResult<Self> {
+        let secret = config.validate().map_err(|err| misconfigured(&err.0))?;
         let endpoint = config.endpoint.trim_end_matches('/');
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            return Err(misconfigured(
-                "store.fauna.endpoint must be an http:// or https:// URL",
-            ));
-        }
-        if config.max_contention_retries > 7 {
-            return Err(misconfigured(
-                "store.fauna.max_contention_retries must be 0 to 7",
-            ));
-        }
-        if config.max_attempts == 0 || config.query_timeout.is_zero() {
-            return Err(misconfigured(
-                "store.fauna.max_attempts and query_timeout_ms must be at least 1",
-            ));
-        }
-        let mut server_auth =
-            HeaderValue::from_str(&format!("Bearer {}", config.secret.expose_secret()))
-                .map_err(|_| misconfigured("store.fauna.secret is not a valid header value"))?;
+        let mut server_auth = HeaderValue::from_str(&format!("Bearer {}", secret.expose_secret()))
+            .map_err(|_| misconfigured("store.fauna.secret is not a valid header value"))?;
         server_auth.set_sensitive(true);
         let client = reqwest::Client::builder()
             .user_agent(concat!("tokenbroker/", env!("CARGO_PKG_VERSION")))
@@ -205,7 +155,7 @@ impl FaunaStore {
             url,
             server,
             server_auth,
-            config,
+            config: config.clone(),
             last_txn_ts: AtomicI64::new(0),
             requests: Default::default(),
             metrics: Arc::default(),
@@ -214,7 +164,7 @@ impl FaunaStore {
     }
 
     /// Records requests and retries by class into `metrics` (`tokenbroker_fauna_*`).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<StoreMetrics>) -> Self {
         self.metrics = metrics;
         self
     }
@@ -252,8 +202,8 @@ impl FaunaStore {
                 Some(left) if left < Duration::from_millis(1) => {
                     return Err(timed_out(name));
                 }
-                Some(left) => left.min(self.config.query_timeout),
-                None => self.config.query_timeout,
+                Some(left) => left.min(self.config.query_timeout()),
+                None => self.config.query_timeout(),
             };
             self.requests[op as usize].fetch_add(1, Ordering::Relaxed);
             let sent = self
@@ -264,10 +214,7 @@ impl FaunaStore {
                 Err(err) if err.is_timeout() => Class::Transient("no answer in time".into()),
                 Err(err) => Class::Transient(format!("request failed: {err}")),
             };
-            self.metrics
-                .fauna_requests
-                .get([op as usize, class.index()])
-                .inc();
+            self.metrics.fauna_requests.get((op, class.label())).inc();
             let wait = match class {
                 Class::Ok { data, txn_ts } => {
                     if let Some(ts) = txn_ts {
@@ -308,9 +255,9 @@ impl FaunaStore {
                 }
             };
             let (class_name, retry_class) = match class {
-                Class::Contended => ("contended", 0),
-                Class::Throttled => ("throttled", 1),
-                _ => ("transient", 2),
+                Class::Contended => ("contended", RetryClass::Contended),
+                Class::Throttled => ("throttled", RetryClass::Throttled),
+                _ => ("transient", RetryClass::Transient),
             };
             let left = deadline::remaining();
             if attempt >= self.config.max_attempts || left.is_some_and(|left| left <= wait) {
@@ -337,7 +284,7 @@ impl FaunaStore {
                 wait_ms = wait.as_millis() as u64,
                 "retrying fauna query"
             );
-            self.metrics.fauna_retries.get([retry_class]).inc();
+            self.metrics.fauna_retries.get(retry_class).inc();
             tokio::time::sleep(wait).await;
         }
     }

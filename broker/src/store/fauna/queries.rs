@@ -160,14 +160,3 @@ pub const ALL: &[(&str, &str)] = &[
     ("account_by_email", ACCOUNT_BY_EMAIL),
     ("list_tokens", LIST_TOKENS),
 ];
-
-/// The query names of [`ALL`], in order (the `query` label of the Fauna metrics).
-pub const NAMES: [&str; 10] = {
-    let mut names = [""; 10];
-    let mut i = 0;
-    while i < ALL.len() {
-        names[i] = ALL[i].0;
-        i += 1;
-    }
-    names
-};

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value, json};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use crate::model::UnixMicros;
+use crate::{model::UnixMicros, store::metrics::FaunaClass};
 
 /// Encodes an integer argument (`X-Format: tagged` wants every number tagged).
 pub(super) fn int(value: u64) -> Value {
@@ -104,17 +104,17 @@ pub(super) enum Class {
 }
 
 impl Class {
-    /// Returns the class's index in [`crate::metrics::FAUNA_CLASSES`].
-    pub(super) fn index(&self) -> usize {
+    /// Returns the class as the metrics' `class` label.
+    pub(super) fn label(&self) -> FaunaClass {
         match self {
-            Self::Ok { .. } => 0,
-            Self::Unauthorized => 1,
-            Self::QueryError(_) => 2,
-            Self::Malformed(_) => 3,
-            Self::Refused(_) => 4,
-            Self::Contended => 5,
-            Self::Throttled => 6,
-            Self::Transient(_) => 7,
+            Self::Ok { .. } => FaunaClass::Ok,
+            Self::Unauthorized => FaunaClass::Unauthorized,
+            Self::QueryError(_) => FaunaClass::QueryError,
+            Self::Malformed(_) => FaunaClass::Malformed,
+            Self::Refused(_) => FaunaClass::Refused,
+            Self::Contended => FaunaClass::Contended,
+            Self::Throttled => FaunaClass::Throttled,
+            Self::Transient(_) => FaunaClass::Transient,
         }
     }
 }

@@ -8,10 +8,11 @@ use secrecy::{ExposeSecret, SecretString};
 use tracing::warn;
 
 use crate::{
-    config::{ENV_CONFIG_FILE, ProcessEnv, Settings},
-    dev,
-    startup::{Application, shutdown_signal},
-    telemetry,
+    app::dev,
+    app::settings::{ENV_CONFIG_FILE, ProcessEnv, Settings},
+    app::startup::{Application, shutdown_signal},
+    app::tls::TlsServer,
+    obs::telemetry,
 };
 
 /// tokenbroker: mints, rotates, revokes and introspects refresh and access tokens over gRPC.
@@ -99,10 +100,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         settings.store.embedded.dir = dir;
     }
     if matches!(args.command, Some(Command::CheckConfig)) {
-        crate::auth::Authenticator::new(&settings.api_keys)
-            .map_err(|err| anyhow::anyhow!("invalid api_keys: {err}"))?;
+        // `load` checked every setting; what is left is reading the files they name.
         if let Some(tls) = &settings.server.tls {
-            crate::tls::check(tls).context("invalid server.tls")?;
+            TlsServer::load(tls).context("invalid server.tls")?;
         }
         println!("configuration is valid");
         return Ok(());

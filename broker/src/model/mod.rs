@@ -3,12 +3,32 @@
 //! Every value a client sends is parsed into one of these newtypes at the edge, so the code below
 //! the gRPC adapter never sees an unchecked string.
 
+pub mod clock;
+pub mod deadline;
+pub mod secret;
+
 use std::{collections::BTreeMap, fmt, time::Duration};
 
 use rand::RngCore;
 use secrecy::SecretString;
 
-use crate::error::BrokerError;
+/// A value a client sent that is not acceptable; the message says why, for the client, and
+/// never repeats a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidArgument(pub String);
+
+impl InvalidArgument {
+    /// Returns an error with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+/// A setting that cannot be used; the message names the setting and never holds a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
 
 /// Longest secret, id or other opaque string the broker accepts from a client.
 pub const MAX_SECRET_LEN: usize = 512;
@@ -59,11 +79,11 @@ macro_rules! id_type {
             /// # Errors
             ///
             /// `InvalidArgument` naming the field when the id is empty or malformed.
-            pub fn parse(value: &str) -> Result<Self, BrokerError> {
+            pub fn parse(value: &str) -> Result<Self, InvalidArgument> {
                 if is_opaque_id(value) {
                     Ok(Self(value.to_owned()))
                 } else {
-                    Err(BrokerError::invalid(concat!(
+                    Err(InvalidArgument::new(concat!(
                         $what,
                         " must be 1 to 128 characters of letters, digits, '_' or '-'"
                     )))
@@ -150,24 +170,24 @@ impl Email {
     /// # Errors
     ///
     /// `InvalidArgument` saying what is wrong; the message does not repeat the address.
-    pub fn parse(value: &str) -> Result<Self, BrokerError> {
+    pub fn parse(value: &str) -> Result<Self, InvalidArgument> {
         let email = value.trim().to_lowercase();
         if email.is_empty() {
-            return Err(BrokerError::invalid("email is required"));
+            return Err(InvalidArgument::new("email is required"));
         }
         if email.len() > 254 {
-            return Err(BrokerError::invalid("email is longer than 254 bytes"));
+            return Err(InvalidArgument::new("email is longer than 254 bytes"));
         }
         if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(BrokerError::invalid(
+            return Err(InvalidArgument::new(
                 "email contains whitespace or control characters",
             ));
         }
         let Some((local, domain)) = email.split_once('@') else {
-            return Err(BrokerError::invalid("email has no '@'"));
+            return Err(InvalidArgument::new("email has no '@'"));
         };
         if local.is_empty() || local.len() > 64 || domain.is_empty() || domain.contains('@') {
-            return Err(BrokerError::invalid(
+            return Err(InvalidArgument::new(
                 "email must be one local part of 1 to 64 bytes, '@', and a domain",
             ));
         }
@@ -190,12 +210,12 @@ impl Email {
 /// # Errors
 ///
 /// `InvalidArgument` naming `field` when the value is over 128 bytes or has control characters.
-pub fn parse_name(field: &str, value: &str) -> Result<Option<String>, BrokerError> {
+pub fn parse_name(field: &str, value: &str) -> Result<Option<String>, InvalidArgument> {
     if value.is_empty() {
         return Ok(None);
     }
     if value.len() > MAX_NAME_LEN || value.chars().any(char::is_control) {
-        return Err(BrokerError::invalid(format!(
+        return Err(InvalidArgument::new(format!(
             "{field} must be at most {MAX_NAME_LEN} bytes without control characters"
         )));
     }
@@ -210,9 +230,9 @@ pub type Metadata = BTreeMap<String, String>;
 /// # Errors
 ///
 /// `InvalidArgument` saying which limit was broken.
-pub fn validate_metadata(metadata: &Metadata) -> Result<(), BrokerError> {
+pub fn validate_metadata(metadata: &Metadata) -> Result<(), InvalidArgument> {
     if metadata.len() > MAX_METADATA_ENTRIES {
-        return Err(BrokerError::invalid(format!(
+        return Err(InvalidArgument::new(format!(
             "metadata has more than {MAX_METADATA_ENTRIES} entries"
         )));
     }
@@ -223,12 +243,12 @@ pub fn validate_metadata(metadata: &Metadata) -> Result<(), BrokerError> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         if !key_ok {
-            return Err(BrokerError::invalid(format!(
+            return Err(InvalidArgument::new(format!(
                 "metadata keys must be 1 to {MAX_METADATA_KEY_LEN} characters of letters, digits, '_', '.' or '-'"
             )));
         }
         if value.len() > MAX_METADATA_VALUE_LEN {
-            return Err(BrokerError::invalid(format!(
+            return Err(InvalidArgument::new(format!(
                 "metadata values must be at most {MAX_METADATA_VALUE_LEN} bytes"
             )));
         }

@@ -17,7 +17,8 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
 
 use super::*;
-use crate::clock::{ManualClock, SystemClock};
+use crate::model::clock::{ManualClock, SystemClock};
+use crate::{identity::AuthError, obs::metrics::Outcome};
 
 const ISSUER: &str = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_UnitPool1";
 const CLIENT: &str = "5g2lhd0cunit0client0aaaaaa";
@@ -156,7 +157,7 @@ async fn exchange_stage(f: &Fixture, token: String) -> Stage {
         .exchange(&secret(token.clone()))
         .await
         .expect_err("the token must be rejected");
-    let message = BrokerError::from(err).to_string();
+    let message = AuthError::from(err).to_string();
     assert!(
         !message.contains(&token) && !token.split('.').any(|s| s.len() > 8 && message.contains(s)),
         "the message echoes the token: {message}"
@@ -406,15 +407,12 @@ async fn unavailable_keys_are_unavailable_not_unauthenticated() {
     let token = sign(&KEYS[0], &rs256("id-key"), &id_claims());
     let err = verifier.exchange(&secret(token)).await.unwrap_err();
     assert_eq!(err.stage(), Stage::Unavailable);
-    assert!(matches!(
-        BrokerError::from(err),
-        BrokerError::Unavailable(_)
-    ));
+    assert!(matches!(AuthError::from(err), AuthError::Unavailable(_)));
 }
 
 #[tokio::test]
 async fn cache_lookups_and_jwks_fetches_are_counted() {
-    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let metrics = Arc::new(CognitoMetrics::default());
     let source = Arc::new(MemorySource::default());
     *source.body.lock().unwrap() = json!({"keys": [jwk(&KEYS[0], "id-key")]});
     let clock = Arc::new(ManualClock::new());
@@ -428,18 +426,30 @@ async fn cache_lookups_and_jwks_fetches_are_counted() {
     let token = secret(sign(&KEYS[0], &rs256("id-key"), &id_claims()));
     verifier.exchange(&token).await.unwrap();
     verifier.exchange(&token).await.unwrap();
-    assert_eq!(metrics.verified_cache.get([0]).get(), 1, "hits");
-    assert_eq!(metrics.verified_cache.get([1]).get(), 1, "misses");
+    assert_eq!(
+        metrics.verified_cache.get(CacheResult::Hit).get(),
+        1,
+        "hits"
+    );
+    assert_eq!(
+        metrics.verified_cache.get(CacheResult::Miss).get(),
+        1,
+        "misses"
+    );
 
     // An unknown kid after the cooldown fetches again; the endpoint now serves no keys.
     *source.body.lock().unwrap() = json!({"keys": []});
     clock.advance(Duration::from_secs(11));
     let unknown = secret(sign(&KEYS[0], &rs256("new-key"), &id_claims()));
     verifier.exchange(&unknown).await.unwrap_err();
-    assert_eq!(metrics.jwks_fetches.get([0]).get(), 1, "ok fetches");
-    assert_eq!(metrics.jwks_fetches.get([1]).get(), 1, "failed fetches");
+    assert_eq!(metrics.jwks_fetches.get(Outcome::Ok).get(), 1, "ok fetches");
     assert_eq!(
-        metrics.verified_cache.get([1]).get(),
+        metrics.jwks_fetches.get(Outcome::Error).get(),
+        1,
+        "failed fetches"
+    );
+    assert_eq!(
+        metrics.verified_cache.get(CacheResult::Miss).get(),
         2,
         "a failure is a miss"
     );

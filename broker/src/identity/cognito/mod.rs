@@ -37,12 +37,44 @@ pub use jwt::{Audience, CognitoClaims, MAX_TOKEN_BYTES, looks_like_jwt};
 pub use settings::{CognitoSettings, MAX_LEEWAY_SECONDS, PoolSettings};
 
 use crate::{
-    auth::{Caller, Role},
-    clock::Clock,
-    error::BrokerError,
-    metrics::Metrics,
-    secret::{SecretDigest, sha256},
+    identity::auth::{Caller, Role},
+    model::clock::Clock,
+    model::secret::{SecretDigest, sha256},
+    obs::metrics::{CacheResult, Counter, Family, MetricSet, Outcome, Zeros},
 };
+
+/// The Cognito verifier's metrics.
+#[derive(Debug)]
+pub struct CognitoMetrics {
+    /// `tokenbroker_cognito_verified_cache_lookups_total{result}`.
+    pub verified_cache: Family<Counter, CacheResult>,
+    /// `tokenbroker_cognito_jwks_fetches_total{outcome}`.
+    pub jwks_fetches: Family<Counter, Outcome>,
+}
+
+impl Default for CognitoMetrics {
+    fn default() -> Self {
+        Self {
+            verified_cache: Family::new(
+                "tokenbroker_cognito_verified_cache_lookups_total",
+                "Cognito tokens looked up in the verified-token cache, by result.",
+                Zeros::Show,
+            ),
+            jwks_fetches: Family::new(
+                "tokenbroker_cognito_jwks_fetches_total",
+                "Fetches of a Cognito user pool's JWKS, by outcome.",
+                Zeros::Show,
+            ),
+        }
+    }
+}
+
+impl MetricSet for CognitoMetrics {
+    fn render(&self, out: &mut String) {
+        self.verified_cache.render(out);
+        self.jwks_fetches.render(out);
+    }
+}
 
 /// The gRPC health service name that reports whether Cognito keys are loaded: `NOT_SERVING`
 /// until every configured pool's JWKS has been fetched once, `SERVING` from then on.
@@ -90,17 +122,6 @@ impl CognitoError {
     /// Returns the reason, a fixed sentence that never contains the token.
     pub fn reason(&self) -> &'static str {
         self.reason
-    }
-}
-
-impl From<CognitoError> for BrokerError {
-    fn from(err: CognitoError) -> Self {
-        match err.stage {
-            Stage::Unavailable => BrokerError::Unavailable(err.reason),
-            Stage::Structure | Stage::Signature | Stage::Claims => {
-                BrokerError::Unauthenticated(err.reason)
-            }
-        }
     }
 }
 
@@ -184,7 +205,7 @@ pub struct CognitoVerifier {
     clock: Arc<dyn Clock>,
     verified: Cache<SecretDigest, Arc<VerifiedToken>>,
     signature_checks: AtomicU64,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CognitoMetrics>,
 }
 
 impl fmt::Debug for CognitoVerifier {
@@ -271,7 +292,7 @@ impl CognitoVerifier {
     }
 
     /// Records verified-token cache lookups and JWKS fetches into `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<CognitoMetrics>) -> Self {
         for jwks in self.key_sets() {
             jwks.attach_metrics(Arc::clone(&metrics));
         }
@@ -348,7 +369,14 @@ impl CognitoVerifier {
                 self.verify_signature(raw).await
             })
             .await;
-        self.metrics.verified_cache.get([usize::from(missed)]).inc();
+        self.metrics
+            .verified_cache
+            .get(if missed {
+                CacheResult::Miss
+            } else {
+                CacheResult::Hit
+            })
+            .inc();
         let verified = verified.map_err(|err| rejected(*err))?;
         self.check_claims(&verified, allowed).map_err(rejected)?;
         Ok(verified)

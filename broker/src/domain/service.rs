@@ -10,19 +10,19 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::{
-    audit::{AuditLog, Event, Record},
-    auth::{Caller, Role, require},
-    clock::Clock,
-    cognito::CognitoVerifier,
-    config::TokenSettings,
-    error::{BrokerError, BrokerErrorKind, BrokerResult},
-    metrics::Metrics,
+    domain::DomainMetrics,
+    domain::audit::{AuditLog, Event, Record},
+    domain::error::{BrokerError, BrokerErrorKind, BrokerResult},
+    domain::{RevokeCause, TokenSettings},
+    identity::auth::{Caller, Role, require},
+    identity::cognito::CognitoVerifier,
+    model::clock::Clock,
+    model::secret::SecretDigest,
     model::{
         AccountId, Email, FamilyId, MAX_GROUPS, MAX_SECRET_LEN, Metadata, MintedPair, NewSession,
         PageCursor, PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId,
-        TokenInfo, TokenPage, UnixMicros, parse_name,
+        TokenInfo, TokenKind, TokenPage, UnixMicros, parse_name,
     },
-    secret::SecretDigest,
     store::TokenStore,
 };
 
@@ -188,7 +188,7 @@ pub struct Broker {
     /// Where privileged operations are recorded (off by default).
     audit: Arc<AuditLog>,
     /// Tokens issued and revoked.
-    metrics: Arc<Metrics>,
+    metrics: Arc<DomainMetrics>,
 }
 
 impl fmt::Debug for Broker {
@@ -236,7 +236,7 @@ impl Broker {
     }
 
     /// Counts tokens issued and revoked in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<DomainMetrics>) -> Self {
         self.metrics = metrics;
         self
     }
@@ -454,7 +454,10 @@ impl Broker {
                 )),
                 RefreshOutcome::ReuseDetected { family_id, revoked } => {
                     warn!(%family_id, revoked, "refresh token reuse; session revoked");
-                    self.metrics.tokens_revoked.get([1]).add(revoked);
+                    self.metrics
+                        .tokens_revoked
+                        .get(RevokeCause::Reuse)
+                        .add(revoked);
                     self.audit.event(
                         record,
                         Event::ReuseDetected,
@@ -550,7 +553,10 @@ impl Broker {
                     .await?;
                 return match outcome {
                     SecretRevocation::Revoked(count) => {
-                        self.metrics.tokens_revoked.get([0]).add(count);
+                        self.metrics
+                            .tokens_revoked
+                            .get(RevokeCause::Request)
+                            .add(count);
                         record.set(|line| line.revoked = Some(count));
                         info!(
                             caller = caller.map(|c| c.name.as_str()),
@@ -588,7 +594,10 @@ impl Broker {
         let admin = require(caller, &[Role::Admin])?;
         self.audit.request(record)?;
         let revoked = self.store.revoke(target.clone()).await?;
-        self.metrics.tokens_revoked.get([0]).add(revoked);
+        self.metrics
+            .tokens_revoked
+            .get(RevokeCause::Request)
+            .add(revoked);
         record.set(|line| line.revoked = Some(revoked));
         info!(caller = %admin.name, ?target, revoked, "tokens revoked");
         Ok(revoked)
@@ -722,8 +731,8 @@ impl Broker {
 
     /// Counts a freshly minted pair.
     fn count_minted(&self) {
-        self.metrics.tokens_issued.get([0]).inc();
-        self.metrics.tokens_issued.get([1]).inc();
+        self.metrics.tokens_issued.get(TokenKind::Access).inc();
+        self.metrics.tokens_issued.get(TokenKind::Refresh).inc();
     }
 
     /// Returns a requested lifetime, the default for 0, or an error over the maximum.
@@ -740,7 +749,9 @@ impl Broker {
 
 /// Turns a verified Cognito identity into the claims a trigger would have asserted, held to
 /// the same limits.
-fn exchanged_claims(identity: crate::cognito::ExchangedIdentity) -> BrokerResult<AssertedClaims> {
+fn exchanged_claims(
+    identity: crate::identity::cognito::ExchangedIdentity,
+) -> BrokerResult<AssertedClaims> {
     let unusable = |_| {
         BrokerError::Unauthenticated(
             "the cognito token's claims are not usable (email, sub or client)",
@@ -768,7 +779,7 @@ fn exchanged_claims(identity: crate::cognito::ExchangedIdentity) -> BrokerResult
 
 /// Returns the token id a presented secret embeds, if it is one of the broker's own.
 fn presented_id(secret: &SecretString) -> Option<String> {
-    crate::secret::parse(secret).map(|parsed| parsed.id.to_string())
+    crate::model::secret::parse(secret).map(|parsed| parsed.id.to_string())
 }
 
 fn inactive_refresh() -> BrokerError {

@@ -18,11 +18,11 @@ use std::{collections::HashMap, fmt, sync::Arc};
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use super::{AuthError, AuthResult};
 use crate::{
-    cognito::{CognitoVerifier, looks_like_jwt},
-    error::{BrokerError, BrokerResult},
-    secret::{SecretDigest, sha256},
-    tls::subject::DistinguishedName,
+    identity::cognito::{CognitoVerifier, looks_like_jwt},
+    identity::subject::DistinguishedName,
+    model::secret::{SecretDigest, sha256},
 };
 
 /// What a caller may do.
@@ -69,15 +69,15 @@ impl Caller {
 /// # Errors
 ///
 /// `Unauthenticated` without a caller, `PermissionDenied` when it lacks every role.
-pub fn require<'a>(caller: Option<&'a Caller>, roles: &[Role]) -> BrokerResult<&'a Caller> {
-    let caller = caller.ok_or(BrokerError::Unauthenticated(
+pub fn require<'a>(caller: Option<&'a Caller>, roles: &[Role]) -> AuthResult<&'a Caller> {
+    let caller = caller.ok_or(AuthError::Unauthenticated(
         "this call needs a credential: send `authorization: Bearer <api key>`",
     ))?;
     if caller.has_any(roles) {
         Ok(caller)
     } else {
         let needed: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-        Err(BrokerError::PermissionDenied(format!(
+        Err(AuthError::PermissionDenied(format!(
             "caller {:?} lacks the role this call needs (one of: {})",
             caller.name,
             needed.join(", ")
@@ -104,7 +104,7 @@ pub struct CertCallerConfig {
     /// The caller's name.
     pub name: String,
     /// The certificate subject, RFC 4514 style, most specific first: `CN=billing,O=Example`
-    /// (see [`crate::tls::subject`] for the matching rules).
+    /// (see [`crate::identity::subject`] for the matching rules).
     pub subject: String,
     /// Its roles.
     pub roles: Vec<Role>,
@@ -242,7 +242,7 @@ impl Authenticator {
     pub async fn authenticate(
         &self,
         authorization: Option<&str>,
-    ) -> BrokerResult<Option<Arc<Caller>>> {
+    ) -> AuthResult<Option<Arc<Caller>>> {
         let Some(header) = authorization else {
             return Ok(None);
         };
@@ -251,11 +251,11 @@ impl Authenticator {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, credential)| credential.trim())
             .filter(|credential| !credential.is_empty())
-            .ok_or(BrokerError::Unauthenticated(
+            .ok_or(AuthError::Unauthenticated(
                 "the authorization header must be `Bearer <api key>`",
             ))?;
         if looks_like_jwt(credential) {
-            let verifier = self.cognito.as_ref().ok_or(BrokerError::Unauthenticated(
+            let verifier = self.cognito.as_ref().ok_or(AuthError::Unauthenticated(
                 "cognito tokens are not accepted: no user pool is configured",
             ))?;
             let token = SecretString::from(credential.to_owned());
@@ -265,7 +265,7 @@ impl Authenticator {
             .get(&sha256(credential.as_bytes()))
             .cloned()
             .map(Some)
-            .ok_or(BrokerError::Unauthenticated("unknown api key"))
+            .ok_or(AuthError::Unauthenticated("unknown api key"))
     }
 }
 
@@ -305,7 +305,7 @@ mod tests {
             "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln",
         ] {
             let err = auth.authenticate(Some(bad)).await.unwrap_err();
-            assert!(matches!(err, BrokerError::Unauthenticated(_)), "{bad}");
+            assert!(matches!(err, AuthError::Unauthenticated(_)), "{bad}");
             assert!(!err.to_string().contains("tbk_"), "error echoes the key");
         }
     }
@@ -318,11 +318,11 @@ mod tests {
         };
         assert!(matches!(
             require(None, &[Role::Admin]),
-            Err(BrokerError::Unauthenticated(_))
+            Err(AuthError::Unauthenticated(_))
         ));
         assert!(matches!(
             require(Some(&trigger), &[Role::Admin]),
-            Err(BrokerError::PermissionDenied(_))
+            Err(AuthError::PermissionDenied(_))
         ));
         assert!(require(Some(&trigger), &[Role::Trigger, Role::Admin]).is_ok());
     }

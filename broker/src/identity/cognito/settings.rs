@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::Deserialize;
 
-use crate::auth::Role;
+use crate::identity::auth::Role;
 
 /// Longest clock-skew leeway the settings accept: RFC 7519 §4.1.4 speaks of "a few minutes".
 pub const MAX_LEEWAY_SECONDS: u64 = 300;
@@ -190,7 +190,7 @@ mod tests {
     fn cognito_settings_load_from_toml_and_env_overrides() {
         use std::collections::HashMap;
 
-        use crate::config::Settings;
+        use crate::app::settings::Settings;
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tb.toml");

@@ -2,7 +2,11 @@
 
 use std::fmt;
 
-use crate::store::{StoreError, StoreErrorKind};
+use crate::{
+    identity::{AuthError, cognito::CognitoError},
+    model::InvalidArgument,
+    store::{StoreError, StoreErrorKind},
+};
 
 /// The class of a broker error; each maps to exactly one gRPC code in the adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +102,28 @@ impl BrokerError {
             Self::Internal(_) => BrokerErrorKind::Internal,
             Self::Shared(inner) => inner.kind(),
         }
+    }
+}
+
+impl From<AuthError> for BrokerError {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Unauthenticated(message) => Self::Unauthenticated(message),
+            AuthError::PermissionDenied(message) => Self::PermissionDenied(message),
+            AuthError::Unavailable(message) => Self::Unavailable(message),
+        }
+    }
+}
+
+impl From<CognitoError> for BrokerError {
+    fn from(err: CognitoError) -> Self {
+        AuthError::from(err).into()
+    }
+}
+
+impl From<InvalidArgument> for BrokerError {
+    fn from(err: InvalidArgument) -> Self {
+        Self::InvalidArgument(err.0)
     }
 }
 

@@ -10,9 +10,7 @@
 //! Handshakes run in their own tasks with a timeout, so a failing or slow client never holds
 //! up the accept loop. tonic's `Connected` impl for the TLS stream carries the verified client
 //! certificates into each request (`Request::peer_certs`), where [`crate::grpc`] maps them to
-//! callers ([`crate::auth::CertCallerConfig`]).
-
-pub mod subject;
+//! callers ([`crate::identity::auth::CertCallerConfig`]).
 
 use std::{
     fs, io,
@@ -40,7 +38,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
-use crate::secret::{SecretDigest, sha256};
+use crate::model::secret::{SecretDigest, sha256};
 
 /// How long one client may take to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -217,16 +215,6 @@ fn client_verifier(
     builder
         .build()
         .with_context(|| format!("server.tls.client_ca_file {path} cannot verify clients"))
-}
-
-/// Reads and checks the TLS files (for `tokenbroker check-config`): readable, valid PEM, the
-/// key matching the certificate, the client CA usable.
-///
-/// # Errors
-///
-/// A message naming the file and what is wrong with it; never the key's content.
-pub fn check(settings: &TlsSettings) -> anyhow::Result<()> {
-    TlsServer::load(settings).map(drop)
 }
 
 /// The listener's TLS: the current server config and the settings to reload it from.
@@ -411,7 +399,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = settings();
         s.cert_file = dir.path().join("nope.pem");
-        let err = check(&s).unwrap_err().to_string();
+        let err = TlsServer::load(&s).unwrap_err().to_string();
         assert!(
             err.contains("server.tls.cert_file") && err.contains("nope.pem"),
             "{err}"

@@ -4,9 +4,7 @@
 //!
 //! With no endpoint no OpenTelemetry layer is installed: the store and outbound-HTTP spans are
 //! at `DEBUG`, which the default filter leaves disabled at their call sites, and trace context
-//! is still passed on (see [`context`]).
-
-pub mod context;
+//! is still passed on (see [`super::context`]).
 
 use std::{io::IsTerminal as _, time::Duration};
 
@@ -26,10 +24,39 @@ use tracing_subscriber::{
     util::SubscriberInitExt as _,
 };
 
-use crate::config::{ConfigError, LogFormat, LogSettings};
+use crate::model::ConfigError;
 
 /// How long shutdown waits for the last spans to reach the collector.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG`, when set, wins.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
 
 /// `[telemetry]`: trace export. Off unless `otlp_endpoint` is set.
 #[derive(Debug, Clone, Deserialize)]
@@ -166,7 +193,7 @@ pub fn init(log: &LogSettings, telemetry: &TelemetrySettings) -> anyhow::Result<
         .try_init()
         .map_err(|err| anyhow::anyhow!("failed to install the log subscriber: {err}"))?;
     if provider.is_some() {
-        context::set_exporting();
+        super::context::set_exporting();
     }
     Ok(Telemetry { provider })
 }
@@ -221,7 +248,7 @@ mod tests {
     fn settings_load_from_the_environment_and_are_checked() {
         use std::collections::HashMap;
 
-        use crate::config::Settings;
+        use crate::app::settings::Settings;
         let env = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
             pairs
                 .iter()

@@ -5,6 +5,8 @@
 //! builds a `tonic::Status`, and [`From<BrokerError> for Status`] is the only place domain errors
 //! become one. Each call runs in the RPC span that [`Traced`] opens around the service.
 
+pub mod admission;
+pub mod metered;
 mod trace;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -23,18 +25,18 @@ use tonic::{
 use tracing::{Span, error, warn};
 
 use crate::{
-    auth::{Authenticator, Caller},
-    error::{BrokerError, BrokerErrorKind},
-    limits::{InFlight, Limiter},
-    model::{
-        AccountId, Email, FamilyId, MAX_GROUPS, MintedPair, MintedToken, TokenId, TokenKind,
-        TokenState, UnixMicros, parse_name, validate_metadata,
-    },
-    service::{
+    domain::error::{BrokerError, BrokerErrorKind},
+    domain::service::{
         AccountRef, AssertedClaims, Broker, IssueRequest, ListRequest, RefreshRequest, RevokeBy,
         Subject,
     },
-    telemetry::context::{self, TRACEPARENT, TRACESTATE},
+    grpc::admission::{InFlight, Limiter},
+    identity::auth::{Authenticator, Caller},
+    model::{
+        AccountId, Email, FamilyId, InvalidArgument, MAX_GROUPS, MintedPair, MintedToken, TokenId,
+        TokenKind, TokenState, UnixMicros, parse_name, validate_metadata,
+    },
+    obs::context::{self, TRACEPARENT, TRACESTATE},
 };
 
 pub use self::trace::Traced;
@@ -95,7 +97,9 @@ impl GrpcAdapter {
             None => None,
         };
         let mut caller = self
-            .within(metadata, self.auth.authenticate(header))
+            .within(metadata, async {
+                Ok(self.auth.authenticate(header).await?)
+            })
             .await?;
         if header.is_none() {
             caller = request
@@ -127,7 +131,7 @@ impl GrpcAdapter {
         // otherwise copy the whole state machine again on every call.
         let work = context::scope(
             context::incoming(header(TRACEPARENT), header(TRACESTATE)),
-            crate::deadline::scope(at, Box::pin(work)),
+            crate::model::deadline::scope(at, Box::pin(work)),
         );
         match tokio::time::timeout_at(at, work).await {
             Ok(result) => result.map_err(Status::from),
@@ -347,6 +351,12 @@ where
             }
             Ok(response)
         })
+    }
+}
+
+impl From<InvalidArgument> for Status {
+    fn from(err: InvalidArgument) -> Self {
+        BrokerError::from(err).into()
     }
 }
 

@@ -9,8 +9,8 @@ use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
-    auth::{ApiKeyConfig, Role},
-    secret::sha256,
+    identity::auth::{ApiKeyConfig, Role},
+    model::secret::sha256,
 };
 
 /// The file, inside the data directory, that dev mode writes its keys to.

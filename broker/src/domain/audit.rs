@@ -36,11 +36,11 @@ use sha2::Sha256;
 use tracing::error;
 
 use crate::{
-    auth::Caller,
-    clock::Clock,
-    config::ConfigError,
-    error::{BrokerError, BrokerErrorKind, BrokerResult},
-    metrics::Metrics,
+    app::settings::ConfigError,
+    domain::DomainMetrics,
+    domain::error::{BrokerError, BrokerErrorKind, BrokerResult},
+    identity::auth::Caller,
+    model::clock::Clock,
     model::{Email, UnixMicros},
 };
 
@@ -154,7 +154,7 @@ pub struct AuditLog {
     sink: Sink,
     /// HMAC-SHA-256 keyed with the configured key; cloned per email.
     hmac: Option<Hmac<Sha256>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<DomainMetrics>,
 }
 
 impl fmt::Debug for AuditLog {
@@ -191,7 +191,7 @@ impl AuditLog {
     /// # Errors
     ///
     /// When the settings are invalid or the file cannot be opened.
-    pub fn open(settings: &AuditSettings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn open(settings: &AuditSettings, metrics: Arc<DomainMetrics>) -> anyhow::Result<Self> {
         settings.validate()?;
         let sink = match settings.sink {
             AuditSinkKind::Off => return Ok(Self::off()),
@@ -347,7 +347,7 @@ impl AuditLog {
             }
         };
         result.map_err(|err| {
-            self.metrics.audit_write_errors.get([]).inc();
+            self.metrics.audit_write_errors.get(()).inc();
             error!(error = %err, event = line.event, "cannot write the audit log; the operation fails");
         })
     }
@@ -503,7 +503,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::config::Settings;
+    use crate::app::settings::Settings;
 
     fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let env: HashMap<String, String> = pairs

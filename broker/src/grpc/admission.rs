@@ -18,15 +18,47 @@ use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
-    auth::{Caller, Role},
-    error::BrokerError,
-    metrics::Metrics,
+    domain::error::BrokerError,
+    identity::auth::{Caller, Role},
+    obs::metrics::{Counter, Family, MetricSet, Zeros},
 };
 
-/// Indices into [`crate::metrics::THROTTLE_REASONS`].
-const CALLER_RATE: usize = 0;
-const ANONYMOUS_RATE: usize = 1;
-const CONCURRENCY: usize = 2;
+crate::label! {
+    /// Why admission control refused a call, as the `reason` label.
+    pub enum ThrottleReason: "reason" {
+        /// A caller's (or its role's) rate limit.
+        CallerRate = "caller_rate",
+        /// The per-address limit of calls without a credential.
+        AnonymousRate = "anonymous_rate",
+        /// The in-flight limit.
+        Concurrency = "concurrency",
+    }
+}
+
+/// `tokenbroker_throttled_total{reason}`: calls admission control refused.
+#[derive(Debug)]
+pub struct AdmissionMetrics {
+    /// `tokenbroker_throttled_total{reason}`.
+    pub throttled: Family<Counter, ThrottleReason>,
+}
+
+impl Default for AdmissionMetrics {
+    fn default() -> Self {
+        Self {
+            throttled: Family::new(
+                "tokenbroker_throttled_total",
+                "Calls refused with RESOURCE_EXHAUSTED by admission control, by reason.",
+                Zeros::Show,
+            ),
+        }
+    }
+}
+
+impl MetricSet for AdmissionMetrics {
+    fn render(&self, out: &mut String) {
+        self.throttled.render(out);
+    }
+}
 
 /// How long a call refused by the in-flight limit is told to wait.
 const OVERLOAD_RETRY_AFTER: Duration = Duration::from_millis(100);
@@ -173,7 +205,7 @@ pub struct Limiter {
     settings: LimitSettings,
     in_flight: Option<Arc<Semaphore>>,
     buckets: Mutex<HashMap<BucketKey, (Bucket, RateLimit)>>,
-    metrics: Option<Arc<Metrics>>,
+    metrics: Option<Arc<AdmissionMetrics>>,
 }
 
 impl Limiter {
@@ -194,14 +226,14 @@ impl Limiter {
 
     /// Counts refused calls in `tokenbroker_throttled_total`.
     #[must_use]
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<AdmissionMetrics>) -> Self {
         self.metrics = Some(metrics);
         self
     }
 
-    fn throttled(&self, reason: usize) {
+    fn throttled(&self, reason: ThrottleReason) {
         if let Some(metrics) = &self.metrics {
-            metrics.throttled.get([reason]).inc();
+            metrics.throttled.get(reason).inc();
         }
     }
 
@@ -222,7 +254,7 @@ impl Limiter {
                 .try_acquire_owned()
                 .map(|permit| InFlight(Some(permit)))
                 .map_err(|_| {
-                    self.throttled(CONCURRENCY);
+                    self.throttled(ThrottleReason::Concurrency);
                     BrokerError::ResourceExhausted {
                         message: "the broker is at its limit of concurrent calls".into(),
                         retry_after: OVERLOAD_RETRY_AFTER,
@@ -266,9 +298,9 @@ impl Limiter {
         drop(buckets);
         taken.map_err(|retry_after| {
             self.throttled(if caller.is_some() {
-                CALLER_RATE
+                ThrottleReason::CallerRate
             } else {
-                ANONYMOUS_RATE
+                ThrottleReason::AnonymousRate
             });
             BrokerError::ResourceExhausted {
                 message: match caller {

@@ -23,7 +23,11 @@ use serde::Deserialize;
 use tokio::sync::{Mutex, watch};
 use tracing::{Instrument as _, debug, info, warn};
 
-use crate::{clock::Clock, metrics::Metrics, model::UnixMicros};
+use super::CognitoMetrics;
+use crate::{
+    model::{UnixMicros, clock::Clock},
+    obs::metrics::Outcome,
+};
 
 /// Largest JWKS body read; Cognito's is about 1 KiB.
 pub const MAX_JWKS_BYTES: usize = 1 << 20;
@@ -175,7 +179,7 @@ impl HttpJwksSource {
             http.response.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
-        let trace = span.in_scope(crate::telemetry::context::outgoing);
+        let trace = span.in_scope(crate::obs::context::outgoing);
         let fetched = self.fetch_in_span(trace).instrument(span.clone()).await;
         if let Err(err) = &fetched {
             span.record("error.type", tracing::field::display(err));
@@ -186,9 +190,9 @@ impl HttpJwksSource {
 
     async fn fetch_in_span(
         &self,
-        trace: Option<crate::telemetry::context::Outgoing>,
+        trace: Option<crate::obs::context::Outgoing>,
     ) -> Result<Jwks, JwksError> {
-        use crate::telemetry::context::{TRACEPARENT, TRACESTATE};
+        use crate::obs::context::{TRACEPARENT, TRACESTATE};
         let mut request = self
             .client
             .get(&self.url)
@@ -294,7 +298,7 @@ pub struct CachedJwks {
     fetches: AtomicU64,
     /// Where fetch outcomes are counted, once attached (the cache is shared by pools, so it is
     /// attached after it is built).
-    metrics: OnceLock<Arc<Metrics>>,
+    metrics: OnceLock<Arc<CognitoMetrics>>,
 }
 
 impl fmt::Debug for CachedJwks {
@@ -324,7 +328,7 @@ impl CachedJwks {
 
     /// Counts fetches by outcome in `metrics` (`tokenbroker_cognito_jwks_fetches_total`); the
     /// first call wins.
-    pub fn attach_metrics(&self, metrics: Arc<Metrics>) {
+    pub fn attach_metrics(&self, metrics: Arc<CognitoMetrics>) {
         let _ = self.metrics.set(metrics);
     }
 
@@ -421,8 +425,12 @@ impl CachedJwks {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let result = self.source.fetch().await;
         if let Some(metrics) = self.metrics.get() {
-            let outcome = if result.is_ok() { 0 } else { 1 };
-            metrics.jwks_fetches.get([outcome]).inc();
+            let outcome = if result.is_ok() {
+                Outcome::Ok
+            } else {
+                Outcome::Error
+            };
+            metrics.jwks_fetches.get(outcome).inc();
         }
         let mut state = self.state.write().expect("jwks state lock poisoned");
         state.missing.clear();
@@ -479,7 +487,7 @@ mod tests {
     use std::sync::Mutex as StdMutex;
 
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::model::clock::ManualClock;
 
     /// A source whose answer the test sets, counting fetches.
     #[derive(Debug, Default)]

@@ -10,21 +10,24 @@ use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
+use super::{settings::Settings, tls::TlsServer};
 use crate::{
-    audit::AuditLog,
-    auth::Authenticator,
-    clock::{Clock, SystemClock},
-    cognito::{COGNITO_HEALTH_SERVICE, CognitoVerifier},
-    config::{Settings, StoreBackend},
-    grpc::{GrpcAdapter, SizeLimited, Traced},
-    limits::Limiter,
-    metrics::{MeteredService, Metrics, MetricsServer},
-    service::Broker,
-    store::{
-        CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaConfig, FaunaStore, ObservedStore,
-        TokenStore,
+    domain::{Broker, DomainMetrics, audit::AuditLog},
+    grpc::{
+        GrpcAdapter, SizeLimited, Traced,
+        admission::{AdmissionMetrics, Limiter},
+        metered::{MeteredService, RpcMetrics},
     },
-    tls::TlsServer,
+    identity::{
+        Authenticator,
+        cognito::{COGNITO_HEALTH_SERVICE, CognitoMetrics, CognitoVerifier},
+    },
+    model::clock::{Clock, SystemClock},
+    obs::metrics::{MetricsServer, Registry},
+    store::{
+        CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaStore, ObservedStore, StoreBackend,
+        StoreMetrics, TokenStore,
+    },
 };
 
 /// A broker bound to its listener, ready to serve.
@@ -37,7 +40,7 @@ pub struct Application {
     store: Arc<dyn TokenStore>,
     shutdown_grace: Duration,
     cognito: Option<Arc<CognitoVerifier>>,
-    metrics: Arc<Metrics>,
+    rpc_metrics: Arc<RpcMetrics>,
     metrics_server: Option<MetricsServer>,
     tls: Option<TlsServer>,
 }
@@ -62,8 +65,14 @@ impl Application {
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
-        let metrics = Arc::new(Metrics::new());
-        let audit = AuditLog::open(&settings.audit, Arc::clone(&metrics))
+        // Each layer's metrics, rendered in this order by the endpoint.
+        let mut registry = Registry::new();
+        let rpc_metrics = registry.register(RpcMetrics::default());
+        let store_metrics = registry.register(StoreMetrics::default());
+        let cognito_metrics = registry.register(CognitoMetrics::default());
+        let domain_metrics = registry.register(DomainMetrics::default());
+        let admission_metrics = registry.register(AdmissionMetrics::default());
+        let audit = AuditLog::open(&settings.audit, Arc::clone(&domain_metrics))
             .context("invalid audit settings")?;
         let mut auth = Authenticator::new(&settings.api_keys)
             .map_err(anyhow::Error::msg)
@@ -81,7 +90,7 @@ impl Application {
         let cognito = if settings.cognito.is_enabled() {
             let verifier = CognitoVerifier::new(&settings.cognito, Arc::clone(&clock))
                 .context("invalid cognito settings")?
-                .with_metrics(Arc::clone(&metrics));
+                .with_metrics(cognito_metrics);
             Some(Arc::new(verifier))
         } else {
             None
@@ -110,42 +119,36 @@ impl Application {
                 .context("failed to open the embedded store")?;
                 Arc::new(
                     CachedStore::new(
-                        ObservedStore::new(embedded, Arc::clone(&metrics), "sqlite"),
+                        ObservedStore::new(embedded, Arc::clone(&store_metrics), "sqlite"),
                         settings.store.account_cache_capacity,
                     )
-                    .with_metrics(Arc::clone(&metrics)),
+                    .with_metrics(Arc::clone(&store_metrics)),
                 )
             }
             StoreBackend::Fauna => {
                 let fauna = &settings.store.fauna;
-                let store = FaunaStore::new(FaunaConfig {
-                    endpoint: fauna.endpoint.clone(),
-                    secret: fauna.server_key()?,
-                    query_timeout: Duration::from_millis(fauna.query_timeout_ms),
-                    max_contention_retries: fauna.max_contention_retries,
-                    max_attempts: fauna.max_attempts,
-                })
-                .context("failed to set up the fauna store")?
-                .with_metrics(Arc::clone(&metrics));
+                let store = FaunaStore::new(fauna)
+                    .context("failed to set up the fauna store")?
+                    .with_metrics(Arc::clone(&store_metrics));
                 info!(endpoint = %fauna.endpoint, "fauna store configured");
                 Arc::new(
                     CachedStore::new(
-                        ObservedStore::new(store, Arc::clone(&metrics), "fauna"),
+                        ObservedStore::new(store, Arc::clone(&store_metrics), "fauna"),
                         settings.store.account_cache_capacity,
                     )
-                    .with_metrics(Arc::clone(&metrics)),
+                    .with_metrics(Arc::clone(&store_metrics)),
                 )
             }
         };
         let mut broker = Broker::new(Arc::clone(&store), settings.tokens.clone(), clock)
             .with_audit(Arc::new(audit))
-            .with_metrics(Arc::clone(&metrics));
+            .with_metrics(domain_metrics);
         if let Some(verifier) = &cognito {
             broker = broker.with_cognito(Arc::clone(verifier));
         }
         let broker = Arc::new(broker);
         let limits =
-            Arc::new(Limiter::new(settings.limits.clone()).with_metrics(Arc::clone(&metrics)));
+            Arc::new(Limiter::new(settings.limits.clone()).with_metrics(admission_metrics));
         let adapter = GrpcAdapter::new(
             broker,
             Arc::new(auth),
@@ -157,7 +160,7 @@ impl Application {
             .with_context(|| format!("failed to listen on {}", settings.server.listen))?;
         let local_addr = listener.local_addr().context("listener has no address")?;
         let metrics_server = match settings.metrics.listen {
-            Some(addr) => Some(MetricsServer::bind(addr, Arc::clone(&metrics)).await?),
+            Some(addr) => Some(MetricsServer::bind(addr, Arc::new(registry)).await?),
             None => None,
         };
         Ok(Self {
@@ -168,7 +171,7 @@ impl Application {
             store,
             shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_seconds),
             cognito,
-            metrics,
+            rpc_metrics,
             metrics_server,
             tls,
         })
@@ -187,11 +190,6 @@ impl Application {
     /// Returns the metrics listener's bound address, if `metrics.listen` is set.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_server.as_ref().map(MetricsServer::local_addr)
-    }
-
-    /// Returns the metrics registry (tests read it; the listener serves it).
-    pub fn metrics(&self) -> Arc<Metrics> {
-        Arc::clone(&self.metrics)
     }
 
     /// Returns the store (tests inspect it).
@@ -243,7 +241,7 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(Traced::new(MeteredService::new(
                 SizeLimited::new(self.adapter, self.max_request_bytes),
-                Arc::clone(&self.metrics),
+                Arc::clone(&self.rpc_metrics),
             )));
         let stopped = async {
             let _ = stopped.await;

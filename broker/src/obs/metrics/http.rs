@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, task::JoinSet};
 use tracing::{debug, info};
 
-use super::Metrics;
+use super::Registry;
 
 /// The exposition format's content type.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -21,7 +21,7 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub struct MetricsServer {
     listener: TcpListener,
     local_addr: SocketAddr,
-    metrics: Arc<Metrics>,
+    metrics: Arc<Registry>,
 }
 
 impl MetricsServer {
@@ -30,7 +30,7 @@ impl MetricsServer {
     /// # Errors
     ///
     /// When the address cannot be bound.
-    pub async fn bind(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub async fn bind(addr: SocketAddr, metrics: Arc<Registry>) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("failed to listen for metrics on {addr}"))?;
@@ -82,7 +82,7 @@ impl MetricsServer {
     }
 }
 
-fn answer(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+fn answer(request: &Request<Incoming>, metrics: &Registry) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/metrics") => {
             (StatusCode::OK, CONTENT_TYPE, Bytes::from(metrics.render()))

@@ -5,26 +5,25 @@
 //! process environment. An override's value is read as a TOML value when it parses as one
 //! (`600`, `true`, `["admin"]`) and as a plain string otherwise (`127.0.0.1:50051`, `./data`).
 
-use std::{
-    collections::HashMap,
-    fmt, fs,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::HashMap, fs, net::SocketAddr, path::Path};
 
-use secrecy::SecretString;
 use serde::Deserialize;
 
+use super::tls::TlsSettings;
+use crate::store::StoreBackend;
 use crate::{
-    audit::AuditSettings,
-    auth::{ApiKeyConfig, CertCallerConfig},
-    cognito::CognitoSettings,
-    limits::LimitSettings,
-    metrics::MetricsSettings,
-    store::Durability,
-    telemetry::TelemetrySettings,
-    tls::TlsSettings,
+    domain::{TokenSettings, audit::AuditSettings},
+    grpc::admission::LimitSettings,
+    identity::{
+        Authenticator,
+        auth::{ApiKeyConfig, CertCallerConfig},
+        cognito::CognitoSettings,
+    },
+    obs::{
+        metrics::MetricsSettings,
+        telemetry::{LogSettings, TelemetrySettings},
+    },
+    store::StoreSettings,
 };
 
 /// Prefix of every environment override.
@@ -119,148 +118,6 @@ pub struct ServerSettings {
     pub tls: Option<TlsSettings>,
 }
 
-/// Which store backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreBackend {
-    /// The embedded SQLite file.
-    Embedded,
-    /// A self-hosted FaunaDB (FQL v10 over HTTP).
-    Fauna,
-}
-
-/// `[store]`: the token store.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StoreSettings {
-    /// The backend.
-    pub backend: StoreBackend,
-    /// Most email → account mappings cached in memory.
-    pub account_cache_capacity: u64,
-    /// `[store.embedded]`.
-    pub embedded: EmbeddedSettings,
-    /// `[store.fauna]`.
-    pub fauna: FaunaSettings,
-}
-
-/// `[store.fauna]`: the Fauna store.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FaunaSettings {
-    /// Base URL of the Fauna HTTP API.
-    pub endpoint: String,
-    /// The server key. Prefer `secret_file` or `TOKENBROKER_STORE__FAUNA__SECRET` to a key
-    /// in a config file.
-    pub secret: Option<SecretString>,
-    /// A file holding the server key (surrounding whitespace is ignored).
-    pub secret_file: Option<PathBuf>,
-    /// Longest a query may take, shortened to the caller's deadline.
-    pub query_timeout_ms: u64,
-    /// Fauna's own retries on contention (`X-Max-Contention-Retries`, 0 to 7).
-    pub max_contention_retries: u8,
-    /// Most attempts per operation for retryable failures (409, 429, time-outs, 5xx).
-    pub max_attempts: u32,
-}
-
-impl Default for FaunaSettings {
-    fn default() -> Self {
-        Self {
-            endpoint: "http://localhost:8443".into(),
-            secret: None,
-            secret_file: None,
-            query_timeout_ms: 5000,
-            max_contention_retries: 4,
-            max_attempts: 3,
-        }
-    }
-}
-
-impl FaunaSettings {
-    /// Returns the server key from `secret` or `secret_file`.
-    ///
-    /// # Errors
-    ///
-    /// When neither or both are set, or the file cannot be read or is empty.
-    pub fn server_key(&self) -> Result<SecretString, ConfigError> {
-        match (&self.secret, &self.secret_file) {
-            (Some(secret), None) => Ok(secret.clone()),
-            (None, Some(path)) => {
-                let text = fs::read_to_string(path).map_err(|err| {
-                    ConfigError(format!(
-                        "cannot read store.fauna.secret_file {}: {err}",
-                        path.display()
-                    ))
-                })?;
-                let key = text.trim();
-                if key.is_empty() {
-                    return Err(ConfigError(format!(
-                        "store.fauna.secret_file {} is empty",
-                        path.display()
-                    )));
-                }
-                Ok(SecretString::from(key.to_owned()))
-            }
-            (None, None) => Err(ConfigError(
-                "store.backend = \"fauna\" needs store.fauna.secret or store.fauna.secret_file"
-                    .into(),
-            )),
-            (Some(_), Some(_)) => Err(ConfigError(
-                "set store.fauna.secret or store.fauna.secret_file, not both".into(),
-            )),
-        }
-    }
-}
-
-/// `[store.embedded]`: the SQLite store.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EmbeddedSettings {
-    /// Data directory; the database is `tokenbroker.db` inside it.
-    pub dir: PathBuf,
-    /// `normal` (survives a process crash) or `full` (fsync per commit; survives power loss).
-    pub durability: Durability,
-    /// How often a pass that deletes expired tokens starts.
-    pub cleanup_interval_seconds: u64,
-}
-
-/// `[tokens]`: lifetimes and windows, all in seconds.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TokenSettings {
-    /// Access token lifetime when a request asks for none.
-    pub access_ttl_seconds: u64,
-    /// Refresh token lifetime when a request asks for none.
-    pub refresh_ttl_seconds: u64,
-    /// Longest access token lifetime a request may ask for.
-    pub max_access_ttl_seconds: u64,
-    /// Longest refresh token lifetime a request may ask for.
-    pub max_refresh_ttl_seconds: u64,
-    /// How long after a rotation the consumed refresh token may be presented again.
-    pub refresh_grace_seconds: u64,
-    /// How long an IssueTokens idempotency key keeps returning the same pair.
-    pub idempotency_window_seconds: u64,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// `[log]`: log output.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogSettings {
-    /// `text` or `json`.
-    pub format: LogFormat,
-    /// An `EnvFilter` directive; `RUST_LOG`, when set, wins.
-    pub filter: String,
-}
-
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
@@ -272,64 +129,7 @@ impl Default for ServerSettings {
     }
 }
 
-impl Default for StoreSettings {
-    fn default() -> Self {
-        Self {
-            backend: StoreBackend::Embedded,
-            account_cache_capacity: 100_000,
-            embedded: EmbeddedSettings::default(),
-            fauna: FaunaSettings::default(),
-        }
-    }
-}
-
-impl Default for EmbeddedSettings {
-    fn default() -> Self {
-        Self {
-            dir: PathBuf::from("./data"),
-            durability: Durability::Normal,
-            cleanup_interval_seconds: 60,
-        }
-    }
-}
-
-impl Default for TokenSettings {
-    fn default() -> Self {
-        Self {
-            access_ttl_seconds: 600,
-            refresh_ttl_seconds: 3600,
-            max_access_ttl_seconds: 3600,
-            max_refresh_ttl_seconds: 30 * 24 * 3600,
-            refresh_grace_seconds: 10,
-            idempotency_window_seconds: 30,
-        }
-    }
-}
-
-impl Default for LogSettings {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            filter: "info".into(),
-        }
-    }
-}
-
-impl TokenSettings {
-    /// The default access token lifetime.
-    pub fn access_ttl(&self) -> Duration {
-        Duration::from_secs(self.access_ttl_seconds)
-    }
-    /// The default refresh token lifetime.
-    pub fn refresh_ttl(&self) -> Duration {
-        Duration::from_secs(self.refresh_ttl_seconds)
-    }
-}
-
-/// A configuration that cannot be used, with a message saying where and why.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub use crate::model::ConfigError;
 
 /// Where the settings came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,51 +176,23 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Checks every section with its owner's rules, then what spans sections (replicas
+    /// against the backend, cert callers against mTLS). Files named by the settings (TLS
+    /// certificates) are read at start-up and by `check-config`, not here.
     fn validate(&self) -> Result<(), ConfigError> {
-        let t = &self.tokens;
-        let checks = [
-            (
-                t.access_ttl_seconds == 0,
-                "tokens.access_ttl_seconds must be at least 1",
-            ),
-            (
-                t.refresh_ttl_seconds == 0,
-                "tokens.refresh_ttl_seconds must be at least 1",
-            ),
-            (
-                t.access_ttl_seconds > t.max_access_ttl_seconds,
-                "tokens.access_ttl_seconds is over tokens.max_access_ttl_seconds",
-            ),
-            (
-                t.refresh_ttl_seconds > t.max_refresh_ttl_seconds,
-                "tokens.refresh_ttl_seconds is over tokens.max_refresh_ttl_seconds",
-            ),
-            (
-                t.max_access_ttl_seconds > u64::from(u32::MAX)
-                    || t.max_refresh_ttl_seconds > u64::from(u32::MAX),
-                "token ttl maxima must fit in 32 bits",
-            ),
-            (
-                self.server.request_timeout_seconds == 0,
-                "server.request_timeout_seconds must be at least 1",
-            ),
-            (
-                self.store.embedded.cleanup_interval_seconds == 0,
-                "store.embedded.cleanup_interval_seconds must be at least 1",
-            ),
-        ];
-        if self.store.backend == StoreBackend::Fauna {
-            self.store.fauna.server_key()?;
+        if self.server.request_timeout_seconds == 0 {
+            return Err(ConfigError(
+                "server.request_timeout_seconds must be at least 1".into(),
+            ));
         }
+        self.tokens.validate()?;
+        self.store.validate()?;
         self.validate_replicas()?;
         self.limits.validate().map_err(ConfigError)?;
         self.audit.validate()?;
         self.validate_tls()?;
         self.telemetry.validate()?;
-        match checks.iter().find(|(bad, _)| *bad) {
-            Some((_, message)) => Err(ConfigError((*message).to_owned())),
-            None => self.cognito.validate().map_err(ConfigError),
-        }
+        self.cognito.validate().map_err(ConfigError)
     }
 
     /// Checks `[server.tls]` and `[[cert_callers]]` without reading the certificate files
@@ -441,10 +213,11 @@ impl Settings {
                     .into(),
             ));
         }
-        crate::auth::Authenticator::new(&[])
-            .and_then(|auth| auth.with_cert_callers(&self.cert_callers))
+        Authenticator::new(&self.api_keys)
+            .map_err(|err| ConfigError(format!("invalid api_keys: {err}")))?
+            .with_cert_callers(&self.cert_callers)
             .map(drop)
-            .map_err(ConfigError)
+            .map_err(|err| ConfigError(format!("invalid cert_callers: {err}")))
     }
 
     /// Refuses several replicas on the embedded store. Its SQLite file belongs to one process:
@@ -504,18 +277,12 @@ fn parse_env_value(value: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(value.to_owned()))
 }
 
-impl fmt::Display for StoreBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Embedded => "embedded",
-            Self::Fauna => "fauna",
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
+    use crate::store::Durability;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -560,12 +327,22 @@ mod tests {
     }
 
     #[test]
-    fn api_keys_can_come_from_env() {
-        let s = Settings::load(
+    fn api_keys_can_come_from_env_and_are_checked_at_load() {
+        let err = Settings::load(
             None,
             &env(&[(
                 "TOKENBROKER_API_KEYS",
                 r#"[{ name = "ops", roles = ["admin"], sha256 = "00" }]"#,
+            )]),
+        )
+        .unwrap_err();
+        assert!(err.0.contains("invalid api_keys"), "{err}");
+        let digest = "ab".repeat(32);
+        let s = Settings::load(
+            None,
+            &env(&[(
+                "TOKENBROKER_API_KEYS",
+                &format!(r#"[{{ name = "ops", roles = ["admin"], sha256 = "{digest}" }}]"#),
             )]),
         )
         .unwrap();
@@ -587,7 +364,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        let trigger = s.limits.roles[&crate::auth::Role::Trigger];
+        let trigger = s.limits.roles[&crate::identity::auth::Role::Trigger];
         assert_eq!((trigger.per_second, trigger.burst), (500.0, 1000));
         assert!(s.limits.callers["batch"].is_unlimited());
         assert_eq!(s.limits.max_concurrent_requests, 64);
@@ -652,7 +429,10 @@ mod tests {
         let tls = s.server.tls.unwrap();
         assert_eq!(tls.key_file, PathBuf::from("/etc/tb/tls.key"));
         assert_eq!(tls.reload_interval_seconds, 10);
-        assert_eq!(tls.client_auth(), Some(crate::tls::ClientAuth::Required));
+        assert_eq!(
+            tls.client_auth(),
+            Some(crate::app::tls::ClientAuth::Required)
+        );
         assert_eq!(s.cert_callers[0].name, "billing");
         assert!(
             Settings::load(None, &env(&[]))
