@@ -9,7 +9,7 @@ use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
-    identity::auth::{ApiKeyConfig, Role},
+    identity::{Role, auth::ApiKeyConfig},
     model::secret::sha256,
 };
 

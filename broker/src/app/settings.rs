@@ -364,7 +364,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        let trigger = s.limits.roles[&crate::identity::auth::Role::Trigger];
+        let trigger = s.limits.roles[&crate::identity::Role::Trigger];
         assert_eq!((trigger.per_second, trigger.burst), (500.0, 1000));
         assert!(s.limits.callers["batch"].is_unlimited());
         assert_eq!(s.limits.max_concurrent_requests, 64);

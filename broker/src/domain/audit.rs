@@ -36,10 +36,10 @@ use sha2::Sha256;
 use tracing::error;
 
 use crate::{
-    app::settings::ConfigError,
     domain::DomainMetrics,
     domain::error::{BrokerError, BrokerErrorKind, BrokerResult},
-    identity::auth::Caller,
+    identity::Caller,
+    model::ConfigError,
     model::clock::Clock,
     model::{Email, UnixMicros},
 };

@@ -14,8 +14,8 @@ use crate::{
     domain::audit::{AuditLog, Event, Record},
     domain::error::{BrokerError, BrokerErrorKind, BrokerResult},
     domain::{RevokeCause, TokenSettings},
-    identity::auth::{Caller, Role, require},
     identity::cognito::CognitoVerifier,
+    identity::{Caller, Role, require},
     model::clock::Clock,
     model::secret::SecretDigest,
     model::{

@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
     domain::error::BrokerError,
-    identity::auth::{Caller, Role},
+    identity::{Caller, Role},
     obs::metrics::{Counter, Family, MetricSet, Zeros},
 };
 

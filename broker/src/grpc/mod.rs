@@ -31,7 +31,7 @@ use crate::{
         Subject,
     },
     grpc::admission::{InFlight, Limiter},
-    identity::auth::{Authenticator, Caller},
+    identity::{Authenticator, Caller},
     model::{
         AccountId, Email, FamilyId, InvalidArgument, MAX_GROUPS, MintedPair, MintedToken, TokenId,
         TokenKind, TokenState, UnixMicros, parse_name, validate_metadata,

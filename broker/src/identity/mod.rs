@@ -2,9 +2,11 @@
 //! with roles.
 
 pub mod auth;
+mod caller;
 pub mod cognito;
 mod error;
 pub mod subject;
 
-pub use auth::{Authenticator, Caller, Role, require};
+pub use auth::Authenticator;
+pub use caller::{Caller, Role, require};
 pub use error::{AuthError, AuthResult};

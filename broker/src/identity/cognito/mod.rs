@@ -37,7 +37,7 @@ pub use jwt::{Audience, CognitoClaims, MAX_TOKEN_BYTES, looks_like_jwt};
 pub use settings::{CognitoSettings, MAX_LEEWAY_SECONDS, PoolSettings};
 
 use crate::{
-    identity::auth::{Caller, Role},
+    identity::{Caller, Role},
     model::clock::Clock,
     model::secret::{SecretDigest, sha256},
     obs::metrics::{CacheResult, Counter, Family, MetricSet, Outcome, Zeros},

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::Deserialize;
 
-use crate::identity::auth::Role;
+use crate::identity::Role;
 
 /// Longest clock-skew leeway the settings accept: RFC 7519 §4.1.4 speaks of "a few minutes".
 pub const MAX_LEEWAY_SECONDS: u64 = 300;
