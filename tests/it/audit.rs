@@ -5,7 +5,7 @@ use std::path::Path;
 
 use secrecy::SecretString;
 use serde_json::Value;
-use tokenbroker::audit::AuditSinkKind;
+use tokenbroker::domain::audit::AuditSinkKind;
 use tokenbroker_client::{ClientErrorKind, pb};
 use tokenbroker_tests::{TestBroker, expose};
 
@@ -29,7 +29,7 @@ fn hex(bytes: &[u8]) -> String {
 /// Spawns a broker auditing to `path`.
 pub(crate) async fn audited_broker(
     path: &Path,
-    configure: impl FnOnce(&mut tokenbroker::config::Settings),
+    configure: impl FnOnce(&mut tokenbroker::app::settings::Settings),
 ) -> TestBroker {
     let path = path.to_owned();
     TestBroker::spawn_with(move |s| {

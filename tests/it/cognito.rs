@@ -9,10 +9,10 @@ use rand::Rng as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::json;
 use tokenbroker::{
-    clock::ManualClock,
-    cognito::{
+    identity::cognito::{
         COGNITO_HEALTH_SERVICE, CachedJwks, HttpJwksSource, JwksError, JwksSource, http_client,
     },
+    model::clock::ManualClock,
 };
 use tokenbroker_client::{Client, ClientErrorKind, pb};
 use tokenbroker_tests::{

@@ -8,10 +8,11 @@ use std::{
 
 use secrecy::SecretString;
 use tokenbroker::{
-    clock::{Clock, ManualClock, SystemClock},
-    config::{Settings, StoreBackend},
+    app::settings::Settings,
+    model::clock::{Clock, ManualClock, SystemClock},
+    store::StoreBackend,
     store::{
-        FaunaConfig, FaunaStore, TokenStore,
+        FaunaSettings, FaunaStore, TokenStore,
         testsuite::{StoreHarness, store_test_suite},
     },
 };
@@ -31,7 +32,7 @@ struct FaunaHarness {
 impl StoreHarness for FaunaHarness {
     async fn open(&self, clock: Arc<ManualClock>) -> Arc<dyn TokenStore> {
         let double = FaunaDouble::start(clock).await;
-        let store = FaunaStore::new(store_config(&double, 3)).expect("valid config");
+        let store = FaunaStore::new(&store_config(&double, 3)).expect("valid config");
         self.doubles.lock().unwrap().push(double);
         Arc::new(store)
     }
@@ -41,13 +42,13 @@ impl StoreHarness for FaunaHarness {
     }
 }
 
-fn store_config(double: &FaunaDouble, max_attempts: u32) -> FaunaConfig {
-    FaunaConfig {
+fn store_config(double: &FaunaDouble, max_attempts: u32) -> FaunaSettings {
+    FaunaSettings {
         endpoint: double.endpoint(),
-        secret: double.server_key(),
-        query_timeout: Duration::from_secs(5),
-        max_contention_retries: 4,
+        secret: Some(double.server_key()),
+        query_timeout_ms: 5000,
         max_attempts,
+        ..FaunaSettings::default()
     }
 }
 

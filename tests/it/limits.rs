@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use tokenbroker::{
-    config::StoreBackend,
-    limits::{LimitSettings, RateLimit},
+    grpc::admission::{LimitSettings, RateLimit},
+    store::StoreBackend,
 };
 use tokenbroker_client::{ClientErrorKind, pb};
 use tokenbroker_tests::{TestBroker, claims_request, fauna::FaunaDouble};
@@ -13,7 +13,7 @@ use tokenbroker_tests::{TestBroker, claims_request, fauna::FaunaDouble};
 use crate::metrics::Scrape;
 
 /// A broker with the metrics endpoint on a free port.
-fn with_metrics(s: &mut tokenbroker::config::Settings) {
+fn with_metrics(s: &mut tokenbroker::app::settings::Settings) {
     s.metrics.listen = Some(([127, 0, 0, 1], 0).into());
 }
 
@@ -102,7 +102,7 @@ async fn role_limits_apply_to_every_caller_with_the_role() {
     let broker = TestBroker::spawn_with(|s| {
         s.limits
             .roles
-            .insert(tokenbroker::auth::Role::Service, limited(0.1, 2));
+            .insert(tokenbroker::identity::Role::Service, limited(0.1, 2));
     })
     .await;
     for _ in 0..2 {
@@ -155,7 +155,8 @@ async fn calls_without_a_credential_are_limited_per_peer_address() {
 
 #[tokio::test]
 async fn the_in_flight_limit_sheds_calls_over_it() {
-    let double = FaunaDouble::start(std::sync::Arc::new(tokenbroker::clock::SystemClock)).await;
+    let double =
+        FaunaDouble::start(std::sync::Arc::new(tokenbroker::model::clock::SystemClock)).await;
     double.set_latency(Duration::from_millis(400));
     let (endpoint, key) = (double.endpoint(), double.server_key());
     let broker = TestBroker::spawn_with(move |s| {

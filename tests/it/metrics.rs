@@ -4,8 +4,9 @@
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use tokenbroker::{
-    clock::{Clock, SystemClock},
-    config::{Settings, StoreBackend},
+    app::settings::Settings,
+    model::clock::{Clock, SystemClock},
+    store::StoreBackend,
 };
 use tokenbroker_client::ClientErrorKind;
 use tokenbroker_tests::{

@@ -14,9 +14,9 @@ use lambda_runtime::{Context, LambdaEvent};
 use secrecy::SecretString;
 use serde_json::Value;
 use tokenbroker::{
-    clock::SystemClock,
-    config::StoreBackend,
-    dev::{api_key_digest, generate_api_key},
+    app::dev::{api_key_digest, generate_api_key},
+    model::clock::SystemClock,
+    store::StoreBackend,
 };
 use tokenbroker_client::{CallOptions, Client};
 use tokenbroker_tests::{

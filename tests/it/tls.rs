@@ -15,9 +15,9 @@ use secrecy::SecretSlice;
 use tempfile::TempDir;
 use tokenbroker::{
     Application,
-    auth::{CertCallerConfig, Role},
-    config::Settings,
-    tls::{ClientAuth, TlsSettings},
+    app::settings::Settings,
+    app::tls::{ClientAuth, TlsSettings},
+    identity::{Role, auth::CertCallerConfig},
 };
 use tokenbroker_client::{Client, ClientError, ClientErrorKind, TlsOptions, pb};
 use tokenbroker_tests::{TestBroker, claims_request, eventually, logs};
@@ -394,11 +394,16 @@ async fn bad_tls_files_fail_the_check_and_the_start_with_the_file_named() {
     let server = ca.server();
     let files = Files::new(&server, &ca);
     let settings = files.settings(Some(ClientAuth::Required));
-    tokenbroker::tls::check(&settings).unwrap();
+    tokenbroker::app::tls::TlsServer::load(&settings)
+        .map(drop)
+        .unwrap();
 
     let other = ca.server();
     replace(&files.key, &other.key);
-    let err = format!("{:#}", tokenbroker::tls::check(&settings).unwrap_err());
+    let err = format!(
+        "{:#}",
+        tokenbroker::app::tls::TlsServer::load(&settings).unwrap_err()
+    );
     assert!(
         err.contains("does not fit") && err.contains("tls.key"),
         "{err}"
@@ -414,18 +419,27 @@ async fn bad_tls_files_fail_the_check_and_the_start_with_the_file_named() {
     assert!(format!("{err:#}").contains("server.tls"), "{err:#}");
 
     replace(&files.key, &server.cert);
-    let err = format!("{:#}", tokenbroker::tls::check(&settings).unwrap_err());
+    let err = format!(
+        "{:#}",
+        tokenbroker::app::tls::TlsServer::load(&settings).unwrap_err()
+    );
     assert!(err.contains("holds no PEM private key"), "{err}");
     replace(&files.key, &server.key);
     replace(&files.cert, "not a certificate");
-    let err = format!("{:#}", tokenbroker::tls::check(&settings).unwrap_err());
+    let err = format!(
+        "{:#}",
+        tokenbroker::app::tls::TlsServer::load(&settings).unwrap_err()
+    );
     assert!(
         err.contains("tls.crt") && err.contains("CERTIFICATE"),
         "{err}"
     );
     replace(&files.cert, &server.cert);
     replace(&files.client_ca, "");
-    let err = format!("{:#}", tokenbroker::tls::check(&settings).unwrap_err());
+    let err = format!(
+        "{:#}",
+        tokenbroker::app::tls::TlsServer::load(&settings).unwrap_err()
+    );
     assert!(err.contains("client_ca_file"), "{err}");
 }
 

@@ -21,8 +21,8 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokenbroker::{
-    auth::Role,
-    cognito::{CognitoSettings, PoolSettings},
+    identity::Role,
+    identity::cognito::{CognitoSettings, PoolSettings},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},

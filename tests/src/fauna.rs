@@ -66,7 +66,7 @@ use secrecy::SecretString;
 use serde_json::{Map, Value as Json, json};
 use sha2::{Digest, Sha256};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
-use tokenbroker::clock::Clock;
+use tokenbroker::model::clock::Clock;
 use tokio::{
     net::TcpListener,
     task::{JoinHandle, JoinSet},
@@ -2346,7 +2346,7 @@ mod tests {
     use std::sync::Arc;
 
     use serde_json::{Value as Json, json};
-    use tokenbroker::{clock::ManualClock, store::fauna::queries};
+    use tokenbroker::{model::clock::ManualClock, store::fauna::queries};
 
     use super::*;
 

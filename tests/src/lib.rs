@@ -19,9 +19,9 @@ use secrecy::{ExposeSecret, SecretString};
 use tempfile::TempDir;
 use tokenbroker::{
     Application,
-    clock::{Clock, ManualClock, SystemClock},
-    config::Settings,
-    dev::generate_dev_keys,
+    app::dev::generate_dev_keys,
+    app::settings::Settings,
+    model::clock::{Clock, ManualClock, SystemClock},
 };
 use tokenbroker_client::{Client, ClientResult, TlsOptions, TokenPair, pb};
 use tokio::{sync::oneshot, task::JoinHandle};

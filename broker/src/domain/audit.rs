@@ -47,12 +47,34 @@ use crate::{
 /// The shortest accepted email HMAC key, in bytes.
 pub const MIN_HMAC_KEY_LEN: usize = 32;
 
-/// The message a client gets when its operation was refused because the audit log cannot be
-/// written before acting.
-pub const NOT_WRITTEN_BEFORE: &str =
-    "the audit log cannot be written; the operation was not performed";
-/// The message a client gets when the audit log could not record an operation's outcome.
-pub const NOT_WRITTEN_AFTER: &str = "the audit log cannot be written";
+/// An audit line that could not be written. The client sees `UNAVAILABLE` with this message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditError {
+    /// The `request` line of a state change: the operation was refused, not performed.
+    NotWrittenBefore,
+    /// The `response` line: the operation happened, but its outcome is not on record.
+    NotWrittenAfter,
+}
+
+impl AuditError {
+    /// Returns the message the client gets.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::NotWrittenBefore => {
+                "the audit log cannot be written; the operation was not performed"
+            }
+            Self::NotWrittenAfter => "the audit log cannot be written",
+        }
+    }
+}
+
+impl fmt::Display for AuditError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl std::error::Error for AuditError {}
 
 /// Where audit events go.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -229,7 +251,8 @@ impl AuditLog {
     }
 
     /// Starts the record of one operation by `caller` (`None`: anonymous), timed by `clock`
-    /// (read only when the log is on).
+    /// (read only when the log is on). `Record::default()` is an inert one, for an operation
+    /// that is audited only for some callers.
     pub fn record(&self, event: Event, caller: Option<&Caller>, clock: &dyn Clock) -> Record {
         if !self.is_on() {
             return Record::default();
@@ -258,7 +281,7 @@ impl AuditLog {
         record.line.phase = "request";
         record.line.time = rfc3339(record.time);
         self.write(&record.line)
-            .map_err(|()| BrokerError::Unavailable(NOT_WRITTEN_BEFORE))
+            .map_err(|()| AuditError::NotWrittenBefore.into())
     }
 
     /// Writes the `response` line with the outcome of `result`, and returns `result`, or
@@ -272,7 +295,7 @@ impl AuditLog {
         if !record.on {
             return result;
         }
-        if let Err(BrokerError::Unavailable(NOT_WRITTEN_BEFORE)) = &result {
+        if let Err(BrokerError::Audit(AuditError::NotWrittenBefore)) = &result {
             return result;
         }
         record.line.phase = "response";
@@ -283,7 +306,7 @@ impl AuditLog {
         });
         match self.write(&record.line) {
             Ok(()) => result,
-            Err(()) => Err(BrokerError::Unavailable(NOT_WRITTEN_AFTER)),
+            Err(()) => Err(AuditError::NotWrittenAfter.into()),
         }
     }
 
@@ -314,7 +337,7 @@ impl AuditLog {
         };
         fill(&mut line);
         self.write(&line)
-            .map_err(|()| BrokerError::Unavailable(NOT_WRITTEN_AFTER))
+            .map_err(|()| AuditError::NotWrittenAfter.into())
     }
 
     /// Returns the hex HMAC of a (normalised) email, if the log is on.

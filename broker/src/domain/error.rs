@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use super::audit::AuditError;
 use crate::{
     identity::{AuthError, cognito::CognitoError},
     model::InvalidArgument,
@@ -60,6 +61,9 @@ pub enum BrokerError {
     /// the message is for the client.
     #[error("{0}")]
     Unavailable(&'static str),
+    /// The audit log could not be written; see [`AuditError`].
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     /// The call's deadline passed before the work finished.
     #[error("deadline exceeded")]
     DeadlineExceeded,
@@ -93,6 +97,7 @@ impl BrokerError {
             Self::FailedPrecondition(_) => BrokerErrorKind::FailedPrecondition,
             Self::ResourceExhausted { .. } => BrokerErrorKind::ResourceExhausted,
             Self::Unavailable(_) => BrokerErrorKind::Unavailable,
+            Self::Audit(_) => BrokerErrorKind::Unavailable,
             Self::DeadlineExceeded => BrokerErrorKind::DeadlineExceeded,
             Self::Store(err) => match err.kind() {
                 StoreErrorKind::Unavailable => BrokerErrorKind::Unavailable,

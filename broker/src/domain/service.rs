@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     domain::DomainMetrics,
-    domain::audit::{AuditLog, Event, Record},
+    domain::audit::{AuditLog, Event, Line, Record},
     domain::error::{BrokerError, BrokerErrorKind, BrokerResult},
     domain::{RevokeCause, TokenSettings},
     identity::cognito::CognitoVerifier,
@@ -265,117 +265,106 @@ impl Broker {
         caller: Option<&Caller>,
         request: IssueRequest,
     ) -> BrokerResult<Issued> {
-        let mut record = self.audit.record(Event::Issue, caller, &*self.clock);
-        let result = self.issue_audited(caller, request, &mut record).await;
-        if let Ok(issued) = &result {
-            let pair = &issued.pair;
+        let record = self.audit.record(Event::Issue, caller, &*self.clock);
+        let work = async |record: &mut Record| {
+            let claims = match request.subject {
+                Subject::Claims(claims) => {
+                    require(caller, &[Role::Trigger, Role::Admin])?;
+                    claims
+                }
+                Subject::CognitoToken(token) => {
+                    require(caller, &[Role::Service, Role::Trigger, Role::Admin])?;
+                    let Some(cognito) = &self.cognito else {
+                        return Err(BrokerError::FailedPrecondition(
+                            "no Cognito user pool is configured",
+                        ));
+                    };
+                    exchanged_claims(cognito.exchange(&token).await?)?
+                }
+            };
+            let caller = caller.expect("require returned a caller");
             record.set(|line| {
-                line.account_id = Some(pair.account_id.to_string());
-                line.family_id = Some(pair.family_id.to_string());
-                line.refresh_token_id = Some(pair.refresh.id.to_string());
-                line.access_token_id = Some(pair.access.id.to_string());
-                line.replayed = Some(issued.replayed);
+                line.email_hmac = self.audit.email_hmac(&claims.email);
+                line.client_id.clone_from(&claims.client_id);
             });
-        }
-        self.audit.response(record, result)
-    }
-
-    async fn issue_audited(
-        &self,
-        caller: Option<&Caller>,
-        request: IssueRequest,
-        record: &mut Record,
-    ) -> BrokerResult<Issued> {
-        let claims = match request.subject {
-            Subject::Claims(claims) => {
-                require(caller, &[Role::Trigger, Role::Admin])?;
-                claims
+            let access_ttl = self.ttl(
+                "access_ttl_seconds",
+                request.access_ttl_seconds,
+                self.tokens.access_ttl_seconds,
+                self.tokens.max_access_ttl_seconds,
+            )?;
+            let refresh_ttl = self.ttl(
+                "refresh_ttl_seconds",
+                request.refresh_ttl_seconds,
+                self.tokens.refresh_ttl_seconds,
+                self.tokens.max_refresh_ttl_seconds,
+            )?;
+            let key = request
+                .idempotency_key
+                .as_deref()
+                .map(|key| {
+                    validate_idempotency_key(key)?;
+                    Ok::<_, BrokerError>(digest_of(&[
+                        caller.name.as_bytes(),
+                        key.as_bytes(),
+                        claims.email.as_str().as_bytes(),
+                        claims.client_id.as_deref().unwrap_or("").as_bytes(),
+                    ]))
+                })
+                .transpose()?;
+            let session = NewSession {
+                email: claims.email,
+                known_account: None,
+                cognito_sub: claims.cognito_sub,
+                client_id: claims.client_id,
+                access_ttl,
+                refresh_ttl,
+                metadata: request.metadata,
+            };
+            self.audit.request(record)?;
+            let mint = async {
+                let pair = self.store.issue(session).await?;
+                self.count_minted();
+                // At debug: one line per sign-in is the audit log's and the metrics' job; at
+                // thousands of sign-ins a second a log line each costs a tenth of the throughput.
+                debug!(
+                    caller = %caller.name,
+                    account_id = %pair.account_id,
+                    family_id = %pair.family_id,
+                    refresh_token_id = %pair.refresh.id,
+                    access_token_id = %pair.access.id,
+                    "tokens issued"
+                );
+                Ok::<_, BrokerError>(Arc::new(pair))
+            };
+            let Some(key) = key else {
+                return Ok(Issued {
+                    pair: mint.await?,
+                    replayed: false,
+                });
+            };
+            let entry = self
+                .issued
+                .entry(key)
+                .or_try_insert_with(mint)
+                .await
+                .map_err(BrokerError::Shared)?;
+            let replayed = !entry.is_fresh();
+            if replayed {
+                info!(caller = %caller.name, family_id = %entry.value().family_id, "idempotent replay of issued tokens");
             }
-            Subject::CognitoToken(token) => {
-                require(caller, &[Role::Service, Role::Trigger, Role::Admin])?;
-                let Some(cognito) = &self.cognito else {
-                    return Err(BrokerError::FailedPrecondition(
-                        "no Cognito user pool is configured",
-                    ));
-                };
-                exchanged_claims(cognito.exchange(&token).await?)?
-            }
-        };
-        let caller = caller.expect("require returned a caller");
-        record.set(|line| {
-            line.email_hmac = self.audit.email_hmac(&claims.email);
-            line.client_id.clone_from(&claims.client_id);
-        });
-        let access_ttl = self.ttl(
-            "access_ttl_seconds",
-            request.access_ttl_seconds,
-            self.tokens.access_ttl_seconds,
-            self.tokens.max_access_ttl_seconds,
-        )?;
-        let refresh_ttl = self.ttl(
-            "refresh_ttl_seconds",
-            request.refresh_ttl_seconds,
-            self.tokens.refresh_ttl_seconds,
-            self.tokens.max_refresh_ttl_seconds,
-        )?;
-        let key = request
-            .idempotency_key
-            .as_deref()
-            .map(|key| {
-                validate_idempotency_key(key)?;
-                Ok::<_, BrokerError>(digest_of(&[
-                    caller.name.as_bytes(),
-                    key.as_bytes(),
-                    claims.email.as_str().as_bytes(),
-                    claims.client_id.as_deref().unwrap_or("").as_bytes(),
-                ]))
+            Ok(Issued {
+                pair: entry.into_value(),
+                replayed,
             })
-            .transpose()?;
-        let session = NewSession {
-            email: claims.email,
-            known_account: None,
-            cognito_sub: claims.cognito_sub,
-            client_id: claims.client_id,
-            access_ttl,
-            refresh_ttl,
-            metadata: request.metadata,
         };
-        self.audit.request(record)?;
-        let mint = async {
-            let pair = self.store.issue(session).await?;
-            self.count_minted();
-            // At debug: one line per sign-in is the audit log's and the metrics' job; at
-            // thousands of sign-ins a second a log line each costs a tenth of the throughput.
-            debug!(
-                caller = %caller.name,
-                account_id = %pair.account_id,
-                family_id = %pair.family_id,
-                refresh_token_id = %pair.refresh.id,
-                access_token_id = %pair.access.id,
-                "tokens issued"
-            );
-            Ok::<_, BrokerError>(Arc::new(pair))
-        };
-        let Some(key) = key else {
-            return Ok(Issued {
-                pair: mint.await?,
-                replayed: false,
-            });
-        };
-        let entry = self
-            .issued
-            .entry(key)
-            .or_try_insert_with(mint)
-            .await
-            .map_err(BrokerError::Shared)?;
-        let replayed = !entry.is_fresh();
-        if replayed {
-            info!(caller = %caller.name, family_id = %entry.value().family_id, "idempotent replay of issued tokens");
-        }
-        Ok(Issued {
-            pair: entry.into_value(),
-            replayed,
+        self.recorded(record, work, |result, line| {
+            if let Ok(issued) = result {
+                record_pair(line, &issued.pair);
+                line.replayed = Some(issued.replayed);
+            }
         })
+        .await
     }
 
     /// Rotates a refresh token.
@@ -390,113 +379,104 @@ impl Broker {
             line.token_id = presented_id(&request.refresh_token);
             line.client_id.clone_from(&request.client_id);
         });
-        let result = self.refresh_audited(request, &mut record).await;
-        if let Ok(pair) = &result {
-            record.set(|line| {
-                line.account_id = Some(pair.account_id.to_string());
-                line.family_id = Some(pair.family_id.to_string());
-                line.refresh_token_id = Some(pair.refresh.id.to_string());
-                line.access_token_id = Some(pair.access.id.to_string());
-            });
-        }
-        self.audit.response(record, result)
-    }
-
-    async fn refresh_audited(
-        &self,
-        request: RefreshRequest,
-        record: &mut Record,
-    ) -> BrokerResult<Arc<MintedPair>> {
-        let secret = request.refresh_token.expose_secret();
-        if secret.is_empty() {
-            return Err(BrokerError::invalid("refresh_token is required"));
-        }
-        let rotation = Rotation {
-            client_id: request.client_id.clone(),
-            access_ttl: self.ttl(
-                "access_ttl_seconds",
-                request.access_ttl_seconds,
-                self.tokens.access_ttl_seconds,
-                self.tokens.max_access_ttl_seconds,
-            )?,
-            refresh_ttl: self.ttl(
-                "refresh_ttl_seconds",
-                request.refresh_ttl_seconds,
-                self.tokens.refresh_ttl_seconds,
-                self.tokens.max_refresh_ttl_seconds,
-            )?,
-            grace: Duration::from_secs(self.tokens.refresh_grace_seconds),
-        };
-        if secret.len() > MAX_SECRET_LEN {
-            return Err(inactive_refresh());
-        }
-        self.audit.request(record)?;
-        let record = &*record;
-        let rotate = || async {
-            match self
-                .store
-                .refresh(&request.refresh_token, rotation.clone())
-                .await?
-            {
-                RefreshOutcome::Rotated(pair) => {
-                    self.count_minted();
-                    debug!(
-                        family_id = %pair.family_id,
-                        refresh_token_id = %pair.refresh.id,
-                        access_token_id = %pair.access.id,
-                        "refresh token rotated"
-                    );
-                    Ok((Arc::new(pair), self.clock.now()))
-                }
-                RefreshOutcome::Inactive => Err(inactive_refresh()),
-                RefreshOutcome::WrongClient => Err(BrokerError::PermissionDenied(
-                    "the refresh token was issued for another client".into(),
-                )),
-                RefreshOutcome::ReuseDetected { family_id, revoked } => {
-                    warn!(%family_id, revoked, "refresh token reuse; session revoked");
-                    self.metrics
-                        .tokens_revoked
-                        .get(RevokeCause::Reuse)
-                        .add(revoked);
-                    self.audit.event(
-                        record,
-                        Event::ReuseDetected,
-                        BrokerErrorKind::Unauthenticated,
-                        |line| {
-                            line.family_id = Some(family_id.to_string());
-                            line.revoked = Some(revoked);
-                        },
-                    )?;
-                    Err(inactive_refresh())
-                }
+        let work = async |record: &mut Record| {
+            let secret = request.refresh_token.expose_secret();
+            if secret.is_empty() {
+                return Err(BrokerError::invalid("refresh_token is required"));
             }
+            let rotation = Rotation {
+                client_id: request.client_id.clone(),
+                access_ttl: self.ttl(
+                    "access_ttl_seconds",
+                    request.access_ttl_seconds,
+                    self.tokens.access_ttl_seconds,
+                    self.tokens.max_access_ttl_seconds,
+                )?,
+                refresh_ttl: self.ttl(
+                    "refresh_ttl_seconds",
+                    request.refresh_ttl_seconds,
+                    self.tokens.refresh_ttl_seconds,
+                    self.tokens.max_refresh_ttl_seconds,
+                )?,
+                grace: Duration::from_secs(self.tokens.refresh_grace_seconds),
+            };
+            if secret.len() > MAX_SECRET_LEN {
+                return Err(inactive_refresh());
+            }
+            self.audit.request(record)?;
+            let record = &*record;
+            let rotate = || async {
+                match self
+                    .store
+                    .refresh(&request.refresh_token, rotation.clone())
+                    .await?
+                {
+                    RefreshOutcome::Rotated(pair) => {
+                        self.count_minted();
+                        debug!(
+                            family_id = %pair.family_id,
+                            refresh_token_id = %pair.refresh.id,
+                            access_token_id = %pair.access.id,
+                            "refresh token rotated"
+                        );
+                        Ok((Arc::new(pair), self.clock.now()))
+                    }
+                    RefreshOutcome::Inactive => Err(inactive_refresh()),
+                    RefreshOutcome::WrongClient => Err(BrokerError::PermissionDenied(
+                        "the refresh token was issued for another client".into(),
+                    )),
+                    RefreshOutcome::ReuseDetected { family_id, revoked } => {
+                        warn!(%family_id, revoked, "refresh token reuse; session revoked");
+                        self.metrics
+                            .tokens_revoked
+                            .get(RevokeCause::Reuse)
+                            .add(revoked);
+                        self.audit.event(
+                            record,
+                            Event::ReuseDetected,
+                            BrokerErrorKind::Unauthenticated,
+                            |line| {
+                                line.family_id = Some(family_id.to_string());
+                                line.revoked = Some(revoked);
+                            },
+                        )?;
+                        Err(inactive_refresh())
+                    }
+                }
+            };
+            let Some(rotated) = &self.rotated else {
+                return Ok(rotate().await?.0);
+            };
+            let key = digest_of(&[
+                secret.as_bytes(),
+                request.client_id.as_deref().unwrap_or("").as_bytes(),
+            ]);
+            let entry = rotated
+                .entry(key)
+                .or_try_insert_with(rotate())
+                .await
+                .map_err(BrokerError::Shared)?;
+            if entry.is_fresh() {
+                return Ok(entry.into_value().0);
+            }
+            // A retry (or a concurrent twin) of a rotation: hand back the same successor only while
+            // it is the family's current refresh token and the grace window (by the injected clock)
+            // is open. Otherwise the store judges the reuse, which revokes the family.
+            let (pair, minted_at) = entry.into_value();
+            if self.clock.now() <= minted_at.plus(rotation.grace)
+                && self.store.introspect(&pair.refresh.secret).await?.is_some()
+            {
+                return Ok(pair);
+            }
+            rotated.invalidate(&key).await;
+            Ok(rotate().await?.0)
         };
-        let Some(rotated) = &self.rotated else {
-            return Ok(rotate().await?.0);
-        };
-        let key = digest_of(&[
-            secret.as_bytes(),
-            request.client_id.as_deref().unwrap_or("").as_bytes(),
-        ]);
-        let entry = rotated
-            .entry(key)
-            .or_try_insert_with(rotate())
-            .await
-            .map_err(BrokerError::Shared)?;
-        if entry.is_fresh() {
-            return Ok(entry.into_value().0);
-        }
-        // A retry (or a concurrent twin) of a rotation: hand back the same successor only while
-        // it is the family's current refresh token and the grace window (by the injected clock)
-        // is open. Otherwise the store judges the reuse, which revokes the family.
-        let (pair, minted_at) = entry.into_value();
-        if self.clock.now() <= minted_at.plus(rotation.grace)
-            && self.store.introspect(&pair.refresh.secret).await?.is_some()
-        {
-            return Ok(pair);
-        }
-        rotated.invalidate(&key).await;
-        Ok(rotate().await?.0)
+        self.recorded(record, work, |result, line| {
+            if let Ok(pair) = result {
+                record_pair(line, pair);
+            }
+        })
+        .await
     }
 
     /// Revokes what `target` names; returns how many tokens became inactive (0 for a
@@ -531,76 +511,69 @@ impl Broker {
                 line.email_hmac = self.audit.email_hmac(email);
             }
         });
-        let result = self.revoke_audited(caller, target, &mut record).await;
-        self.audit.response(record, result)
-    }
-
-    async fn revoke_audited(
-        &self,
-        caller: Option<&Caller>,
-        target: RevokeBy,
-        record: &mut Record,
-    ) -> BrokerResult<u64> {
-        let target = match target {
-            RevokeBy::Secret { secret, client_id } => {
-                if secret.expose_secret().is_empty() {
-                    return Err(BrokerError::invalid("token is required"));
+        let work = async |record: &mut Record| {
+            let target = match target {
+                RevokeBy::Secret { secret, client_id } => {
+                    if secret.expose_secret().is_empty() {
+                        return Err(BrokerError::invalid("token is required"));
+                    }
+                    self.audit.request(record)?;
+                    let outcome = self
+                        .store
+                        .revoke_secret(&secret, client_id.as_deref())
+                        .await?;
+                    return match outcome {
+                        SecretRevocation::Revoked(count) => {
+                            self.metrics
+                                .tokens_revoked
+                                .get(RevokeCause::Request)
+                                .add(count);
+                            record.set(|line| line.revoked = Some(count));
+                            info!(
+                                caller = caller.map(|c| c.name.as_str()),
+                                revoked = count,
+                                "token revoked by its holder"
+                            );
+                            Ok(0)
+                        }
+                        SecretRevocation::NotActive => {
+                            record.set(|line| line.revoked = Some(0));
+                            Ok(0)
+                        }
+                        SecretRevocation::WrongClient => Err(BrokerError::PermissionDenied(
+                            "the token was issued for another client".into(),
+                        )),
+                    };
                 }
-                self.audit.request(record)?;
-                let outcome = self
-                    .store
-                    .revoke_secret(&secret, client_id.as_deref())
-                    .await?;
-                return match outcome {
-                    SecretRevocation::Revoked(count) => {
-                        self.metrics
-                            .tokens_revoked
-                            .get(RevokeCause::Request)
-                            .add(count);
-                        record.set(|line| line.revoked = Some(count));
-                        info!(
-                            caller = caller.map(|c| c.name.as_str()),
-                            revoked = count,
-                            "token revoked by its holder"
-                        );
-                        Ok(0)
-                    }
-                    SecretRevocation::NotActive => {
-                        record.set(|line| line.revoked = Some(0));
-                        Ok(0)
-                    }
-                    SecretRevocation::WrongClient => Err(BrokerError::PermissionDenied(
-                        "the token was issued for another client".into(),
-                    )),
-                };
-            }
-            RevokeBy::TokenId(id) => RevokeTarget::Token(id),
-            RevokeBy::FamilyId(id) => RevokeTarget::Family(id),
-            RevokeBy::AccountId(id) => RevokeTarget::Account(id),
-            RevokeBy::Email(email) => {
-                require(caller, &[Role::Admin])?;
-                match self.store.account_by_email(&email).await? {
-                    Some(id) => {
-                        record.set(|line| line.account_id = Some(id.to_string()));
-                        RevokeTarget::Account(id)
-                    }
-                    None => {
-                        record.set(|line| line.revoked = Some(0));
-                        return Ok(0);
+                RevokeBy::TokenId(id) => RevokeTarget::Token(id),
+                RevokeBy::FamilyId(id) => RevokeTarget::Family(id),
+                RevokeBy::AccountId(id) => RevokeTarget::Account(id),
+                RevokeBy::Email(email) => {
+                    require(caller, &[Role::Admin])?;
+                    match self.store.account_by_email(&email).await? {
+                        Some(id) => {
+                            record.set(|line| line.account_id = Some(id.to_string()));
+                            RevokeTarget::Account(id)
+                        }
+                        None => {
+                            record.set(|line| line.revoked = Some(0));
+                            return Ok(0);
+                        }
                     }
                 }
-            }
+            };
+            let admin = require(caller, &[Role::Admin])?;
+            self.audit.request(record)?;
+            let revoked = self.store.revoke(target.clone()).await?;
+            self.metrics
+                .tokens_revoked
+                .get(RevokeCause::Request)
+                .add(revoked);
+            record.set(|line| line.revoked = Some(revoked));
+            info!(caller = %admin.name, ?target, revoked, "tokens revoked");
+            Ok(revoked)
         };
-        let admin = require(caller, &[Role::Admin])?;
-        self.audit.request(record)?;
-        let revoked = self.store.revoke(target.clone()).await?;
-        self.metrics
-            .tokens_revoked
-            .get(RevokeCause::Request)
-            .add(revoked);
-        record.set(|line| line.revoked = Some(revoked));
-        info!(caller = %admin.name, ?target, revoked, "tokens revoked");
-        Ok(revoked)
+        self.recorded(record, work, |_, _| {}).await
     }
 
     /// Introspects a secret: its facts if active, `None` otherwise.
@@ -617,14 +590,22 @@ impl Broker {
         // Services introspect on every request they serve; an admin looking a token up is
         // the privileged read the audit log is for.
         let by_admin = caller.is_some_and(|c| c.has_any(&[Role::Admin]));
-        if !(by_admin && self.audit.is_on()) {
-            return self.introspect_unaudited(caller, secret, client_id).await;
-        }
-        let mut record = self.audit.record(Event::Introspect, caller, &*self.clock);
-        let result = self.introspect_unaudited(caller, secret, client_id).await;
-        record.set(|line| {
+        let record = if by_admin {
+            self.audit.record(Event::Introspect, caller, &*self.clock)
+        } else {
+            Record::default()
+        };
+        let work = async |_: &mut Record| {
+            require(caller, &[Role::Service, Role::Admin])?;
+            if secret.expose_secret().is_empty() {
+                return Err(BrokerError::invalid("token is required"));
+            }
+            let info = self.store.introspect(secret).await?;
+            Ok(info.filter(|info| client_id.is_none() || info.client_id.as_deref() == client_id))
+        };
+        self.recorded(record, work, |result, line| {
             line.token_id = presented_id(secret);
-            if let Ok(info) = &result {
+            if let Ok(info) = result {
                 line.active = Some(info.is_some());
                 if let Some(info) = info {
                     line.token_id = Some(info.id.to_string());
@@ -633,22 +614,8 @@ impl Broker {
                     line.email_hmac = self.audit.email_hmac(&info.email);
                 }
             }
-        });
-        self.audit.response(record, result)
-    }
-
-    async fn introspect_unaudited(
-        &self,
-        caller: Option<&Caller>,
-        secret: &SecretString,
-        client_id: Option<&str>,
-    ) -> BrokerResult<Option<TokenInfo>> {
-        require(caller, &[Role::Service, Role::Admin])?;
-        if secret.expose_secret().is_empty() {
-            return Err(BrokerError::invalid("token is required"));
-        }
-        let info = self.store.introspect(secret).await?;
-        Ok(info.filter(|info| client_id.is_none() || info.client_id.as_deref() == client_id))
+        })
+        .await
     }
 
     /// Lists an account's tokens.
@@ -666,67 +633,79 @@ impl Broker {
             AccountRef::Id(id) => line.account_id = Some(id.to_string()),
             AccountRef::Email(email) => line.email_hmac = self.audit.email_hmac(email),
         });
-        let result = self.list_unaudited(caller, request).await;
-        if let Ok(listed) = &result {
-            record.set(|line| {
+        let work = async |_: &mut Record| {
+            require(caller, &[Role::Admin])?;
+            let size = match request.page_size {
+                0 => DEFAULT_PAGE_SIZE,
+                n if n <= MAX_PAGE_SIZE => n,
+                _ => {
+                    return Err(BrokerError::invalid(format!(
+                        "page_size must be at most {MAX_PAGE_SIZE}"
+                    )));
+                }
+            };
+            let after = decode_page_token(&request.page_token)?;
+            let account_id = match request.account {
+                AccountRef::Id(id) => Some(id),
+                AccountRef::Email(email) => self.store.account_by_email(&email).await?,
+            };
+            let Some(account_id) = account_id else {
+                return Ok(Listed {
+                    account_id: None,
+                    page: TokenPage {
+                        tokens: Vec::new(),
+                        next: None,
+                    },
+                    next_page_token: String::new(),
+                });
+            };
+            let page = self
+                .store
+                .list_tokens(
+                    &account_id,
+                    PageRequest {
+                        size,
+                        after,
+                        include_inactive: request.include_inactive,
+                    },
+                )
+                .await?;
+            let next_page_token = page
+                .next
+                .as_ref()
+                .map(encode_page_token)
+                .unwrap_or_default();
+            Ok(Listed {
+                account_id: Some(account_id),
+                page,
+                next_page_token,
+            })
+        };
+        self.recorded(record, work, |result, line| {
+            if let Ok(listed) = result {
                 line.account_id = listed.account_id.as_ref().map(ToString::to_string);
                 line.listed = Some(listed.page.tokens.len());
-            });
-        }
-        self.audit.response(record, result)
+            }
+        })
+        .await
     }
 
-    async fn list_unaudited(
+    /// Runs one operation under its audit record: `work` fills the record in as it learns ids
+    /// (and writes the `request` line before a state change), `outcome` adds what the result
+    /// says, and the `response` line is written last. With the log off, or a record made
+    /// inert, only `work` runs.
+    async fn recorded<T>(
         &self,
-        caller: Option<&Caller>,
-        request: ListRequest,
-    ) -> BrokerResult<Listed> {
-        require(caller, &[Role::Admin])?;
-        let size = match request.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n <= MAX_PAGE_SIZE => n,
-            _ => {
-                return Err(BrokerError::invalid(format!(
-                    "page_size must be at most {MAX_PAGE_SIZE}"
-                )));
-            }
-        };
-        let after = decode_page_token(&request.page_token)?;
-        let account_id = match request.account {
-            AccountRef::Id(id) => Some(id),
-            AccountRef::Email(email) => self.store.account_by_email(&email).await?,
-        };
-        let Some(account_id) = account_id else {
-            return Ok(Listed {
-                account_id: None,
-                page: TokenPage {
-                    tokens: Vec::new(),
-                    next: None,
-                },
-                next_page_token: String::new(),
-            });
-        };
-        let page = self
-            .store
-            .list_tokens(
-                &account_id,
-                PageRequest {
-                    size,
-                    after,
-                    include_inactive: request.include_inactive,
-                },
-            )
-            .await?;
-        let next_page_token = page
-            .next
-            .as_ref()
-            .map(encode_page_token)
-            .unwrap_or_default();
-        Ok(Listed {
-            account_id: Some(account_id),
-            page,
-            next_page_token,
-        })
+        mut record: Record,
+        work: impl AsyncFnOnce(&mut Record) -> BrokerResult<T>,
+        outcome: impl FnOnce(&BrokerResult<T>, &mut Line),
+    ) -> BrokerResult<T> {
+        let result = work(&mut record).await;
+        if !record.is_on() {
+            return result;
+        }
+        record.set(|line| outcome(&result, line));
+        self.audit.response(record, result)
     }
 
     /// Counts a freshly minted pair.
@@ -778,6 +757,14 @@ fn exchanged_claims(
 }
 
 /// Returns the token id a presented secret embeds, if it is one of the broker's own.
+/// Records the ids of a minted pair.
+fn record_pair(line: &mut Line, pair: &MintedPair) {
+    line.account_id = Some(pair.account_id.to_string());
+    line.family_id = Some(pair.family_id.to_string());
+    line.refresh_token_id = Some(pair.refresh.id.to_string());
+    line.access_token_id = Some(pair.access.id.to_string());
+}
+
 fn presented_id(secret: &SecretString) -> Option<String> {
     crate::model::secret::parse(secret).map(|parsed| parsed.id.to_string())
 }

@@ -83,7 +83,10 @@ impl GrpcCode {
 
     /// Returns the code with this number, if it is one.
     pub fn new(code: usize) -> Option<Self> {
-        (code < GRPC_CODES.len()).then(|| Self(code as u8))
+        u8::try_from(code)
+            .ok()
+            .filter(|&code| usize::from(code) < GRPC_CODES.len())
+            .map(Self)
     }
 
     /// Returns the code's number.

@@ -408,6 +408,7 @@ fn retry_after(err: &BrokerError) -> Option<Duration> {
 fn dependency_unavailable(err: &BrokerError) -> Option<&'static str> {
     match err {
         BrokerError::Unavailable(message) => Some(message),
+        BrokerError::Audit(err) => Some(err.message()),
         BrokerError::Shared(inner) => dependency_unavailable(inner),
         _ => None,
     }

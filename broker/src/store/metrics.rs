@@ -161,3 +161,17 @@ impl MetricSet for StoreMetrics {
         self.account_cache.render(out);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fauna_query_labels_name_the_queries_in_their_order() {
+        let names: Vec<&str> = crate::store::fauna::queries::ALL
+            .iter()
+            .map(|(name, _)| *name)
+            .collect();
+        assert_eq!(FaunaQuery::VALUES, names.as_slice());
+    }
+}

@@ -32,10 +32,10 @@ use clap::Parser;
 use secrecy::{ExposeSecret as _, SecretString};
 use tokenbroker::{
     Application,
-    clock::SystemClock,
-    cognito::{CognitoVerifier, TokenUse},
-    config::Settings,
-    dev::generate_dev_keys,
+    app::dev::generate_dev_keys,
+    app::settings::Settings,
+    identity::cognito::{CognitoVerifier, TokenUse},
+    model::clock::SystemClock,
 };
 use tokenbroker_client::{Client, pb};
 use tokenbroker_tests::{

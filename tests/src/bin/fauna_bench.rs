@@ -17,8 +17,8 @@ use clap::Parser;
 use secrecy::ExposeSecret as _;
 use serde_json::{Value, json};
 use tokenbroker::{
-    clock::{Clock, SystemClock},
-    config::StoreBackend,
+    model::clock::{Clock, SystemClock},
+    store::StoreBackend,
 };
 use tokenbroker_tests::{
     TestBroker, claims_request,

@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use secrecy::{ExposeSecret as _, SecretString};
 use tokenbroker::{
-    clock::SystemClock,
+    model::clock::SystemClock,
     model::{Email, Metadata, NewSession},
     store::{Durability, EmbeddedStore, EmbeddedStoreConfig, TokenStore as _},
 };
