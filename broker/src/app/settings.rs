@@ -488,3 +488,191 @@ mod tests {
         assert!(err.to_string().contains("invalid"), "{err}");
     }
 }
+
+/// `docs/configuration.md` against the settings the code reads, both ways.
+#[cfg(test)]
+mod docs {
+    use std::collections::BTreeSet;
+
+    use super::Settings;
+
+    const PROBE: &str = "zz_probe";
+
+    /// A step into the settings tree, as the docs write it.
+    #[derive(Clone)]
+    enum Step {
+        /// `a.b`: a table.
+        Table(String),
+        /// `a[].b`: an array of tables.
+        Array(String),
+        /// `a.<x>.b`: a map whose keys the user picks (`key` is one that parses).
+        Map(String, String),
+    }
+
+    /// Deserializes a document holding `leaf` at `path`, and returns the error text.
+    fn probe(path: &[Step], leaf: toml::Value) -> String {
+        let mut value = leaf;
+        for step in path.iter().rev() {
+            value = match step {
+                Step::Table(name) => {
+                    toml::Value::Table([(name.clone(), value)].into_iter().collect())
+                }
+                Step::Array(name) => toml::Value::Table(
+                    [(name.clone(), toml::Value::Array(vec![value]))]
+                        .into_iter()
+                        .collect(),
+                ),
+                Step::Map(name, key) => toml::Value::Table(
+                    [(
+                        name.clone(),
+                        toml::Value::Table([(key.clone(), value)].into_iter().collect()),
+                    )]
+                    .into_iter()
+                    .collect(),
+                ),
+            };
+        }
+        match value.try_into::<Settings>() {
+            Ok(_) => String::new(),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    fn table(pairs: &[(&str, toml::Value)]) -> toml::Value {
+        toml::Value::Table(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        )
+    }
+
+    /// Returns the fields a struct at `path` accepts, when it is a struct.
+    fn fields(path: &[Step]) -> Option<Vec<String>> {
+        let err = probe(path, table(&[(PROBE, toml::Value::Integer(0))]));
+        let rest = err
+            .split(&format!("unknown field `{PROBE}`, expected "))
+            .nth(1)?;
+        let listed = rest.lines().next().unwrap_or_default();
+        Some(
+            listed
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+
+    /// Returns the documented form of `path`.
+    fn name(path: &[Step]) -> String {
+        let mut out = String::new();
+        for step in path {
+            if !out.is_empty() && !out.ends_with('.') {
+                out.push('.');
+            }
+            match step {
+                Step::Table(name) => out.push_str(name),
+                Step::Array(name) => {
+                    out.push_str(name);
+                    out.push_str("[]");
+                }
+                Step::Map(name, _) => {
+                    out.push_str(name);
+                    out.push_str(".<");
+                    out.push_str(placeholder(name));
+                    out.push('>');
+                }
+            }
+        }
+        out
+    }
+
+    /// The docs' placeholder for the keys of a map.
+    fn placeholder(map: &str) -> &'static str {
+        match map {
+            "roles" => "role",
+            "callers" => "name",
+            "group_roles" => "group",
+            "scope_roles" => "scope",
+            other => panic!("no placeholder chosen for the keys of `{other}`"),
+        }
+    }
+
+    /// Collects every leaf setting under the struct at `path`.
+    fn walk(path: &mut Vec<Step>, keys: &mut BTreeSet<String>) {
+        for field in fields(path).expect("a struct") {
+            let mut candidates = vec![Step::Table(field.clone()), Step::Array(field.clone())];
+            // A map: the probe key itself is accepted (string keys), or the error names the
+            // keys that are (enum keys).
+            let err = probe(path, table(&[(&field, table(&[(PROBE, table(&[]))]))]));
+            let key = match err
+                .split(&format!("unknown variant `{PROBE}`, expected "))
+                .nth(1)
+            {
+                Some(rest) => rest.split('`').nth(1).map(str::to_owned),
+                None => (!err.contains(&format!("unknown field `{PROBE}`"))
+                    && !err.contains("invalid type: map"))
+                .then(|| PROBE.to_owned()),
+            };
+            if let Some(key) = key {
+                candidates.insert(0, Step::Map(field.clone(), key));
+            }
+            let found = candidates.into_iter().find_map(|step| {
+                path.push(step);
+                let inner = fields(path).is_some();
+                if inner {
+                    walk(path, keys);
+                }
+                let step = path.pop().expect("pushed above");
+                inner.then_some(step)
+            });
+            if found.is_none() {
+                // A leaf, unless it is a map of leaves (`group_roles.<group>`).
+                let is_map = key_is_map_of_leaves(path, &field);
+                path.push(if is_map {
+                    Step::Map(field.clone(), PROBE.to_owned())
+                } else {
+                    Step::Table(field.clone())
+                });
+                keys.insert(name(path));
+                path.pop();
+            }
+        }
+    }
+
+    /// Whether `field` at `path` is a map with string keys and plain values.
+    fn key_is_map_of_leaves(path: &[Step], field: &str) -> bool {
+        let err = probe(
+            path,
+            table(&[(field, table(&[(PROBE, toml::Value::Boolean(true))]))]),
+        );
+        let plain = probe(path, table(&[(field, toml::Value::Boolean(true))]));
+        plain.contains("expected a map")
+            || (err.contains("invalid type: boolean")
+                && !plain.is_empty()
+                && !plain.contains("boolean"))
+    }
+
+    fn documented() -> BTreeSet<String> {
+        let text = include_str!("../../../docs/configuration.md");
+        text.lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|rest| rest.split_once("` |").map(|(key, _)| key.to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_configuration_table_lists_every_setting_and_nothing_else() {
+        let mut read = BTreeSet::new();
+        walk(&mut Vec::new(), &mut read);
+        let documented = documented();
+        let undocumented: Vec<_> = read.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&read).collect();
+        assert!(
+            undocumented.is_empty() && unknown.is_empty(),
+            "settings the code reads that docs/configuration.md lacks: {undocumented:?}; \
+             rows the code does not read: {unknown:?}"
+        );
+    }
+}
