@@ -21,14 +21,10 @@ use std::{
 };
 
 use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand, ValueEnum};
-use secrecy::{ExposeSecret as _, SecretString, zeroize::Zeroize as _};
-use tokenbroker_client::{Client, ClientError, ClientErrorKind, pb};
-use tonic::{
-    Code,
-    transport::{Channel, ClientTlsConfig, Endpoint},
-};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+use secrecy::{ExposeSecret as _, SecretSlice, SecretString, zeroize::Zeroize as _};
+use tokenbroker_client::{
+    BrokerEndpoint, Client, ClientError, ClientErrorKind, Code, EndpointError, ServingStatus,
+    TlsOptions, pb,
 };
 
 /// The broker's address, `http://…` or `https://…` (same as `--endpoint`).
@@ -353,12 +349,18 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn usage(message: impl Into<String>) -> Self {
+    /// A failure with `exit`, the code name `code` and `message`.
+    fn new(exit: Exit, code: &'static str, message: impl Into<String>) -> Self {
         Self {
-            exit: Exit::Usage,
-            code: "USAGE",
+            exit,
+            code,
             message: message.into(),
         }
+    }
+
+    /// A usage failure (exit 2): the command line or its input is wrong.
+    fn usage(message: impl Into<String>) -> Self {
+        Self::new(Exit::Usage, "USAGE", message)
     }
 
     /// Returns the exit code.
@@ -437,8 +439,8 @@ async fn execute(args: Args) -> Result<(), Failure> {
     let timeout = Duration::from_secs(args.timeout.max(1));
     let out = Printer { json: args.json };
     if let Command::Health(health_args) = &args.command {
-        let channel = connect(&args, timeout).await?;
-        return health(channel, &health_args.service, timeout, out).await;
+        let client = connect(&args, timeout).await?;
+        return health(&client, &health_args.service, timeout, out).await;
     }
     // clap's `requires` counts a flag's default as present, so this one is checked by hand.
     if let Command::Revoke(revoke) = &args.command
@@ -458,7 +460,7 @@ async fn execute(args: Args) -> Result<(), Failure> {
     let credential = credential(args.api_key_file.as_deref(), &|name| {
         std::env::var(name).ok()
     })?;
-    let mut client = Client::from_channel(connect(&args, timeout).await?).with_timeout(timeout);
+    let mut client = connect(&args, timeout).await?;
     if let Some(credential) = &credential {
         client = client
             .with_api_key(credential)
@@ -552,44 +554,47 @@ fn read_secret(what: &str) -> Result<SecretString, Failure> {
     Ok(secret)
 }
 
-/// Opens the one channel every call of this run uses.
-async fn connect(args: &Args, timeout: Duration) -> Result<Channel, Failure> {
+/// Connects to the broker within `timeout` and returns a client whose calls have that deadline
+/// (and no credential yet).
+async fn connect(args: &Args, timeout: Duration) -> Result<Client, Failure> {
     let endpoint = args.endpoint.as_str();
-    let parsed = Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|_| Failure::usage(format!("--endpoint {endpoint:?} is not a valid URL")))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true);
-    let parsed = match parsed.uri().scheme_str() {
-        Some("http") if args.ca_file.is_none() && args.cert_file.is_none() => parsed,
-        Some("http") => {
-            return Err(Failure::usage(
-                "--ca-file, --cert-file and --key-file need an https:// endpoint",
-            ));
-        }
-        Some("https") => parsed
-            .tls_config(tls_config(args)?)
-            .map_err(|err| Failure::usage(format!("cannot set up TLS: {err}")))?,
-        _ => {
-            return Err(Failure::usage(format!(
+    let mut broker = BrokerEndpoint::parse(endpoint)
+        .map_err(|err| match err {
+            EndpointError::InvalidUri => {
+                Failure::usage(format!("--endpoint {endpoint:?} is not a valid URL"))
+            }
+            EndpointError::UnsupportedScheme => Failure::usage(format!(
                 "--endpoint {endpoint:?} must start with http:// or https://"
-            )));
-        }
-    };
-    match tokio::time::timeout(timeout, parsed.connect()).await {
-        Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(err)) => Err(ClientError::from(err).into()),
-        Err(_) => Err(Failure {
-            exit: Exit::Unavailable,
-            code: "DEADLINE_EXCEEDED",
-            message: format!("no connection to {endpoint} within {}s", timeout.as_secs()),
-        }),
+            )),
+            other => Failure::usage(other.to_string()),
+        })?
+        .with_connect_timeout(timeout);
+    if broker.is_https() {
+        // The files are read only for an https:// endpoint, as the flags apply only there.
+        broker = broker
+            .with_tls(&tls_options(args)?)
+            .map_err(|err| Failure::usage(err.to_string()))?;
+    } else if args.ca_file.is_some() || args.cert_file.is_some() {
+        return Err(Failure::usage(
+            "--ca-file, --cert-file and --key-file need an https:// endpoint",
+        ));
+    }
+    // The connect timeout bounds opening the TCP connection; this bounds all of it, the
+    // handshakes included.
+    match tokio::time::timeout(timeout, broker.connect()).await {
+        Ok(Ok(channel)) => Ok(Client::from_channel(channel).with_timeout(timeout)),
+        Ok(Err(err)) => Err(err.into()),
+        Err(_) => Err(Failure::new(
+            Exit::Unavailable,
+            "DEADLINE_EXCEEDED",
+            format!("no connection to {endpoint} within {}s", timeout.as_secs()),
+        )),
     }
 }
 
 /// TLS for an https:// endpoint: the CA to trust (the platform's roots by default) and the
 /// client certificate to present, if any.
-fn tls_config(args: &Args) -> Result<ClientTlsConfig, Failure> {
-    use tonic::transport::{Certificate, Identity};
+fn tls_options(args: &Args) -> Result<TlsOptions, Failure> {
     let read = |flag: &str, path: &Path| {
         std::fs::read(path)
             .map_err(|err| Failure::usage(format!("cannot read {flag} {}: {err}", path.display())))
@@ -600,17 +605,16 @@ fn tls_config(args: &Args) -> Result<ClientTlsConfig, Failure> {
             "--cert-file and --key-file go together (the client certificate and its key)",
         ));
     }
-    let mut config = ClientTlsConfig::new();
-    config = match &args.ca_file {
-        Some(path) => config.ca_certificate(Certificate::from_pem(read("--ca-file", path)?)),
-        None => config.with_native_roots(),
-    };
-    if let (Some(cert), Some(key)) = (&args.cert_file, &args.key_file) {
-        let mut key = read("--key-file", key)?;
-        config = config.identity(Identity::from_pem(read("--cert-file", cert)?, &key));
-        key.zeroize();
+    let mut tls = TlsOptions::new();
+    if let Some(path) = &args.ca_file {
+        tls = tls.with_ca_pem(read("--ca-file", path)?);
     }
-    Ok(config)
+    if let (Some(cert), Some(key)) = (&args.cert_file, &args.key_file) {
+        // Zeroized when the options are dropped, once the TLS settings are built.
+        let key = SecretSlice::from(read("--key-file", key)?);
+        tls = tls.with_identity_pem(read("--cert-file", cert)?, key);
+    }
+    Ok(tls)
 }
 
 /// Splits `KEY=VALUE`.
@@ -755,34 +759,31 @@ async fn list(client: &Client, args: ListArgs, out: Printer) -> Result<(), Failu
     Ok(())
 }
 
+/// `health`: grpc.health.v1 `Check`, through tokenbroker-client (whose deadline is `timeout`).
+/// Exit 0 only when serving.
 async fn health(
-    channel: Channel,
+    client: &Client,
     service: &str,
     timeout: Duration,
     out: Printer,
 ) -> Result<(), Failure> {
-    let mut request = tonic::Request::new(HealthCheckRequest {
-        service: service.to_owned(),
-    });
-    request.set_timeout(timeout);
-    let answer = tokio::time::timeout(timeout, HealthClient::new(channel).check(request)).await;
-    let status = match answer {
-        Ok(Ok(response)) => response.into_inner().status(),
-        Ok(Err(status)) if status.code() == Code::NotFound => {
-            return Err(Failure {
-                exit: Exit::InvalidArgument,
-                code: "NOT_FOUND",
-                message: format!("the broker has no health service named {service:?}"),
-            });
+    let status = match client.check_health(service).await {
+        Ok(status) => status,
+        Err(err) if err.code() == Code::NotFound => {
+            return Err(Failure::new(
+                Exit::InvalidArgument,
+                "NOT_FOUND",
+                format!("the broker has no health service named {service:?}"),
+            ));
         }
-        Ok(Err(status)) => return Err(ClientError::from(status).into()),
-        Err(_) => {
-            return Err(Failure {
-                exit: Exit::Unavailable,
-                code: "DEADLINE_EXCEEDED",
-                message: format!("no health answer within {}s", timeout.as_secs()),
-            });
+        Err(err) if err.kind() == ClientErrorKind::DeadlineExceeded => {
+            return Err(Failure::new(
+                Exit::Unavailable,
+                "DEADLINE_EXCEEDED",
+                format!("no health answer within {}s", timeout.as_secs()),
+            ));
         }
+        Err(err) => return Err(err.into()),
     };
     let name = status.as_str_name();
     out.emit(
@@ -792,11 +793,11 @@ async fn health(
     if status == ServingStatus::Serving {
         Ok(())
     } else {
-        Err(Failure {
-            exit: Exit::Unavailable,
-            code: "NOT_SERVING",
-            message: format!("health service {service:?} reports {name}"),
-        })
+        Err(Failure::new(
+            Exit::Unavailable,
+            "NOT_SERVING",
+            format!("health service {service:?} reports {name}"),
+        ))
     }
 }
 
