@@ -1,9 +1,10 @@
 //! The Pre Token Generation event (V1, V2 and V3), parsed leniently, and the replies.
 //!
 //! These are our own types rather than `aws_lambda_events`'s, because that crate's fail or
-//! mislead on real events (`reference/cognito.md` §6): a V2 event without `request.scopes`, the
-//! V3 `TokenGeneration_ClientCredentials` source, and a missing `callerContext`, `request` or
-//! `response` are parse errors there, and its `Default` replies remove every user's groups.
+//! mislead on real events (`docs/design.md` "Cognito › Event shapes and traps"): a V2 event
+//! without `request.scopes`, the V3 `TokenGeneration_ClientCredentials` source, and a missing
+//! `callerContext`, `request` or `response` are parse errors there, and its `Default` replies
+//! (an empty `groupOverrideDetails`) remove every user's groups.
 //! Here every field has a default, `null` reads as absent, unknown fields are ignored, the
 //! trigger source is an open set and `version` may be a string or a number. The handler never
 //! re-serialises the event: it answers with the event it received (unknown fields included) and

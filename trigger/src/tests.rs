@@ -1,6 +1,20 @@
 //! Handler tests: every event version and trigger source, the samples shipped with
 //! `aws_lambda_events` (copied into `tests/fixtures/`) plus our own V3 and trap events, against a
-//! fake broker. One regression test per trap in `reference/cognito.md` §6.
+//! fake broker.
+//!
+//! One regression test per trap of `aws_lambda_events` 1.2.1 on real events (`docs/design.md`
+//! "Cognito › Event shapes and traps"), numbered as the tests below cite them:
+//!
+//! 1. a V2 event without `request.scopes` fails to parse (the field has no serde default);
+//! 2. V3 `TokenGeneration_ClientCredentials` fails to parse (an unknown enum variant);
+//! 3. the `Default` replies carry an empty `groupOverrideDetails`, which Cognito reads as
+//!    "remove all groups";
+//! 4. V1 `claimsOverrideDetails: null` parses (fine there; our reply must still replace it);
+//! 5. the structs are `#[non_exhaustive]` (a compile-time matter, nothing to test here);
+//! 6. an event without `callerContext`, `request` or `response` fails to parse, and unknown
+//!    fields are dropped;
+//! 7. the crate's V2 samples say `"version": "1"`, and its V2 incoming sample carries a V1
+//!    `claimsOverrideDetails: null` response (our copies are corrected).
 
 use std::{
     io::Write,

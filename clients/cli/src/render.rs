@@ -4,6 +4,8 @@
 //! `revoked`), times as RFC 3339 in UTC, and `null` for what the broker left empty. A secret
 //! appears only in `issue`'s answer and only when [`Secrets::Show`] says so.
 
+use std::io::Write as _;
+
 use prost_types::Timestamp;
 use secrecy::ExposeSecret as _;
 use serde_json::{Value, json};
@@ -11,6 +13,26 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokenbroker_client::{IssuedToken, TokenPair, pb};
 
 use crate::Failure;
+
+/// Where results go: a table or JSON on stdout.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Printer {
+    /// JSON (`--json`) instead of a table.
+    pub(crate) json: bool,
+}
+
+impl Printer {
+    /// Prints the table, or with `--json` the JSON document, on stdout.
+    pub(crate) fn emit(self, table: impl FnOnce() -> String, json: impl FnOnce() -> Value) {
+        let text = if self.json {
+            serde_json::to_string_pretty(&json()).expect("a json value serializes")
+        } else {
+            table()
+        };
+        // A closed pipe (`| head`) is not a failure of the command.
+        let _ = writeln!(std::io::stdout().lock(), "{}", text.trim_end());
+    }
+}
 
 /// Whether `issue` prints the secrets it has just minted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +52,15 @@ pub(crate) fn failure_json(failure: &Failure) -> Value {
             "exit_code": failure.exit() as u8,
         }
     })
+}
+
+/// Returns a failure as one line for people: `tokenbroker-admin: permission denied: …`.
+pub(crate) fn failure_text(failure: &Failure) -> String {
+    format!(
+        "tokenbroker-admin: {}: {}",
+        failure.code().to_lowercase().replace('_', " "),
+        failure.message()
+    )
 }
 
 pub(crate) fn issue_json(pair: &TokenPair, secrets: Secrets) -> Value {
@@ -205,6 +236,10 @@ pub(crate) fn list_table(listing: &pb::ListTokensResponse) -> String {
         ));
     }
     out
+}
+
+pub(crate) fn health_json(service: &str, status: &str) -> Value {
+    json!({ "service": service, "status": status })
 }
 
 fn kind(value: i32) -> &'static str {

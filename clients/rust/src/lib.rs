@@ -6,21 +6,34 @@
 //! then hangs cannot hold the caller), and [`ClientError`], which maps gRPC status codes back to
 //! the broker's error classes. Minted secrets come back wrapped in [`SecretString`].
 //!
-//! With the `tls` feature, `https://` endpoints use TLS (rustls with ring) and the platform's
-//! root certificates; `SSL_CERT_FILE` can name a bundle with a private CA. [`TlsOptions`] and
+//! Every channel to a broker is built by [`BrokerEndpoint`] (the `endpoint` module): with the
+//! `tls` feature, `https://` endpoints use TLS (rustls with ring) and the platform's root
+//! certificates; `SSL_CERT_FILE` can name a bundle with a private CA. [`TlsOptions`] and
 //! [`Client::connect_tls`] trust a given CA instead and present a client certificate (mTLS).
+//! With the `health` feature, [`Client::check_health`] calls grpc.health.v1 `Check`.
+
+mod endpoint;
+#[cfg(feature = "health")]
+mod health;
 
 use std::{fmt, future::Future, time::Duration};
 
 use secrecy::{ExposeSecret, SecretString};
 use tonic::{
-    Code, Request, Response, Status,
+    Request, Response, Status,
     metadata::{Ascii, MetadataKey, MetadataValue},
-    transport::{Channel, Endpoint},
+    transport::Channel,
 };
 
+#[cfg(feature = "tls")]
+pub use crate::endpoint::TlsOptions;
+pub use crate::endpoint::{BrokerEndpoint, DEFAULT_CONNECT_TIMEOUT, EndpointError};
+#[cfg(feature = "health")]
+pub use crate::health::ServingStatus;
 pub use tokenbroker_proto::v1 as pb;
 use tokenbroker_proto::v1::token_broker_client::TokenBrokerClient;
+/// The gRPC status code a [`ClientError`] carries, re-exported so callers need not name tonic.
+pub use tonic::Code;
 
 /// Deadline of every call unless [`Client::with_timeout`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -265,77 +278,13 @@ impl CallOptions {
     }
 }
 
-/// How to reach an `https://` broker beyond the defaults: which CA to trust, which client
-/// certificate to present (mTLS), which name to expect. The key never appears in `Debug`.
-#[cfg(feature = "tls")]
-#[derive(Clone, Default)]
-pub struct TlsOptions {
-    ca_pem: Option<Vec<u8>>,
-    identity: Option<(Vec<u8>, secrecy::SecretSlice<u8>)>,
-    domain_name: Option<String>,
-}
-
-#[cfg(feature = "tls")]
-impl fmt::Debug for TlsOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsOptions")
-            .field("custom_ca", &self.ca_pem.is_some())
-            .field("client_certificate", &self.identity.is_some())
-            .field("domain_name", &self.domain_name)
-            .finish()
-    }
-}
-
-#[cfg(feature = "tls")]
-impl TlsOptions {
-    /// Trusts the platform's root certificates and presents no client certificate.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Trusts the CA certificates in `pem` (and not the platform's roots).
-    pub fn with_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.ca_pem = Some(pem.into());
-        self
-    }
-
-    /// Presents the client certificate chain `cert_pem` with its private key `key_pem`.
-    pub fn with_identity_pem(
-        mut self,
-        cert_pem: impl Into<Vec<u8>>,
-        key_pem: secrecy::SecretSlice<u8>,
-    ) -> Self {
-        self.identity = Some((cert_pem.into(), key_pem));
-        self
-    }
-
-    /// Expects the server certificate to name `name` instead of the endpoint's host.
-    pub fn with_domain_name(mut self, name: impl Into<String>) -> Self {
-        self.domain_name = Some(name.into());
-        self
-    }
-
-    fn config(&self) -> tonic::transport::ClientTlsConfig {
-        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-        let mut config = ClientTlsConfig::new();
-        config = match &self.ca_pem {
-            Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
-            None => config.with_native_roots(),
-        };
-        if let Some((cert, key)) = &self.identity {
-            config = config.identity(Identity::from_pem(cert, key.expose_secret()));
-        }
-        if let Some(name) = &self.domain_name {
-            config = config.domain_name(name.clone());
-        }
-        config
-    }
-}
-
 /// A connection to a broker, with a credential and a deadline. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
     inner: TokenBrokerClient<Channel>,
+    /// The same channel, for the services beside the broker's own (grpc.health.v1).
+    #[cfg(feature = "health")]
+    channel: Channel,
     authorization: Option<MetadataValue<Ascii>>,
     timeout: Duration,
 }
@@ -356,7 +305,7 @@ impl Client {
     ///
     /// `InvalidArgument` for a malformed endpoint, `Unavailable` if it cannot be reached.
     pub async fn connect(endpoint: &str) -> ClientResult<Self> {
-        let channel = Self::endpoint(endpoint)?.connect().await?;
+        let channel = BrokerEndpoint::parse(endpoint)?.connect().await?;
         Ok(Self::from_channel(channel))
     }
 
@@ -366,28 +315,18 @@ impl Client {
     ///
     /// `InvalidArgument` for a malformed endpoint.
     pub fn connect_lazy(endpoint: &str) -> ClientResult<Self> {
-        Ok(Self::from_channel(Self::endpoint(endpoint)?.connect_lazy()))
+        let channel = BrokerEndpoint::parse(endpoint)?.connect_lazy()?;
+        Ok(Self::from_channel(channel))
     }
 
-    /// Wraps an existing channel.
+    /// Wraps an existing channel (see [`BrokerEndpoint`] for one with other settings).
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            inner: TokenBrokerClient::new(channel),
+            inner: TokenBrokerClient::new(channel.clone()),
+            #[cfg(feature = "health")]
+            channel,
             authorization: None,
             timeout: DEFAULT_TIMEOUT,
-        }
-    }
-
-    fn endpoint(endpoint: &str) -> ClientResult<Endpoint> {
-        let endpoint = Endpoint::from_shared(endpoint.to_owned())
-            .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
-            .map_err(|_| ClientError::config("the broker endpoint is not a valid URI"))?;
-        match endpoint.uri().scheme_str() {
-            Some("http") => Ok(endpoint),
-            Some("https") => Self::with_tls(endpoint),
-            _ => Err(ClientError::config(
-                "the broker endpoint must start with http:// or https://",
-            )),
         }
     }
 
@@ -399,7 +338,10 @@ impl Client {
     /// be reached or the handshake fails.
     #[cfg(feature = "tls")]
     pub async fn connect_tls(endpoint: &str, tls: &TlsOptions) -> ClientResult<Self> {
-        let channel = Self::tls_endpoint(endpoint, tls)?.connect().await?;
+        let channel = BrokerEndpoint::parse(endpoint)?
+            .with_tls(tls)?
+            .connect()
+            .await?;
         Ok(Self::from_channel(channel))
     }
 
@@ -410,38 +352,10 @@ impl Client {
     /// `InvalidArgument` for a malformed or non-`https` endpoint.
     #[cfg(feature = "tls")]
     pub fn connect_tls_lazy(endpoint: &str, tls: &TlsOptions) -> ClientResult<Self> {
-        Ok(Self::from_channel(
-            Self::tls_endpoint(endpoint, tls)?.connect_lazy(),
-        ))
-    }
-
-    #[cfg(feature = "tls")]
-    fn tls_endpoint(endpoint: &str, tls: &TlsOptions) -> ClientResult<Endpoint> {
-        let parsed = Endpoint::from_shared(endpoint.to_owned())
-            .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
-            .map_err(|_| ClientError::config("the broker endpoint is not a valid URI"))?;
-        if parsed.uri().scheme_str() != Some("https") {
-            return Err(ClientError::config(
-                "a TLS endpoint must start with https://",
-            ));
-        }
-        parsed
-            .tls_config(tls.config())
-            .map_err(|err| ClientError::config(format!("cannot set up TLS: {err}")))
-    }
-
-    #[cfg(feature = "tls")]
-    fn with_tls(endpoint: Endpoint) -> ClientResult<Endpoint> {
-        endpoint
-            .tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
-            .map_err(|err| ClientError::config(format!("cannot set up TLS: {err}")))
-    }
-
-    #[cfg(not(feature = "tls"))]
-    fn with_tls(_endpoint: Endpoint) -> ClientResult<Endpoint> {
-        Err(ClientError::config(
-            "an https:// endpoint needs tokenbroker-client's `tls` feature",
-        ))
+        let channel = BrokerEndpoint::parse(endpoint)?
+            .with_tls(tls)?
+            .connect_lazy()?;
+        Ok(Self::from_channel(channel))
     }
 
     /// Sends `key` as `authorization: Bearer <key>` on every call.
