@@ -155,25 +155,22 @@ fn gen_key(name: &str, role: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Calls grpc.health.v1 `Check` once. Built in so that the runtime image needs no
-/// grpc_health_probe (and no shell): `HEALTHCHECK CMD ["tokenbroker", "health"]`.
+/// Calls grpc.health.v1 `Check` once, with the client crate's health check. Built in so that
+/// the runtime image needs no grpc_health_probe (and no shell):
+/// `HEALTHCHECK CMD ["tokenbroker", "health"]`.
 async fn health(addr: SocketAddr, service: &str, timeout: Duration) -> anyhow::Result<()> {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
+    use tokenbroker_client::{Client, ServingStatus};
     let check = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect()
+        let client = Client::connect(&format!("http://{addr}"))
             .await
-            .with_context(|| format!("cannot reach {addr}"))?;
-        let response = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: service.to_owned(),
-            })
+            .with_context(|| format!("cannot reach {addr}"))?
+            .with_timeout(timeout);
+        client
+            .check_health(service)
             .await
-            .with_context(|| format!("health check of {service:?} failed"))?;
-        anyhow::Ok(response.into_inner().status())
+            .with_context(|| format!("health check of {service:?} failed"))
     };
+    // The connection is bounded too: the client's deadline covers the call only.
     let status = tokio::time::timeout(timeout, check)
         .await
         .with_context(|| format!("no health answer from {addr} within {timeout:?}"))??;
