@@ -22,7 +22,7 @@ use crate::{
 /// service), printed once and written to ./data/dev-keys.env.
 ///
 /// Every setting can also come from the environment as TOKENBROKER_SECTION__FIELD, for
-/// example TOKENBROKER_SERVER__LISTEN=0.0.0.0:50051; see the README's configuration reference.
+/// example TOKENBROKER_SERVER__LISTEN=0.0.0.0:50051; see docs/configuration.md.
 #[derive(Debug, Parser)]
 #[command(name = "tokenbroker", version)]
 pub struct Args {

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tracing::error;
 
+pub use super::error::AuditError;
 use crate::{
     domain::DomainMetrics,
     domain::error::{BrokerError, BrokerErrorKind, BrokerResult},
@@ -46,35 +47,6 @@ use crate::{
 
 /// The shortest accepted email HMAC key, in bytes.
 pub const MIN_HMAC_KEY_LEN: usize = 32;
-
-/// An audit line that could not be written. The client sees `UNAVAILABLE` with this message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuditError {
-    /// The `request` line of a state change: the operation was refused, not performed.
-    NotWrittenBefore,
-    /// The `response` line: the operation happened, but its outcome is not on record.
-    NotWrittenAfter,
-}
-
-impl AuditError {
-    /// Returns the message the client gets.
-    pub fn message(self) -> &'static str {
-        match self {
-            Self::NotWrittenBefore => {
-                "the audit log cannot be written; the operation was not performed"
-            }
-            Self::NotWrittenAfter => "the audit log cannot be written",
-        }
-    }
-}
-
-impl fmt::Display for AuditError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.message())
-    }
-}
-
-impl std::error::Error for AuditError {}
 
 /// Where audit events go.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

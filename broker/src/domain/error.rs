@@ -2,7 +2,6 @@
 
 use std::fmt;
 
-use super::audit::AuditError;
 use crate::{
     identity::{AuthError, cognito::CognitoError},
     model::InvalidArgument,
@@ -137,3 +136,32 @@ impl fmt::Display for BrokerErrorKind {
         fmt::Debug::fmt(self, f)
     }
 }
+
+/// An audit line that could not be written. The client sees `UNAVAILABLE` with this message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditError {
+    /// The `request` line of a state change: the operation was refused, not performed.
+    NotWrittenBefore,
+    /// The `response` line: the operation happened, but its outcome is not on record.
+    NotWrittenAfter,
+}
+
+impl AuditError {
+    /// Returns the message the client gets.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::NotWrittenBefore => {
+                "the audit log cannot be written; the operation was not performed"
+            }
+            Self::NotWrittenAfter => "the audit log cannot be written",
+        }
+    }
+}
+
+impl fmt::Display for AuditError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl std::error::Error for AuditError {}

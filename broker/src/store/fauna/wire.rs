@@ -1,4 +1,4 @@
-//! Fauna's wire format (`reference/fauna-wire.md` §1): tagged argument encoding, decoding of
+//! Fauna's wire format (`docs/design.md` "Fauna over HTTP"): tagged argument encoding, decoding of
 //! tagged results into plain JSON, times, and the classification of responses by status and
 //! error code.
 
