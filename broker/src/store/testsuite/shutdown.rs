@@ -4,7 +4,7 @@ use super::*;
 
 /// The cases of this file, in order.
 pub(super) fn cases() -> Vec<(&'static str, Case)> {
-    cases![operations_after_close_fail_as_unavailable,]
+    cases![operations_after_close_fail_as_unavailable]
 }
 
 pub(super) async fn operations_after_close_fail_as_unavailable(ctx: Ctx) {
