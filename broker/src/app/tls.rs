@@ -234,11 +234,12 @@ impl std::fmt::Debug for TlsServer {
 }
 
 impl TlsServer {
-    /// Loads the files.
+    /// Reads and checks the files (start-up and `tokenbroker check-config`): readable, valid
+    /// PEM, the key matching the certificate, the client CA usable.
     ///
     /// # Errors
     ///
-    /// As [`check`].
+    /// A message naming the file and what is wrong with it; never the key's content.
     pub fn load(settings: &TlsSettings) -> anyhow::Result<Self> {
         settings.validate().map_err(anyhow::Error::msg)?;
         let files = Files::read(settings)?;
