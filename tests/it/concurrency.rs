@@ -52,14 +52,17 @@ async fn fifty_parallel_refreshes_do_not_fork_the_family() {
             })
         })
         .collect();
+    // Every call is answered with the successor: concurrent twins of one rotation share it.
     let mut successors = Vec::new();
-    for call in calls {
-        if let Ok(next) = call.await.unwrap() {
-            assert_eq!(next.family_id, pair.family_id);
-            successors.push(next.refresh.token_id);
-        }
+    for (i, call) in calls.into_iter().enumerate() {
+        let next = call
+            .await
+            .unwrap()
+            .unwrap_or_else(|err| panic!("refresh {i} of 50 failed: {err}"));
+        assert_eq!(next.family_id, pair.family_id, "refresh {i}");
+        successors.push(next.refresh.token_id);
     }
-    assert!(!successors.is_empty());
+    assert_eq!(successors.len(), 50);
     successors.sort();
     successors.dedup();
     assert_eq!(successors.len(), 1, "every refresh got the same successor");

@@ -116,6 +116,39 @@ async fn full_flow_over_grpc_mints_real_fauna_tokens() {
     assert!(!broker.is_active(&pair.refresh.secret).await, "consumed");
     assert!(broker.is_active(&next.access.secret).await);
 
+    // The access token's parent is its refresh token's id, never a secret.
+    let tokens = broker.all_tokens("flow@example.com").await;
+    assert_eq!(
+        tokens.len(),
+        4,
+        "both pairs, the first refresh token rotated: {tokens:?}"
+    );
+    let secrets = [&pair.access, &pair.refresh, &next.access, &next.refresh]
+        .map(|token| expose(&token.secret));
+    for (access, refresh) in [(&pair.access, &pair.refresh), (&next.access, &next.refresh)] {
+        let listed = tokens
+            .iter()
+            .find(|t| t.token_id == access.token_id)
+            .unwrap_or_else(|| panic!("access token {} is listed: {tokens:?}", access.token_id));
+        assert_eq!(listed.kind, pb::TokenKind::Access as i32);
+        assert_eq!(
+            listed.parent_id, refresh.token_id,
+            "the parent is its refresh token"
+        );
+        assert!(
+            !listed.parent_id.starts_with("fnE") && !secrets.contains(&listed.parent_id),
+            "a parent is an id, never a secret"
+        );
+    }
+    for refresh in [&pair.refresh, &next.refresh] {
+        let listed = tokens
+            .iter()
+            .find(|t| t.token_id == refresh.token_id)
+            .unwrap_or_else(|| panic!("refresh token {} is listed: {tokens:?}", refresh.token_id));
+        assert_eq!(listed.kind, pb::TokenKind::Refresh as i32);
+        assert_eq!(listed.parent_id, "", "a refresh token has no parent");
+    }
+
     let revoked = broker.revoke_email("flow@example.com").await;
     assert_eq!(revoked, 3, "first access, and the new pair");
     for secret in [
@@ -125,9 +158,11 @@ async fn full_flow_over_grpc_mints_real_fauna_tokens() {
     ] {
         assert!(!broker.is_active(secret).await);
     }
-    // The access token's parent is its refresh token's id, never a secret.
     let tokens = broker.all_tokens("flow@example.com").await;
-    assert!(tokens.is_empty(), "revoked tokens are deleted in Fauna");
+    assert!(
+        tokens.is_empty(),
+        "revoked tokens are deleted in Fauna: {tokens:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

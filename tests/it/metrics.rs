@@ -16,9 +16,21 @@ use tokenbroker_tests::{
 
 use crate::kind_of;
 
-/// A parsed exposition: every sample by its series (`name{labels}` as rendered).
+/// The families that render only the series that recorded something (`Zeros::Hide` in the
+/// broker's metrics registry: large label products). For these, and only these, an absent series
+/// means zero.
+const HIDES_ZEROS: [&str; 4] = [
+    "tokenbroker_rpc_requests_total",
+    "tokenbroker_rpc_duration_seconds",
+    "tokenbroker_store_errors_total",
+    "tokenbroker_fauna_requests_total",
+];
+
+/// A parsed exposition: every sample by its series (`name{labels}` as rendered), and every
+/// declared family with its type.
 #[derive(Debug)]
 pub(crate) struct Scrape {
+    declared: HashMap<String, String>,
     samples: HashMap<String, f64>,
     text: String,
 }
@@ -43,16 +55,8 @@ impl Scrape {
                 continue;
             }
             let (series, value) = line.rsplit_once(' ').expect("a sample line");
-            let name = series.split('{').next().expect("a name");
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|suffix| {
-                    name.strip_suffix(suffix)
-                        .filter(|f| declared.get(*f).is_some_and(|k| k == "histogram"))
-                })
-                .unwrap_or(name);
             assert!(
-                declared.contains_key(family),
+                declared.contains_key(family_of(&declared, series)),
                 "sample before its # TYPE: {line}"
             );
             let value: f64 = value.parse().expect("a numeric value");
@@ -61,12 +65,69 @@ impl Scrape {
                 "duplicate series {series}"
             );
         }
-        Self { samples, text }
+        Self {
+            declared,
+            samples,
+            text,
+        }
     }
 
-    /// Returns a sample's value, 0 when the series is absent.
+    /// Returns a sample's value.
+    ///
+    /// # Panics
+    ///
+    /// If the series is absent: a misspelled name must not read as zero. For a family that
+    /// hides its zero series, use [`Scrape::value_or_hidden_zero`].
+    #[track_caller]
     pub(crate) fn value(&self, series: &str) -> f64 {
+        // A `match`, not a closure, so the panic names the caller's line.
+        match self.samples.get(series) {
+            Some(value) => *value,
+            None => panic!("no series {series} in the scrape:\n{}", self.text),
+        }
+    }
+
+    /// Returns a sample's value, or 0 when the series is absent, for a family that renders only
+    /// the series that recorded something ([`HIDES_ZEROS`]).
+    ///
+    /// # Panics
+    ///
+    /// If the series' family is not declared (`# TYPE`) in the scrape, or is one that renders
+    /// its zero series (there, absent is not zero but a wrong name).
+    #[track_caller]
+    pub(crate) fn value_or_hidden_zero(&self, series: &str) -> f64 {
+        let family = self.declared_family(series);
+        assert!(
+            HIDES_ZEROS.contains(&family),
+            "{family} renders its zero series; read {series} with Scrape::value"
+        );
         self.samples.get(series).copied().unwrap_or(0.0)
+    }
+
+    /// Returns how many series of `family` the scrape holds.
+    ///
+    /// # Panics
+    ///
+    /// If the family is not declared (`# TYPE`) in the scrape.
+    #[track_caller]
+    pub(crate) fn series_in(&self, family: &str) -> usize {
+        assert_eq!(self.declared_family(family), family, "{family} is a family");
+        self.samples
+            .keys()
+            .filter(|series| family_of(&self.declared, series) == family)
+            .count()
+    }
+
+    /// Returns the family `series` belongs to, which the scrape must declare.
+    #[track_caller]
+    fn declared_family<'s>(&self, series: &'s str) -> &'s str {
+        let family = family_of(&self.declared, series);
+        assert!(
+            self.declared.contains_key(family),
+            "no family {family} (# TYPE) in the scrape:\n{}",
+            self.text
+        );
+        family
     }
 
     /// Returns the whole text.
@@ -75,8 +136,77 @@ impl Scrape {
     }
 }
 
+/// Returns the family of a series: its name, less a histogram's `_bucket`, `_sum` or `_count`.
+fn family_of<'s>(declared: &HashMap<String, String>, series: &'s str) -> &'s str {
+    let name = series.split('{').next().expect("a name");
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| {
+            name.strip_suffix(suffix)
+                .filter(|f| declared.get(*f).is_some_and(|k| k == "histogram"))
+        })
+        .unwrap_or(name)
+}
+
 fn rpc(method: &str, code: &str) -> String {
     format!("tokenbroker_rpc_requests_total{{method=\"{method}\",code=\"{code}\"}}")
+}
+
+/// The scrape helpers: a misspelled series fails instead of reading as zero, and only the
+/// families that hide their zeros read an absent series as zero.
+#[test]
+fn a_missing_series_is_a_failure_not_a_zero() {
+    let scrape = Scrape::parse(
+        concat!(
+            "# HELP tokenbroker_tokens_issued_total Tokens minted.\n",
+            "# TYPE tokenbroker_tokens_issued_total counter\n",
+            "tokenbroker_tokens_issued_total{kind=\"access\"} 0\n",
+            "# HELP tokenbroker_rpc_requests_total RPCs handled.\n",
+            "# TYPE tokenbroker_rpc_requests_total counter\n",
+            "tokenbroker_rpc_requests_total{method=\"Revoke\",code=\"OK\"} 2\n",
+            "# HELP tokenbroker_rpc_duration_seconds Time to handle an RPC.\n",
+            "# TYPE tokenbroker_rpc_duration_seconds histogram\n",
+        )
+        .to_owned(),
+    );
+    let panics = |read: &dyn Fn(&Scrape)| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(&scrape))).is_err()
+    };
+    let issued = "tokenbroker_tokens_issued_total{kind=\"access\"}";
+    let revoke = &rpc("Revoke", "OK");
+    let list = &rpc("ListTokens", "OK");
+    let duration = "tokenbroker_rpc_duration_seconds_count{method=\"Revoke\",code=\"OK\"}";
+
+    assert_eq!(scrape.value(issued), 0.0);
+    assert_eq!(scrape.value(revoke), 2.0);
+    assert!(panics(&|s| {
+        s.value("tokenbroker_tokens_issued_total{kind=\"acess\"}");
+    }));
+    assert!(
+        panics(&|s| {
+            s.value(list);
+        }),
+        "a hidden zero is read explicitly"
+    );
+
+    assert_eq!(scrape.value_or_hidden_zero(revoke), 2.0);
+    assert_eq!(scrape.value_or_hidden_zero(list), 0.0);
+    assert_eq!(scrape.value_or_hidden_zero(duration), 0.0);
+    assert!(panics(&|s| {
+        s.value_or_hidden_zero("tokenbroker_rpc_request_total{method=\"Revoke\",code=\"OK\"}");
+    }));
+    assert!(
+        panics(&|s| {
+            s.value_or_hidden_zero(issued);
+        }),
+        "this family shows its zeros"
+    );
+
+    assert_eq!(scrape.series_in("tokenbroker_rpc_requests_total"), 1);
+    assert_eq!(scrape.series_in("tokenbroker_rpc_duration_seconds"), 0);
+    assert!(panics(&|s| {
+        s.series_in("tokenbroker_store_errors_total");
+    }));
 }
 
 /// Spawns a broker with metrics on a free loopback port.
@@ -93,7 +223,7 @@ async fn a_scripted_flow_shows_in_the_counters() {
     let broker = metered_broker(|_| {}).await;
     assert_ne!(broker.metrics_addr.expect("bound").port(), 0);
     let before = Scrape::parse(broker.scrape().await);
-    assert_eq!(before.value(&rpc("IssueTokens", "OK")), 0.0);
+    assert_eq!(before.value_or_hidden_zero(&rpc("IssueTokens", "OK")), 0.0);
     assert!(before.value("process_start_time_seconds") > 1.0e9);
 
     let pair = broker.issue("metrics@example.com").await;
@@ -130,7 +260,6 @@ async fn a_scripted_flow_shows_in_the_counters() {
         (rpc("Introspect", "OK"), 2.0),
         (rpc("Introspect", "UNAUTHENTICATED"), 1.0),
         (rpc("Revoke", "OK"), 1.0),
-        (rpc("ListTokens", "OK"), 0.0),
         (
             "tokenbroker_rpc_duration_seconds_count{method=\"Introspect\",code=\"OK\"}".into(),
             2.0,
@@ -190,12 +319,20 @@ async fn a_scripted_flow_shows_in_the_counters() {
     ] {
         assert_eq!(after.value(&series), expected, "{series}\n{}", after.text());
     }
-    assert!(
-        !after.text().contains("tokenbroker_store_errors_total{"),
+    assert_eq!(
+        after.value_or_hidden_zero(&rpc("ListTokens", "OK")),
+        0.0,
+        "{}",
+        after.text()
+    );
+    assert_eq!(
+        after.series_in("tokenbroker_store_errors_total"),
+        0,
         "no store error"
     );
-    assert!(
-        !after.text().contains("tokenbroker_fauna_requests_total{"),
+    assert_eq!(
+        after.series_in("tokenbroker_fauna_requests_total"),
+        0,
         "no Fauna on the embedded store"
     );
     broker.stop().await.unwrap();

@@ -4,9 +4,10 @@
 //!
 //! The emulator is `cargo lambda watch --only-lambda-apis` (the Runtime API and the invoke
 //! endpoint, without building the function); the function is the workspace's own `bootstrap`
-//! binary, already built by `cargo build --workspace --bins`, started with the environment the
-//! emulator names. `cargo lambda watch` without that flag would `cargo run` the trigger alone,
-//! whose features differ from the workspace build's: a second build of half the tree.
+//! binary, built with the workspace's features by `workspace_binary`, started with the
+//! environment the emulator names. `cargo lambda watch` without that flag would `cargo run` the
+//! trigger alone, whose features differ from the workspace build's: a second build of half the
+//! tree.
 //!
 //! Each test starts its own emulator and function (the function's settings come from its
 //! environment) in one process group, and stops the whole group when it ends. Every wait is
@@ -72,6 +73,8 @@ struct Emulator {
 impl Emulator {
     async fn start(env: &[(&str, &str)]) -> Self {
         require_cargo_lambda();
+        // Before the emulator starts: the first call may have to build it.
+        let bootstrap = workspace_binary("bootstrap");
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let output = Arc::new(Mutex::new(Vec::new()));
@@ -104,7 +107,7 @@ impl Emulator {
 
         // What the emulator prints for a function it does not start, and what Lambda sets.
         let runtime_api = format!("http://127.0.0.1:{port}/.rt");
-        let mut function = Command::new(workspace_binary("bootstrap"))
+        let mut function = Command::new(bootstrap)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("AWS_LAMBDA_RUNTIME_API", runtime_api)

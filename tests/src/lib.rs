@@ -11,7 +11,7 @@ use std::{
     io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, LazyLock, Mutex},
+    sync::{Arc, LazyLock, Mutex, OnceLock},
     time::Duration,
 };
 
@@ -537,22 +537,156 @@ pub async fn loopback_listener() -> (tokio::net::TcpListener, SocketAddr) {
     (listener, addr)
 }
 
-/// Returns the path of a workspace binary built next to the running test binary.
+/// The workspace binaries the tests start: the broker (dev mode, `health`, `check-config`), the
+/// admin CLI, and the trigger Lambda's `bootstrap`.
+pub const BINARIES: [&str; 3] = ["tokenbroker", "tokenbroker-admin", "bootstrap"];
+
+/// Returns the path of one of the workspace [`BINARIES`], building them first, once per test
+/// process, so that `cargo test` works on its own.
+///
+/// The build is `cargo build --workspace --bin …` for all of them, with the running test
+/// binary's profile, target and target directory: the artifacts `cargo build --workspace --bins`
+/// makes, so a tree built that way, or by an earlier test run, compiles nothing and only checks.
+/// `--workspace` gives the workspace's feature set (the tests crate's `cargo test -p` shares its
+/// libraries); a build of each binary's package alone would resolve other features and compile
+/// half the tree a second time. Cargo's own lock serialises concurrent builds (nextest runs each
+/// test in its own process, so each one checks).
 ///
 /// # Panics
 ///
-/// If it is not built; the README's test command builds it first.
+/// If `name` is not one of [`BINARIES`], or if the build fails (with cargo's output).
+#[track_caller]
 pub fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
+    static BUILT: OnceLock<Result<Vec<(String, PathBuf)>, String>> = OnceLock::new();
+    let built = match BUILT.get_or_init(build_binaries) {
+        Ok(built) => built,
+        Err(error) => panic!("{error}"),
+    };
+    match built.iter().find(|(built, _)| built == name) {
+        Some((_, path)) => path.clone(),
+        None => panic!("{name} is not among the binaries the tests build: add it to BINARIES"),
+    }
+}
+
+/// The variables cargo sets for a crate it runs (besides `CARGO_PKG_*` and `CARGO_BIN_EXE_*`);
+/// `CARGO` itself names the cargo to use, and the user's `CARGO_*` settings pass through.
+const SET_FOR_CRATES: [&str; 9] = [
+    "CARGO_CRATE_NAME",
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_MANIFEST_LINKS",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_BIN_NAME",
+    "CARGO_RUSTC_CURRENT_DIR",
+    "OUT_DIR",
+];
+
+/// Builds [`BINARIES`] and returns each one's path, or what went wrong.
+fn build_binaries() -> Result<Vec<(String, PathBuf)>, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("the test binary's path: {e}"))?;
+    let (target_dir, profile, triple) = build_layout(&exe)?;
+    // The cargo running the tests, when there is one; else the one that built this crate.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo build --workspace --bins` first (scripts/test does)",
-        path.display()
-    );
-    path
+        .expect("tests/ is inside the workspace");
+    let mut command = std::process::Command::new(&cargo);
+    // Not the variables cargo set for this test crate: build scripts that rerun when one changes
+    // (ring's, on `CARGO_MANIFEST_DIR`) would otherwise rebuild rustls, tonic and the broker
+    // each time the tree is built from a shell and from a test in turn.
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_EXE_")
+            || SET_FOR_CRATES.contains(&name)
+        {
+            command.env_remove(name);
+        }
+    }
+    command
+        .current_dir(workspace)
+        .args(["build", "--workspace", "--locked"])
+        .arg("--message-format=json-render-diagnostics")
+        .arg("--target-dir")
+        .arg(&target_dir);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            command.arg("--release");
+        }
+        other => {
+            command.args(["--profile", other]);
+        }
+    }
+    if let Some(triple) = &triple {
+        command.args(["--target", triple]);
+    }
+    for name in BINARIES {
+        command.args(["--bin", name]);
+    }
+    let shown = format!("{command:?}");
+    let output = command
+        .output()
+        .map_err(|e| format!("could not run {shown}: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "building the binaries the tests start failed ({}): {shown}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    // One JSON message per line; each binary's `compiler-artifact` names its executable.
+    let mut built = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if message["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let (Some(name), Some(executable)) = (
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) else {
+            continue;
+        };
+        if BINARIES.contains(&name) {
+            built.push((name.to_owned(), PathBuf::from(executable)));
+        }
+    }
+    match BINARIES
+        .iter()
+        .find(|name| !built.iter().any(|(built, _)| built == *name))
+    {
+        Some(missing) => Err(format!(
+            "{shown} succeeded but reported no executable for {missing}"
+        )),
+        None => Ok(built),
+    }
+}
+
+/// Reads the target directory, profile directory and target triple (when cross-building) from
+/// the test binary's path: `<target>/<profile>/deps/<test>`, or
+/// `<target>/<triple>/<profile>/deps/<test>`. The target directory is the one holding
+/// `CACHEDIR.TAG`, which cargo writes there.
+fn build_layout(exe: &Path) -> Result<(PathBuf, String, Option<String>), String> {
+    let unexpected = || {
+        format!(
+            "{} is not in <target>/<profile>/deps/: cannot tell which build to extend",
+            exe.display()
+        )
+    };
+    let profile_dir = exe.parent().and_then(Path::parent).ok_or_else(unexpected)?;
+    let name = |dir: &Path| dir.file_name().and_then(|n| n.to_str()).map(str::to_owned);
+    let profile = name(profile_dir).ok_or_else(unexpected)?;
+    let above = profile_dir.parent().ok_or_else(unexpected)?;
+    let is_target_dir = |dir: &Path| dir.join("CACHEDIR.TAG").is_file();
+    if !is_target_dir(above)
+        && let Some(target_dir) = above.parent().filter(|dir| is_target_dir(dir))
+    {
+        let triple = name(above).ok_or_else(unexpected)?;
+        return Ok((target_dir.to_owned(), profile, Some(triple)));
+    }
+    Ok((above.to_owned(), profile, None))
 }

@@ -2,10 +2,11 @@
 //! broker (the ceiling), prefills an embedded store with many tokens, and drives Introspect or
 //! IssueTokens against a target, printing one JSON line of results.
 //!
-//! Why a tool of our own rather than k6, h2load or rlt (see `reference/tools.md`): it uses the
-//! generated tonic client, so every call goes through the same codec and HTTP/2 stack as real
-//! callers; it reads the `grpc-status` of every call (h2load counts a rejected call as a success);
-//! and it needs no extra crates beyond the workspace's. Latencies are kept as one `u32` of
+//! Why a tool of our own rather than k6, h2load or rlt: it uses the generated tonic client, so
+//! every call goes through the same codec and HTTP/2 stack as real callers (k6 brings its own
+//! gRPC client); it reads the `grpc-status` of every call (h2load counts any HTTP 200 as a
+//! success, whatever the trailer says); and it needs no crate beyond the workspace's (rlt would
+//! be one more, with its own command line). Latencies are kept as one `u32` of
 //! microseconds per call and sorted at the end: at the few tens of thousands of calls per second
 //! this machine manages, that is a few megabytes, and it avoids a histogram dependency.
 

@@ -1,0 +1,669 @@
+//! The query interpreter: one transaction authenticates its caller and runs one known query,
+//! each implemented by hand from its FQL source.
+
+use std::{cmp::Ordering, collections::BTreeMap};
+
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use super::{
+    database::{Db, TokenDoc},
+    query::Query,
+    reply::{Failure, Stats},
+    secret::{decode_token_secret, mint_secret},
+    value::{Doc, Value, cmp_strings, fql_cmp, fql_eq, fql_text, strip_nulls},
+};
+
+/// Who a query runs as.
+#[derive(Debug, Clone)]
+pub(super) enum Caller {
+    Key,
+    /// A token, by id.
+    Token(String),
+}
+
+/// A query's arguments, by name.
+pub(super) struct Args<'a>(pub(super) &'a BTreeMap<String, Value>);
+
+impl Args<'_> {
+    /// The variable `name`; unbound is a runtime error where the query first uses it.
+    fn get(&self, name: &'static str) -> Result<&Value, Failure> {
+        self.0.get(name).ok_or_else(|| {
+            Failure::new("unbound_variable", format!("Unbound variable `{name}`")).at(name)
+        })
+    }
+}
+
+fn invalid_argument(param: &str, expected: &str, got: &Value, at: &'static str) -> Failure {
+    Failure::new(
+        "invalid_argument",
+        format!(
+            "expected value for `{param}` of type {expected}, received {}",
+            got.type_name()
+        ),
+    )
+    .at(at)
+}
+
+fn expect_str<'v>(v: &'v Value, param: &str, at: &'static str) -> Result<&'v str, Failure> {
+    match v {
+        Value::Str(s) => Ok(s),
+        other => Err(invalid_argument(param, "String", other, at)),
+    }
+}
+
+/// A whole number of seconds for `Time.add(amount, "seconds")`.
+fn expect_seconds(v: &Value, at: &'static str) -> Result<i64, Failure> {
+    match v {
+        Value::Int(n) => Ok(i64::from(*n)),
+        Value::Long(n) => Ok(*n),
+        #[allow(clippy::cast_possible_truncation)]
+        Value::Double(n) if n.fract() == 0.0 && n.abs() < 9.2e18 => Ok(*n as i64),
+        other => Err(invalid_argument("amount", "Number", other, at)),
+    }
+}
+
+fn expect_bool(v: &Value, at: &'static str) -> Result<bool, Failure> {
+    match v {
+        Value::Bool(b) => Ok(*b),
+        other => Err(Failure::new(
+            "type_mismatch",
+            format!("expected type: Boolean, received {}", other.type_name()),
+        )
+        .at(at)),
+    }
+}
+
+/// An ID for `byId`: a string of digits or a number.
+fn expect_id(v: &Value, at: &'static str) -> Result<String, Failure> {
+    let invalid = || {
+        Failure::new(
+            "invalid_argument",
+            format!("invalid argument `id`: `{}` is not a valid ID", fql_text(v)),
+        )
+        .at(at)
+    };
+    match v {
+        Value::Str(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s
+            .parse::<i64>()
+            .map(|id| id.to_string())
+            .map_err(|_| invalid()),
+        Value::Str(_) => Err(invalid()),
+        Value::Int(n) if *n >= 0 => Ok(n.to_string()),
+        Value::Long(n) if *n >= 0 => Ok(n.to_string()),
+        Value::Int(_) | Value::Long(_) => Err(invalid()),
+        other => Err(invalid_argument("id", "ID", other, at)),
+    }
+}
+
+/// `time.add(seconds, "seconds")`, within the years Fauna's `Time` covers.
+fn add_seconds(time: i128, seconds: i64, at: &'static str) -> Result<i128, Failure> {
+    let sum = time + i128::from(seconds) * 1_000_000_000;
+    if OffsetDateTime::from_unix_timestamp_nanos(sum).is_ok() {
+        Ok(sum)
+    } else {
+        Err(Failure::new("invalid_argument", "Time out of bounds.".into()).at(at))
+    }
+}
+
+/// The values a new pair of tokens is minted from.
+struct Mint<'a> {
+    account: &'a str,
+    family: &'a Value,
+    email: &'a Value,
+    client_id: &'a Value,
+    cognito_sub: &'a Value,
+    metadata: &'a Value,
+    refresh_ttl: i128,
+    access_ttl: i128,
+}
+
+/// One transaction: the database, the transaction time and what it did.
+pub(super) struct Txn<'a> {
+    pub(super) db: &'a mut Db,
+    /// `Time.now()`, in nanoseconds.
+    pub(super) now: i128,
+    pub(super) database_id: i64,
+    pub(super) stats: Stats,
+}
+
+impl Txn<'_> {
+    /// Resolves a secret to a caller: a configured key, or a live token whose secret matches its
+    /// stored hash (`docs/design.md` "Fauna over HTTP › Token secrets" and `docs/design.md`
+    /// "Fauna over HTTP › Authentication, expiry and revocation").
+    pub(super) fn authenticate(&mut self, keys: &[String], secret: &str) -> Option<Caller> {
+        if keys.iter().any(|k| k == secret) {
+            return Some(Caller::Key);
+        }
+        if secret.starts_with("ey") && secret.contains('.') {
+            return None; // a JWT; no access providers are configured
+        }
+        let (id, database, secret) = decode_token_secret(secret)?;
+        if database != self.database_id {
+            return None;
+        }
+        let token = self.read_token(&id.to_string())?;
+        let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        (hash == token.secret_hash).then_some(Caller::Token(token.id))
+    }
+
+    /// `Token.byId(id)`: the token if it exists and has not expired.
+    fn read_token(&mut self, id: &str) -> Option<TokenDoc> {
+        let token = self
+            .db
+            .tokens
+            .get(id)
+            .filter(|t| t.live_at(self.now))?
+            .clone();
+        self.stats.reads += 1;
+        self.stats.bytes_read += token.size();
+        Some(token)
+    }
+
+    /// `Token.byDocument(Account.byId(account))`: its live tokens, by id.
+    fn tokens_of(&mut self, account: &str) -> Vec<TokenDoc> {
+        let ids: Vec<String> = self
+            .db
+            .by_document
+            .get(account)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default();
+        ids.iter().filter_map(|id| self.read_token(id)).collect()
+    }
+
+    /// `Token.byDocument(account).where(.data.family == family)`.
+    fn family_of(&mut self, account: &str, family: &Value) -> Vec<TokenDoc> {
+        self.tokens_of(account)
+            .into_iter()
+            .filter(|t| fql_eq(t.data("family"), family))
+            .collect()
+    }
+
+    /// `Account.byId(id)`: whether it exists.
+    fn account_exists(&mut self, id: &str) -> bool {
+        self.stats.reads += 1;
+        self.db.accounts.contains_key(id)
+    }
+
+    /// `Account.byEmail(email).first()`.
+    fn account_by_email(&mut self, email: &Value) -> Option<String> {
+        self.stats.reads += 1;
+        match email {
+            Value::Str(email) => self.db.by_email.get(email).cloned(),
+            _ => None,
+        }
+    }
+
+    /// `Token.create({ document, ttl, data })`: returns the id and the secret, which is shown
+    /// only here.
+    fn create_token(&mut self, document: &str, ttl: i128, data: Value) -> (String, String) {
+        let id = self.db.next_id();
+        let secret = mint_secret(id, self.database_id);
+        let token = TokenDoc {
+            id: id.to_string(),
+            document: document.to_owned(),
+            ttl: Some(ttl),
+            data: strip_nulls(data),
+            ts: self.now,
+            secret_hash: Sha256::digest(secret.as_bytes()).into(),
+        };
+        self.stats.writes += 1;
+        self.stats.bytes_written += token.size();
+        self.db
+            .by_document
+            .entry(document.to_owned())
+            .or_default()
+            .insert(token.id.clone());
+        self.db.tokens.insert(token.id.clone(), token);
+        (id.to_string(), secret)
+    }
+
+    fn delete_token(&mut self, id: &str) {
+        if let Some(token) = self.db.tokens.remove(id) {
+            self.stats.writes += 1;
+            if let Some(ids) = self.db.by_document.get_mut(&token.document) {
+                ids.remove(id);
+            }
+        }
+    }
+
+    /// Deletes `tokens` and returns how many of them were not consumed.
+    fn delete_counting_unconsumed(&mut self, tokens: &[TokenDoc]) -> Value {
+        let revoked = tokens
+            .iter()
+            .filter(|t| t.data("replaced_by").is_null())
+            .count();
+        for token in tokens {
+            self.delete_token(&token.id);
+        }
+        Value::Int(i32::try_from(revoked).unwrap_or(i32::MAX))
+    }
+
+    /// The minting half of the issue texts and of `rotateRefreshToken`: a refresh token and
+    /// its access token, and the result's `refresh` and `access` objects.
+    fn mint_pair(&mut self, mint: &Mint<'_>) -> (Value, Value) {
+        let now = self.now;
+        let data = |kind: &str, parent: Option<&str>| {
+            let mut data = BTreeMap::from([
+                ("kind".to_owned(), Value::Str(kind.to_owned())),
+                ("family".to_owned(), mint.family.clone()),
+                ("email".to_owned(), mint.email.clone()),
+                ("client_id".to_owned(), mint.client_id.clone()),
+                ("issued_at".to_owned(), Value::Time(now)),
+                ("metadata".to_owned(), mint.metadata.clone()),
+            ]);
+            // `cognito_sub: account.cognito_sub`: a null field is not stored (FQL drops it).
+            if !mint.cognito_sub.is_null() {
+                data.insert("cognito_sub".to_owned(), mint.cognito_sub.clone());
+            }
+            if let Some(parent) = parent {
+                data.insert("parent".to_owned(), Value::Str(parent.to_owned()));
+            }
+            Value::Object(data)
+        };
+        let minted = |id: String, secret: String, ttl: i128| {
+            Value::Object(BTreeMap::from([
+                ("id".to_owned(), Value::Str(id)),
+                ("secret".to_owned(), Value::Str(secret)),
+                ("ttl".to_owned(), Value::Time(ttl)),
+            ]))
+        };
+        let refresh_data = data("refresh", None);
+        let (refresh_id, refresh_secret) =
+            self.create_token(mint.account, mint.refresh_ttl, refresh_data);
+        let access_data = data("access", Some(&refresh_id));
+        let (access_id, access_secret) =
+            self.create_token(mint.account, mint.access_ttl, access_data);
+        (
+            minted(refresh_id, refresh_secret, mint.refresh_ttl),
+            minted(access_id, access_secret, mint.access_ttl),
+        )
+    }
+
+    /// Runs a known query as `caller`. Every check comes before the first write, so a failure
+    /// leaves the database as it was (Fauna aborts the whole transaction).
+    pub(super) fn run(
+        &mut self,
+        query: Query,
+        caller: &Caller,
+        args: &Args<'_>,
+    ) -> Result<Value, Failure> {
+        let token = match caller {
+            Caller::Key => None,
+            Caller::Token(id) => self.read_token(id),
+        };
+        if let Some(token) = &token {
+            let kind = token.data("kind");
+            let allowed = match query {
+                Query::Introspect => true,
+                Query::RevokeSecret => {
+                    fql_eq(kind, &Value::Str("access".into()))
+                        || fql_eq(kind, &Value::Str("refresh".into()))
+                }
+                Query::Rotate => fql_eq(kind, &Value::Str("refresh".into())),
+                _ => false,
+            };
+            if !allowed {
+                return Err(Failure::new(
+                    "permission_denied",
+                    "Insufficient privileges to perform the action.".into(),
+                )
+                .at(query.guarded_call()));
+            }
+        }
+        match query {
+            Query::IssueByEmail | Query::IssueForAccount => self.issue(query, args),
+            Query::Rotate => self.rotate(token, args),
+            Query::Introspect => Ok(token.map_or(Value::Null, |t| t.to_value())),
+            Query::RevokeSecret => self.revoke_secret(token, args),
+            Query::RevokeToken => self.revoke_token(args),
+            Query::RevokeFamily | Query::RevokeAccount => self.revoke_account(query, args),
+            Query::AccountByEmail => {
+                let email = args.get("email")?;
+                Ok(self.account_by_email(email).map_or(Value::Null, Value::Str))
+            }
+            Query::ListTokens => self.list_tokens(args),
+            Query::OriginalLookup => {
+                let email = args.get("email")?;
+                Ok(self
+                    .account_by_email(email)
+                    .map_or(Value::Null, |id| self.account_value(&id)))
+            }
+            Query::OriginalRegister => {
+                let email = expect_str(args.get("email")?, "email", "Account.create(")?;
+                self.stats.writes += 1;
+                let id = self.db.create_account(email, None, self.now)?;
+                Ok(self.account_value(&id))
+            }
+            Query::OriginalCreateRefresh | Query::OriginalCreateAccess => {
+                const ADD: &str = "Time.now().add(ttl, \"seconds\")";
+                let account = expect_id(args.get("account_id")?, "Account.byId(account_id)")?;
+                if !self.account_exists(&account) {
+                    return Err(Failure::new(
+                        "document_not_found",
+                        format!(
+                            "Collection `Account` does not contain document with id {account}."
+                        ),
+                    )
+                    .at("Account.byId(account_id)"));
+                }
+                let ttl = add_seconds(self.now, expect_seconds(args.get("ttl")?, ADD)?, ADD)?;
+                let mut data = BTreeMap::new();
+                if query == Query::OriginalCreateRefresh {
+                    data.insert("kind".to_owned(), Value::Str("refresh".into()));
+                } else {
+                    data.insert("kind".to_owned(), Value::Str("access".into()));
+                    data.insert("parent".to_owned(), args.get("parent")?.clone());
+                }
+                let (id, secret) = self.create_token(&account, ttl, Value::Object(data));
+                let mut doc = self.db.tokens[&id].to_value();
+                if let Value::Doc(doc) = &mut doc {
+                    doc.fields.push(("secret", Value::Str(secret)));
+                }
+                Ok(doc)
+            }
+        }
+    }
+
+    /// An account document as a read returns it.
+    fn account_value(&self, id: &str) -> Value {
+        let account = &self.db.accounts[id];
+        let mut fields = vec![("email", Value::Str(account.email.clone()))];
+        if let Some(sub) = &account.cognito_sub {
+            fields.push(("cognito_sub", Value::Str(sub.clone())));
+        }
+        Value::Doc(Box::new(Doc {
+            coll: "Account",
+            id: id.to_owned(),
+            ts: account.ts,
+            fields,
+        }))
+    }
+
+    /// `ISSUE_BY_EMAIL` / `ISSUE_FOR_ACCOUNT`.
+    fn issue(&mut self, query: Query, args: &Args<'_>) -> Result<Value, Failure> {
+        const ADD: &str = "now.add(refresh_ttl, \"seconds\")";
+        const ADD_ACCESS: &str = "now.add(access_ttl, \"seconds\")";
+        // `let account = …`: found, to be created, or missing.
+        let (existing, email, create) = if query == Query::IssueByEmail {
+            let email = args.get("email")?;
+            match self.account_by_email(email) {
+                Some(id) => (Some(id), Some(email), None),
+                None => {
+                    let address = expect_str(email, "email", "Account.create(")?;
+                    let sub = match args.get("cognito_sub")? {
+                        Value::Null => None,
+                        other => Some(expect_str(other, "cognito_sub", "Account.create(")?),
+                    };
+                    (None, Some(email), Some((address, sub)))
+                }
+            }
+        } else {
+            let id = expect_id(args.get("account_id")?, "Account.byId(account_id)")?;
+            if !self.account_exists(&id) {
+                return Err(Failure::new(
+                    "document_not_found",
+                    format!("Collection `Account` does not contain document with id {id}."),
+                )
+                .at("(account_id)!"));
+            }
+            (Some(id), None, None)
+        };
+        let nonce = expect_str(args.get("nonce")?, "other", "+ nonce")?;
+        let refresh_secs = expect_seconds(args.get("refresh_ttl")?, ADD)?;
+        let refresh_ttl = add_seconds(self.now, refresh_secs, ADD)?;
+        let email = match email {
+            Some(email) => email,
+            None => args.get("email")?,
+        };
+        let client_id = args.get("client_id")?;
+        let metadata = args.get("metadata")?;
+        let access_secs = expect_seconds(args.get("access_ttl")?, ADD_ACCESS)?;
+        let access_ttl = add_seconds(self.now, access_secs, ADD_ACCESS)?;
+
+        // Checks are done: write.
+        let account = match (existing, create) {
+            (Some(id), _) => id,
+            (None, Some((address, sub))) => {
+                self.stats.writes += 1;
+                self.db
+                    .create_account(address, sub.map(str::to_owned), self.now)?
+            }
+            (None, None) => unreachable!("an account is found or created"),
+        };
+        let family = Value::Str(format!("fam_{account}_{nonce}"));
+        let cognito_sub = self
+            .db
+            .accounts
+            .get(&account)
+            .and_then(|a| a.cognito_sub.clone())
+            .map_or(Value::Null, Value::Str);
+        let (refresh, access) = self.mint_pair(&Mint {
+            account: &account,
+            family: &family,
+            email,
+            client_id,
+            cognito_sub: &cognito_sub,
+            metadata,
+            refresh_ttl,
+            access_ttl,
+        });
+        Ok(Value::Object(BTreeMap::from([
+            ("account".to_owned(), Value::Str(account)),
+            ("family".to_owned(), family),
+            ("now".to_owned(), Value::Time(self.now)),
+            ("refresh".to_owned(), refresh),
+            ("access".to_owned(), access),
+        ])))
+    }
+
+    /// The UDF `rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id)`.
+    fn rotate(&mut self, token: Option<TokenDoc>, args: &Args<'_>) -> Result<Value, Failure> {
+        const CALL: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id)";
+        let outcome = |o: &str| {
+            Value::Object(BTreeMap::from([(
+                "outcome".to_owned(),
+                Value::Str(o.to_owned()),
+            )]))
+        };
+        // The call evaluates its arguments first.
+        let access_ttl = args.get("access_ttl")?;
+        let refresh_ttl = args.get("refresh_ttl")?;
+        let grace = args.get("grace")?;
+        let client_id = args.get("client_id")?;
+        let Some(token) = token else {
+            return Ok(outcome("inactive"));
+        };
+        if !fql_eq(token.data("kind"), &Value::Str("refresh".into())) {
+            return Ok(outcome("inactive"));
+        }
+        if !client_id.is_null() && !fql_eq(token.data("client_id"), client_id) {
+            return Ok(outcome("wrong_client"));
+        }
+        let family_name = token.data("family").clone();
+        let family = self.family_of(&token.document, &family_name);
+        let replaced_by = token.data("replaced_by").clone();
+        let successor = match &replaced_by {
+            Value::Null => None,
+            Value::Str(id) => self.read_token(id),
+            other => self.read_token(&fql_text(other)),
+        };
+        let retry = if replaced_by.is_null() {
+            false
+        } else {
+            let rotated_at = match token.data("rotated_at") {
+                Value::Time(t) => *t,
+                _ => {
+                    return Err(Failure::new(
+                        "invalid_null_access",
+                        "Cannot access `add` on null.".into(),
+                    )
+                    .at(CALL));
+                }
+            };
+            let grace = expect_seconds(grace, CALL)?;
+            self.now <= add_seconds(rotated_at, grace, CALL)?
+                && successor
+                    .as_ref()
+                    .is_some_and(|s| s.data("replaced_by").is_null())
+        };
+        if !replaced_by.is_null() && !retry {
+            let revoked = self.delete_counting_unconsumed(&family);
+            return Ok(Value::Object(BTreeMap::from([
+                ("outcome".to_owned(), Value::Str("reuse".into())),
+                ("family".to_owned(), family_name),
+                ("revoked".to_owned(), revoked),
+            ])));
+        }
+        let refresh_ttl = add_seconds(self.now, expect_seconds(refresh_ttl, CALL)?, CALL)?;
+        let access_ttl = add_seconds(self.now, expect_seconds(access_ttl, CALL)?, CALL)?;
+
+        // Checks are done: write.
+        if let Some(successor) = successor.filter(|_| retry) {
+            let successor_id = Value::Str(successor.id.clone());
+            for t in &family {
+                if t.id == successor.id || fql_eq(t.data("parent"), &successor_id) {
+                    self.delete_token(&t.id);
+                }
+            }
+        }
+        let (refresh, access) = self.mint_pair(&Mint {
+            account: &token.document,
+            family: &family_name,
+            email: token.data("email"),
+            client_id: token.data("client_id"),
+            cognito_sub: token.data("cognito_sub"),
+            metadata: token.data("metadata"),
+            refresh_ttl,
+            access_ttl,
+        });
+        // `token.update({ data: { replaced_by: refresh.id, rotated_at: data.rotated_at ?? now } })`
+        let rotated_at = match token.data("rotated_at") {
+            Value::Null => Value::Time(self.now),
+            t => t.clone(),
+        };
+        if let Some(stored) = self.db.tokens.get_mut(&token.id) {
+            if let Value::Object(data) = &mut stored.data {
+                data.insert("replaced_by".into(), refresh.field("id").clone());
+                data.insert("rotated_at".into(), rotated_at);
+            }
+            stored.ts = self.now;
+            self.stats.writes += 1;
+        }
+        Ok(Value::Object(BTreeMap::from([
+            ("outcome".to_owned(), Value::Str("rotated".into())),
+            ("account".to_owned(), Value::Str(token.document.clone())),
+            ("family".to_owned(), family_name),
+            ("now".to_owned(), Value::Time(self.now)),
+            ("refresh".to_owned(), refresh),
+            ("access".to_owned(), access),
+        ])))
+    }
+
+    /// The UDF `revokeCurrentToken(client_id)`.
+    fn revoke_secret(
+        &mut self,
+        token: Option<TokenDoc>,
+        args: &Args<'_>,
+    ) -> Result<Value, Failure> {
+        let client_id = args.get("client_id")?;
+        let outcome = |o: &str, revoked: Option<Value>| {
+            let mut fields = BTreeMap::from([("outcome".to_owned(), Value::Str(o.to_owned()))]);
+            if let Some(revoked) = revoked {
+                fields.insert("revoked".to_owned(), revoked);
+            }
+            Value::Object(fields)
+        };
+        let Some(token) = token else {
+            return Ok(outcome("inactive", None));
+        };
+        if token.data("kind").is_null() || !token.data("replaced_by").is_null() {
+            return Ok(outcome("inactive", None));
+        }
+        if !client_id.is_null() && !fql_eq(token.data("client_id"), client_id) {
+            return Ok(outcome("wrong_client", None));
+        }
+        if fql_eq(token.data("kind"), &Value::Str("refresh".into())) {
+            let family = self.family_of(&token.document, token.data("family"));
+            let revoked = self.delete_counting_unconsumed(&family);
+            Ok(outcome("revoked", Some(revoked)))
+        } else {
+            self.delete_token(&token.id);
+            Ok(outcome("revoked", Some(Value::Int(1))))
+        }
+    }
+
+    /// `REVOKE_TOKEN`.
+    fn revoke_token(&mut self, args: &Args<'_>) -> Result<Value, Failure> {
+        let id = expect_id(args.get("token_id")?, "Token.byId(token_id)")?;
+        let Some(token) = self.read_token(&id) else {
+            return Ok(Value::Int(0));
+        };
+        if fql_eq(token.data("kind"), &Value::Str("refresh".into())) {
+            let family = self.family_of(&token.document, token.data("family"));
+            Ok(self.delete_counting_unconsumed(&family))
+        } else {
+            self.delete_token(&token.id);
+            Ok(Value::Int(1))
+        }
+    }
+
+    /// `REVOKE_FAMILY` and `REVOKE_ACCOUNT`.
+    fn revoke_account(&mut self, query: Query, args: &Args<'_>) -> Result<Value, Failure> {
+        let id = expect_id(args.get("account_id")?, "Account.byId(account_id)")?;
+        if !self.account_exists(&id) {
+            return Ok(Value::Int(0));
+        }
+        let tokens = if query == Query::RevokeFamily {
+            let family = args.get("family")?;
+            self.family_of(&id, family)
+        } else {
+            self.tokens_of(&id)
+        };
+        Ok(self.delete_counting_unconsumed(&tokens))
+    }
+
+    /// `LIST_TOKENS`.
+    fn list_tokens(&mut self, args: &Args<'_>) -> Result<Value, Failure> {
+        const INCLUDE: &str = "include_consumed ||";
+        let id = expect_id(args.get("account_id")?, "Account.byId(account_id)")?;
+        if !self.account_exists(&id) {
+            return Ok(Value::Array(Vec::new()));
+        }
+        let tokens = self.tokens_of(&id);
+        let mut page = Vec::new();
+        for token in tokens {
+            // `.where(t => t.data.issued_at < after_issued_at || (… == … && t.id < after_id))`
+            let after_issued_at = args.get("after_issued_at")?;
+            let issued_at = token.data("issued_at");
+            let before = fql_cmp(issued_at, after_issued_at) == Some(Ordering::Less)
+                || (fql_eq(issued_at, after_issued_at) && {
+                    let after_id = args.get("after_id")?;
+                    fql_cmp(&Value::Str(token.id.clone()), after_id) == Some(Ordering::Less)
+                });
+            if !before {
+                continue;
+            }
+            // `.where(t => include_consumed || t.data.replaced_by == null)`
+            if expect_bool(args.get("include_consumed")?, INCLUDE)?
+                || token.data("replaced_by").is_null()
+            {
+                page.push(token);
+            }
+        }
+        // `.order(desc(.data.issued_at), desc(.id))`
+        page.sort_by(|a, b| {
+            fql_cmp(b.data("issued_at"), a.data("issued_at"))
+                .unwrap_or(Ordering::Equal)
+                .then_with(|| cmp_strings(&b.id, &a.id))
+        });
+        let limit = match args.get("limit")? {
+            Value::Int(n) if *n >= 0 => usize::try_from(*n).unwrap_or(0),
+            Value::Long(n) if *n >= 0 => usize::try_from(*n).unwrap_or(usize::MAX),
+            other => return Err(invalid_argument("limit", "Int", other, ".take(limit)")),
+        };
+        Ok(Value::Array(
+            page.iter().take(limit).map(TokenDoc::to_value).collect(),
+        ))
+    }
+}
