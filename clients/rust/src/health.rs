@@ -82,15 +82,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_hung_broker_hits_the_deadline() {
-        // Accepts connections and never answers, not even the HTTP/2 handshake.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let holder = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
+        let (addr, holder) = crate::tests::hung_broker().await;
         let client = Client::connect_lazy(&format!("http://{addr}"))
             .unwrap()
             .with_timeout(Duration::from_millis(200));

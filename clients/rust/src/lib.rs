@@ -519,8 +519,22 @@ impl Client {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Returns the address of a listener that accepts connections and never answers, not even
+    /// the HTTP/2 handshake, and the task that holds them (abort it to close them).
+    pub(crate) async fn hung_broker() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        (addr, holder)
+    }
 
     #[test]
     fn status_codes_map_to_kinds() {
@@ -564,15 +578,7 @@ mod tests {
 
     #[tokio::test]
     async fn hung_broker_hits_the_client_side_deadline() {
-        // Accepts connections and never answers, not even the HTTP/2 handshake.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let holder = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
+        let (addr, holder) = crate::tests::hung_broker().await;
         let client = Client::connect_lazy(&format!("http://{addr}"))
             .unwrap()
             .with_timeout(Duration::from_secs(30));
