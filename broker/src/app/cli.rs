@@ -92,13 +92,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }) => return health(*addr, service, Duration::from_millis(*timeout_ms)).await,
         _ => {}
     }
-    let mut settings = Settings::load(args.config.as_deref(), &ProcessEnv)?;
-    if let Some(listen) = args.listen {
-        settings.server.listen = listen;
-    }
-    if let Some(dir) = args.data_dir {
-        settings.store.embedded.dir = dir;
-    }
+    let mut settings = Settings::load_with(args.config.as_deref(), &ProcessEnv, |settings| {
+        if let Some(listen) = args.listen {
+            settings.server.listen = listen;
+        }
+        if let Some(dir) = args.data_dir.clone() {
+            settings.store.embedded.dir = dir;
+        }
+    })?;
     if matches!(args.command, Some(Command::CheckConfig)) {
         // `load` checked every setting; what is left is reading the files they name.
         if let Some(tls) = &settings.server.tls {

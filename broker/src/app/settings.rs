@@ -147,6 +147,20 @@ impl Settings {
     ///
     /// A [`ConfigError`] naming the file, variable or field that is wrong.
     pub fn load(file: Option<&Path>, env: &impl Env) -> Result<Self, ConfigError> {
+        Self::load_with(file, env, |_| {})
+    }
+
+    /// Like [`Settings::load`], with `adjust` applied before the settings are checked (the
+    /// command line's `--listen` and `--data-dir`, which win over file and environment).
+    ///
+    /// # Errors
+    ///
+    /// As [`Settings::load`].
+    pub fn load_with(
+        file: Option<&Path>,
+        env: &impl Env,
+        adjust: impl FnOnce(&mut Self),
+    ) -> Result<Self, ConfigError> {
         let mut table = match file {
             Some(path) => {
                 let text = fs::read_to_string(path).map_err(|err| {
@@ -169,9 +183,10 @@ impl Settings {
             }
             apply_override(&mut table, &name, &value)?;
         }
-        let settings: Settings = toml::Value::Table(table)
+        let mut settings: Settings = toml::Value::Table(table)
             .try_into()
             .map_err(|err: toml::de::Error| ConfigError(format!("invalid settings: {err}")))?;
+        adjust(&mut settings);
         settings.validate()?;
         Ok(settings)
     }
