@@ -614,59 +614,65 @@ mod docs {
         }
     }
 
-    /// Collects every leaf setting under the struct at `path`.
-    fn walk(path: &mut Vec<Step>, keys: &mut BTreeSet<String>) {
-        for field in fields(path).expect("a struct") {
-            let mut candidates = vec![Step::Table(field.clone()), Step::Array(field.clone())];
-            // A map: the probe key itself is accepted (string keys), or the error names the
-            // keys that are (enum keys).
-            let err = probe(path, table(&[(&field, table(&[(PROBE, table(&[]))]))]));
-            let key = match err
-                .split(&format!("unknown variant `{PROBE}`, expected "))
-                .nth(1)
-            {
-                Some(rest) => rest.split('`').nth(1).map(str::to_owned),
-                None => (!err.contains(&format!("unknown field `{PROBE}`"))
-                    && !err.contains("invalid type: map"))
-                .then(|| PROBE.to_owned()),
+    /// Returns how the docs step into `field` of the struct at `path`.
+    fn step_into(path: &[Step], field: &str) -> Step {
+        let mut inner = path.to_vec();
+        inner.push(Step::Table(field.to_owned()));
+        if fields(&inner).is_some() {
+            return inner.pop().expect("pushed above");
+        }
+        // A map answers a table under an unknown key either by naming the keys it takes (enum
+        // keys: "unknown variant") or by judging the value under it (string keys); a plain
+        // value refuses any table ("invalid type: map").
+        let err = probe(path, table(&[(field, table(&[(PROBE, table(&[]))]))]));
+        if let Some(rest) = err
+            .split(&format!("unknown variant `{PROBE}`, expected "))
+            .nth(1)
+        {
+            // An enum value answers the same way; only a map takes a struct under that key.
+            let key = rest.split('`').nth(1).expect("the error names a key");
+            let map = Step::Map(field.to_owned(), key.to_owned());
+            inner[path.len()] = map.clone();
+            return if fields(&inner).is_some() {
+                map
+            } else {
+                Step::Table(field.to_owned())
             };
-            if let Some(key) = key {
-                candidates.insert(0, Step::Map(field.clone(), key));
-            }
-            let found = candidates.into_iter().find_map(|step| {
-                path.push(step);
-                let inner = fields(path).is_some();
-                if inner {
-                    walk(path, keys);
-                }
-                let step = path.pop().expect("pushed above");
-                inner.then_some(step)
-            });
-            if found.is_none() {
-                // A leaf, unless it is a map of leaves (`group_roles.<group>`).
-                let is_map = key_is_map_of_leaves(path, &field);
-                path.push(if is_map {
-                    Step::Map(field.clone(), PROBE.to_owned())
-                } else {
-                    Step::Table(field.clone())
-                });
-                keys.insert(name(path));
-                path.pop();
-            }
+        }
+        let values = [
+            table(&[]),
+            toml::Value::Array(Vec::new()),
+            toml::Value::String("x".into()),
+            toml::Value::Integer(0),
+            toml::Value::Boolean(true),
+        ];
+        let string_keys = values.into_iter().any(|value| {
+            !probe(path, table(&[(field, table(&[(PROBE, value)]))])).contains("invalid type: map")
+        });
+        if string_keys {
+            Step::Map(field.to_owned(), PROBE.to_owned())
+        } else {
+            Step::Array(field.to_owned())
         }
     }
 
-    /// Whether `field` at `path` is a map with string keys and plain values.
-    fn key_is_map_of_leaves(path: &[Step], field: &str) -> bool {
-        let err = probe(
-            path,
-            table(&[(field, table(&[(PROBE, toml::Value::Boolean(true))]))]),
-        );
-        let plain = probe(path, table(&[(field, toml::Value::Boolean(true))]));
-        plain.contains("expected a map")
-            || (err.contains("invalid type: boolean")
-                && !plain.is_empty()
-                && !plain.contains("boolean"))
+    /// Collects every leaf setting under the struct at `path`.
+    fn walk(path: &mut Vec<Step>, keys: &mut BTreeSet<String>) {
+        for field in fields(path).expect("a struct") {
+            let step = step_into(path, &field);
+            path.push(step);
+            if fields(path).is_some() {
+                walk(path, keys);
+            } else {
+                // A leaf; an array step that holds no struct is a plain value (an array of
+                // strings, say), named without `[]`.
+                if matches!(path.last(), Some(Step::Array(_))) {
+                    *path.last_mut().expect("pushed above") = Step::Table(field.clone());
+                }
+                keys.insert(name(path));
+            }
+            path.pop();
+        }
     }
 
     fn documented() -> BTreeSet<String> {
