@@ -10,8 +10,8 @@
 //!
 //! Each subsystem owns its metrics: a struct of [`Family`]s that implements [`MetricSet`], built
 //! at start-up and added to the [`Registry`] the endpoint renders. A label is a type that
-//! implements [`Label`] (usually a fieldless enum, declared with [`label!`](crate::label)), so a series is
-//! picked by value (`family.get(CacheResult::Hit)`), never by position.
+//! implements [`Label`] (usually a fieldless enum, declared with [`label!`](crate::label)), so a
+//! series is picked by value (`family.get(CacheResult::Hit)`), never by position.
 
 mod http;
 

@@ -1,5 +1,6 @@
 //! The Fauna store: real Fauna tokens minted, rotated and revoked over FQL v10
-//! (`POST /query/1`; the protocol is in `docs/design.md` "Fauna over HTTP"), one HTTP request per operation.
+//! (`POST /query/1`; the protocol is in `docs/design.md` "Fauna over HTTP"), one HTTP request
+//! per operation.
 //!
 //! The secrets this store hands out are Fauna's own (`fnE…`): clients use access secrets against
 //! Fauna directly, with the privileges of the `access` role in `deploy/fauna/schema.fsl`. The
@@ -51,7 +52,7 @@ use crate::{
     obs::context::{self, TRACEPARENT, TRACESTATE},
 };
 
-/// The store's operations; each sends exactly one query text.
+// The store's operations, each sending exactly one query text, are the metrics' `query` label.
 use super::metrics::FaunaQuery as Op;
 
 impl Op {
