@@ -8,9 +8,10 @@
 //!
 //! The cases follow `docs/design.md` "Cognito › Introspection and revocation (RFC 7662,
 //! RFC 7009)": anything but an active token introspects as inactive (RFC 7662), revocation is
-//! idempotent and a refresh token takes its family with it (RFC 7009), rotation allows one retry of the immediate predecessor within a grace window and
-//! treats any other reuse as theft, concurrent requests never fork a family, and revoking an
-//! account is a not-before watermark.
+//! idempotent and a refresh token takes its family with it (RFC 7009), rotation allows one
+//! retry of the immediate predecessor within a grace window and treats any other reuse as
+//! theft, concurrent requests never fork a family, and revoking an account is a not-before
+//! watermark.
 
 use std::{
     any::Any,
