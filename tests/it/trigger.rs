@@ -44,13 +44,7 @@ fn trigger_dir() -> PathBuf {
 }
 
 fn require_cargo_lambda() {
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join("cargo-lambda").is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "cargo-lambda is not on PATH; scripts/install-tools installs it (pip install cargo-lambda)"
-    );
+    tokenbroker_tests::require_tool("cargo-lambda");
 }
 
 /// A port that was free a moment ago (the emulator takes no port 0).

@@ -568,6 +568,58 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     }
 }
 
+/// Makes sure the command-line tool `name` (grpcurl, jq, cargo-lambda, …) is on `PATH`, running
+/// `scripts/install-tools` once per test process when it is not, so that plain `cargo test`
+/// needs nothing installed by hand, as `scripts/test` does not. `python3-yaml` stands for the
+/// PyYAML module, which the deployment tests read manifests with.
+///
+/// # Panics
+///
+/// If the installer fails, or leaves the tool missing.
+#[track_caller]
+pub fn require_tool(name: &str) {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    if tool_present(name) {
+        return;
+    }
+    if let Err(error) = INSTALLED.get_or_init(install_tools) {
+        panic!("{name} is missing and {error}");
+    }
+    assert!(
+        tool_present(name),
+        "{name} is still missing after scripts/install-tools"
+    );
+}
+
+fn tool_present(name: &str) -> bool {
+    if name == "python3-yaml" {
+        return std::process::Command::new("python3")
+            .args(["-c", "import yaml"])
+            .output()
+            .is_ok_and(|output| output.status.success());
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+}
+
+/// Runs `scripts/install-tools`, or says why it failed.
+fn install_tools() -> Result<(), String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-tools");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| format!("scripts/install-tools could not run: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "scripts/install-tools failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
 /// The variables cargo sets for a crate it runs (besides `CARGO_PKG_*` and `CARGO_BIN_EXE_*`);
 /// `CARGO` itself names the cargo to use, and the user's `CARGO_*` settings pass through.
 const SET_FOR_CRATES: [&str; 9] = [
