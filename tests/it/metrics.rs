@@ -1,7 +1,7 @@
 //! The Prometheus endpoint: a scripted flow over gRPC, then a real HTTP scrape, parsed and
 //! checked series by series, on the embedded store and on Fauna (its double injecting faults).
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokenbroker::{
     app::settings::Settings,
@@ -10,7 +10,7 @@ use tokenbroker::{
 };
 use tokenbroker_client::ClientErrorKind;
 use tokenbroker_tests::{
-    TestBroker, claims_request,
+    TestBroker, claims_request, eventually,
     fauna::{Fault, FaunaDouble},
 };
 
@@ -423,5 +423,61 @@ async fn fauna_requests_and_retries_are_counted_by_class() {
         scrape.value("tokenbroker_store_operation_duration_seconds_count{operation=\"issue\"}"),
         1.0
     );
+    broker.stop().await.unwrap();
+}
+
+/// A call the client gives up on mid-flight (it drops the call, and its HTTP/2 stream is reset
+/// with RST_STREAM) is counted as CANCELLED, not as an error of the broker's, and not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_client_resets_is_counted_as_cancelled() {
+    let double = FaunaDouble::start(Arc::new(SystemClock)).await;
+    let endpoint = double.endpoint();
+    let key = double.server_key();
+    let broker = metered_broker(move |s| {
+        s.store.backend = StoreBackend::Fauna;
+        s.store.fauna.endpoint = endpoint;
+        s.store.fauna.secret = Some(key);
+    })
+    .await;
+    // The store answers only after 30 s: the call is in flight until the client drops it.
+    double.inject(Fault::Slow(Duration::from_secs(30)), 1);
+    let client = broker.trigger.clone();
+    let call = tokio::spawn(async move {
+        client
+            .issue_tokens(claims_request("reset@example.com", ""))
+            .await
+    });
+    eventually("the call reaches the store", || async {
+        double.requests().iter().any(|r| r.fault.is_some())
+    })
+    .await;
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+
+    let cancelled = rpc("IssueTokens", "CANCELLED");
+    eventually("the reset call is counted", || async {
+        Scrape::parse(broker.scrape().await).value_or_hidden_zero(&cancelled) == 1.0
+    })
+    .await;
+    let scrape = Scrape::parse(broker.scrape().await);
+    assert_eq!(
+        scrape.value(
+            "tokenbroker_rpc_duration_seconds_count{method=\"IssueTokens\",code=\"CANCELLED\"}"
+        ),
+        1.0
+    );
+    for code in ["UNKNOWN", "OK", "DEADLINE_EXCEEDED"] {
+        assert_eq!(
+            scrape.value_or_hidden_zero(&rpc("IssueTokens", code)),
+            0.0,
+            "{code}\n{}",
+            scrape.text()
+        );
+    }
+    // The broker goes on serving: the next call is counted as it ends.
+    broker.issue("after-reset@example.com").await;
+    let scrape = Scrape::parse(broker.scrape().await);
+    assert_eq!(scrape.value(&rpc("IssueTokens", "OK")), 1.0);
+    assert_eq!(scrape.value(&cancelled), 1.0);
     broker.stop().await.unwrap();
 }

@@ -6,6 +6,14 @@
 //! answers an error as a trailers-only response with `grpc-status` in the headers, and a unary
 //! answer whose head has no `grpc-status` is `OK` (its status travels in the trailers). The
 //! time runs until the response head, which for a unary call is when the handler finished.
+//!
+//! A call can also end without a response head: when the client resets its stream
+//! (RST_STREAM, as a client does that drops a call it no longer waits for) or closes the
+//! connection, hyper drops the call's future, and when the client's `grpc-timeout` runs out
+//! before the adapter answers, tonic's timeout layer drops it and answers CANCELLED itself (so
+//! does a stop whose grace period runs out, for the calls still running). Such a call never
+//! completes, so it is counted when its future is dropped, as `CANCELLED`: the code the client
+//! sees (or would have), and not a failure of the broker's.
 
 use std::{
     future::Future,
@@ -78,7 +86,10 @@ pub struct GrpcCode(u8);
 impl GrpcCode {
     /// `OK`.
     pub const OK: Self = Self(0);
-    /// `UNKNOWN`: also what a transport error or an unparsable `grpc-status` counts as.
+    /// `CANCELLED`: also what a call dropped before its answer (a client's reset) counts as.
+    pub const CANCELLED: Self = Self(1);
+    /// `UNKNOWN`: also what a service error (no response) or an unparsable `grpc-status`
+    /// counts as.
     pub const UNKNOWN: Self = Self(2);
 
     /// Returns the code with this number, if it is one.
@@ -178,14 +189,36 @@ where
     }
 }
 
-/// The future of a [`MeteredService`] call.
+/// The future of a [`MeteredService`] call. It records the call once: when it completes, or,
+/// if it is dropped before that, as `CANCELLED`.
 #[derive(Debug)]
 pub struct Metered<F> {
     inner: F,
-    /// The method; `None` for an unknown method (not recorded).
+    /// The method, until the call is recorded; `None` for an unknown method (never recorded).
     method: Option<Method>,
     started: Instant,
     metrics: Arc<RpcMetrics>,
+}
+
+impl<F> Metered<F> {
+    /// Counts and times the call as `code`, unless it already was (or its method is unknown).
+    fn record(&mut self, code: GrpcCode) {
+        if let Some(method) = self.method.take() {
+            self.metrics.requests.get((method, code)).inc();
+            self.metrics
+                .duration
+                .get((method, code))
+                .observe(self.started.elapsed());
+        }
+    }
+}
+
+impl<F> Drop for Metered<F> {
+    /// Dropped unanswered: the client reset the stream or went away, or its deadline passed
+    /// first (see the module's documentation).
+    fn drop(&mut self) {
+        self.record(GrpcCode::CANCELLED);
+    }
 }
 
 impl<F, R, E> Future for Metered<F>
@@ -199,15 +232,10 @@ where
             Poll::Pending => return Poll::Pending,
             Poll::Ready(output) => output,
         };
-        if let Some(method) = self.method {
-            // A transport error (no response) is counted as UNKNOWN.
-            let code = output.as_ref().map_or(GrpcCode::UNKNOWN, grpc_code);
-            self.metrics.requests.get((method, code)).inc();
-            self.metrics
-                .duration
-                .get((method, code))
-                .observe(self.started.elapsed());
-        }
+        // A service error (no response) is counted as UNKNOWN; the generated server has none
+        // (its error type is `Infallible`), but a wrapped service might.
+        let code = output.as_ref().map_or(GrpcCode::UNKNOWN, grpc_code);
+        self.record(code);
         Poll::Ready(output)
     }
 }
@@ -222,5 +250,63 @@ pub(crate) fn grpc_code<R>(response: &http::Response<R>) -> GrpcCode {
             .and_then(|s| s.parse::<usize>().ok())
             .and_then(GrpcCode::new)
             .unwrap_or(GrpcCode::UNKNOWN),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, future};
+
+    use super::*;
+
+    fn call<F>(inner: F, metrics: &Arc<RpcMetrics>) -> Metered<F> {
+        Metered {
+            inner,
+            method: Some(Method::Introspect),
+            started: Instant::now(),
+            metrics: Arc::clone(metrics),
+        }
+    }
+
+    fn count(metrics: &RpcMetrics, code: GrpcCode) -> u64 {
+        metrics.requests.get((Method::Introspect, code)).get()
+    }
+
+    #[tokio::test]
+    async fn a_call_is_counted_once_by_its_code_or_as_cancelled_when_dropped_unanswered() {
+        let metrics = Arc::new(RpcMetrics::default());
+        let answered = future::ready(Ok::<_, Infallible>(http::Response::new(())));
+        call(answered, &metrics).await.unwrap();
+        assert_eq!(count(&metrics, GrpcCode::OK), 1);
+        assert_eq!(count(&metrics, GrpcCode::CANCELLED), 0, "not again on drop");
+
+        let mut unanswered = call(
+            future::pending::<Result<http::Response<()>, Infallible>>(),
+            &metrics,
+        );
+        let waker = std::task::Waker::noop();
+        let polled = Pin::new(&mut unanswered).poll(&mut Context::from_waker(waker));
+        assert!(polled.is_pending());
+        assert_eq!(count(&metrics, GrpcCode::CANCELLED), 0, "still in flight");
+        drop(unanswered);
+        assert_eq!(count(&metrics, GrpcCode::CANCELLED), 1);
+        let timed = metrics
+            .duration
+            .get((Method::Introspect, GrpcCode::CANCELLED));
+        assert_eq!(timed.count(), 1);
+        assert_eq!(count(&metrics, GrpcCode::UNKNOWN), 0);
+
+        let failed = future::ready(Err::<http::Response<()>, _>("no response"));
+        call(failed, &metrics).await.unwrap_err();
+        assert_eq!(count(&metrics, GrpcCode::UNKNOWN), 1);
+        let mut garbled = http::Response::new(());
+        garbled
+            .headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("99"));
+        call(future::ready(Ok::<_, Infallible>(garbled)), &metrics)
+            .await
+            .unwrap();
+        assert_eq!(count(&metrics, GrpcCode::UNKNOWN), 2);
+        assert_eq!(count(&metrics, GrpcCode::CANCELLED), 1);
     }
 }
