@@ -7,6 +7,7 @@ mod cli;
 mod cognito;
 mod concurrency;
 mod deploy;
+mod dev_mode;
 mod durability;
 mod fauna;
 mod grpcurl;

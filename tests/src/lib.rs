@@ -470,9 +470,24 @@ impl BrokerProcess {
         extra_args: &[&std::ffi::OsStr],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_on("127.0.0.1:0", cwd, extra_args, env).await
+    }
+
+    /// Like [`BrokerProcess::start_with_env`], listening on `listen` instead of
+    /// `127.0.0.1:0`.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot start or exits before listening.
+    pub async fn start_on(
+        listen: &str,
+        cwd: &Path,
+        extra_args: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+    ) -> Self {
         use tokio::io::{AsyncBufReadExt as _, BufReader};
         let mut child = tokio::process::Command::new(workspace_binary("tokenbroker"))
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(extra_args)
             .current_dir(cwd)
             .env_remove("TOKENBROKER_CONFIG")

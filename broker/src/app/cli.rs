@@ -19,7 +19,8 @@ use crate::{
 ///
 /// With no config file and no API keys configured, it runs in dev mode: an embedded store
 /// under ./data, a listener on 127.0.0.1:50051, and three generated API keys (admin, trigger,
-/// service), printed once and written to ./data/dev-keys.env.
+/// service), printed once and written to ./data/dev-keys.env. Dev mode listens on loopback
+/// addresses only, unless started with --dev-on-any-address.
 ///
 /// Every setting can also come from the environment as TOKENBROKER_SECTION__FIELD, for
 /// example TOKENBROKER_SERVER__LISTEN=0.0.0.0:50051; see docs/configuration.md.
@@ -38,6 +39,12 @@ pub struct Args {
     /// Data directory of the embedded store; overrides store.embedded.dir.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+
+    /// Lets dev mode listen on an address that is not loopback (0.0.0.0, a LAN address),
+    /// where anyone who can reach it gets a broker whose keys are printed on its console.
+    /// Without it, dev mode refuses such a listener. No effect outside dev mode.
+    #[arg(long)]
+    pub dev_on_any_address: bool,
 
     /// Something other than serving.
     #[command(subcommand)]
@@ -100,6 +107,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             settings.store.embedded.dir = dir;
         }
     })?;
+    let dev_mode = args.config.is_none() && settings.api_keys.is_empty();
+    if dev_mode && !args.dev_on_any_address {
+        refuse_public_dev_listener(settings.server.listen)?;
+    }
     if matches!(args.command, Some(Command::CheckConfig)) {
         // `load` checked every setting; what is left is reading the files they name.
         if let Some(tls) = &settings.server.tls {
@@ -110,7 +121,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let telemetry = telemetry::init(&settings.log, &settings.telemetry)?;
 
-    if args.config.is_none() && settings.api_keys.is_empty() {
+    if dev_mode {
         let keys = dev::generate_dev_keys();
         let dir = settings.store.embedded.dir.clone();
         dev::write_keys_file(&dir, &keys).with_context(|| {
@@ -125,6 +136,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             exports = dev::render_exports(&keys),
         );
         warn!("dev mode: generated api keys; do not use in production");
+        if !is_loopback(settings.server.listen) {
+            warn!(
+                listen = %settings.server.listen,
+                "dev mode on a non-loopback address (--dev-on-any-address): whoever reaches it \
+                 can use the keys above"
+            );
+        }
     } else if settings.api_keys.is_empty() {
         warn!("no api keys configured: only RefreshTokens and Revoke by secret can succeed");
     }
@@ -140,6 +158,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Whether the broker stopped or failed, the spans of its last calls are exported.
     telemetry.shutdown().await;
     served
+}
+
+/// Dev mode's listener check: generated keys for every role, printed on the console and
+/// written to a file, are a local convenience; on an address other hosts can reach they are an
+/// open admin door. Refused unless asked for with `--dev-on-any-address`.
+fn refuse_public_dev_listener(listen: SocketAddr) -> anyhow::Result<()> {
+    if is_loopback(listen) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "dev mode (no config file, no API keys) refuses to listen on {listen}, which is not a \
+         loopback address: its generated admin key would open the broker to every network that \
+         reaches this host. Listen on loopback (--listen 127.0.0.1:{port}), or give a config \
+         file with API keys (docs/configuration.md), or pass --dev-on-any-address if this is \
+         really what you want",
+        port = listen.port(),
+    )
+}
+
+/// Whether `listen` is reachable from this host only: 127.0.0.0/8 or ::1, and
+/// [::ffff:127.0.0.1] too (`to_canonical`).
+fn is_loopback(listen: SocketAddr) -> bool {
+    listen.ip().to_canonical().is_loopback()
 }
 
 fn gen_key(name: &str, role: &str) -> anyhow::Result<()> {
@@ -193,4 +234,36 @@ fn hash_key() -> anyhow::Result<()> {
     }
     println!("{}", dev::api_key_digest(&key));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_mode_listens_on_loopback_only() {
+        for listen in [
+            "127.0.0.1:50051",
+            "127.9.8.7:0",
+            "[::1]:50051",
+            "[::ffff:127.0.0.1]:0",
+        ] {
+            let listen: SocketAddr = listen.parse().unwrap();
+            assert!(refuse_public_dev_listener(listen).is_ok(), "{listen}");
+        }
+        for listen in [
+            "0.0.0.0:50051",
+            "[::]:50051",
+            "192.168.1.10:50051",
+            "[::ffff:10.0.0.1]:0",
+        ] {
+            let listen: SocketAddr = listen.parse().unwrap();
+            let err = refuse_public_dev_listener(listen).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("refuses to listen on {listen}")),
+                "{err}"
+            );
+            assert!(err.contains("--dev-on-any-address"), "{err}");
+        }
+    }
 }
