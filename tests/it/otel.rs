@@ -24,7 +24,7 @@ use tokenbroker_tests::{
     fauna::{FaunaDouble, SERVER_KEY},
     otlp::{CollectedSpan, OtlpCollector},
 };
-use tokenbroker_trigger::{Config as TriggerConfig, handle};
+use tokenbroker_trigger::{ClaimName, Config as TriggerConfig, handle};
 
 /// The X-Ray header Lambda hands the trigger, and the trace context the trigger derives
 /// from it (`trigger/src/trace.rs`).
@@ -102,7 +102,9 @@ async fn one_sign_in_is_one_trace_from_the_trigger_through_the_broker_to_fauna()
     .await;
 
     // The trigger's own code path: its handler, its broker client, its traceparent.
-    let trigger_config = TriggerConfig::new(broker.endpoint.clone(), key.clone());
+    let mut trigger_config = TriggerConfig::new(broker.endpoint.clone(), key.clone());
+    // Both secrets in the reply, so that the leak check below looks for both in the spans.
+    trigger_config.refresh_claim = Some(ClaimName::parse("fauna_refresh_token").unwrap());
     let client = Client::connect(&broker.endpoint)
         .await
         .expect("broker reachable")

@@ -25,9 +25,12 @@ pub const DEADLINE_MARGIN_MS: &str = "TOKENBROKER_TRIGGER__DEADLINE_MARGIN_MS";
 pub const FAILURE_POLICY: &str = "TOKENBROKER_TRIGGER__FAILURE_POLICY";
 /// The claim that carries the access secret (default `fauna_access_token`).
 pub const ACCESS_CLAIM: &str = "TOKENBROKER_TRIGGER__ACCESS_CLAIM";
-/// The claim that carries the refresh secret (default `fauna_refresh_token`).
+/// The claim that carries the refresh secret (default `fauna_refresh_token`), when
+/// [`INCLUDE_REFRESH`] is on.
 pub const REFRESH_CLAIM: &str = "TOKENBROKER_TRIGGER__REFRESH_CLAIM";
-/// Whether the refresh secret is written too (default `true`).
+/// Whether the refresh secret is written too (default `false`). ID-token claims are readable by
+/// anyone holding the token, and every Cognito refresh runs the trigger again, minting a new
+/// pair; only an app that refreshes through the broker itself needs the refresh secret.
 pub const INCLUDE_REFRESH: &str = "TOKENBROKER_TRIGGER__INCLUDE_REFRESH";
 /// Which tokens of a V2/V3 event get the claims: `id`, `access` or `id,access` (default `id`).
 /// V1 events can only change the ID token, so they always use it.
@@ -40,6 +43,8 @@ pub const REQUIRE_VERIFIED_EMAIL: &str = "TOKENBROKER_TRIGGER__REQUIRE_VERIFIED_
 
 /// The default broker deadline: well inside Cognito's 5 s, leaving room for a retry.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(2000);
+/// The claim of the refresh secret when [`INCLUDE_REFRESH`] is on and [`REFRESH_CLAIM`] unset.
+pub const DEFAULT_REFRESH_CLAIM: &str = "fauna_refresh_token";
 /// The default time kept back from the Lambda deadline.
 pub const DEFAULT_DEADLINE_MARGIN: Duration = Duration::from_millis(200);
 /// Cognito waits 5 s for the trigger; a longer broker deadline could never be used.
@@ -256,7 +261,7 @@ pub struct Config {
     pub failure_policy: FailurePolicy,
     /// The claim for the access secret.
     pub access_claim: ClaimName,
-    /// The claim for the refresh secret; `None` leaves the refresh secret out.
+    /// The claim for the refresh secret; `None` (the default) leaves the refresh secret out.
     pub refresh_claim: Option<ClaimName>,
     /// Which tokens of a V2/V3 event get the claims.
     pub claim_tokens: ClaimTokens,
@@ -292,7 +297,7 @@ impl Config {
             deadline_margin: DEFAULT_DEADLINE_MARGIN,
             failure_policy: FailurePolicy::FailClosed,
             access_claim: ClaimName("fauna_access_token".into()),
-            refresh_claim: Some(ClaimName("fauna_refresh_token".into())),
+            refresh_claim: None,
             claim_tokens: ClaimTokens::default(),
             suppress_email: true,
             require_verified_email: true,
@@ -365,14 +370,23 @@ impl Config {
             config.access_claim =
                 ClaimName::parse(name.trim()).map_err(|r| ConfigError::invalid(ACCESS_CLAIM, r))?;
         }
-        if let Some(name) = env.var(REFRESH_CLAIM) {
-            config.refresh_claim = Some(
-                ClaimName::parse(name.trim())
-                    .map_err(|r| ConfigError::invalid(REFRESH_CLAIM, r))?,
-            );
-        }
-        if !flag(env, INCLUDE_REFRESH, true)? {
-            config.refresh_claim = None;
+        let refresh_claim = env
+            .var(REFRESH_CLAIM)
+            .map(|name| {
+                ClaimName::parse(name.trim()).map_err(|r| ConfigError::invalid(REFRESH_CLAIM, r))
+            })
+            .transpose()?;
+        if flag(env, INCLUDE_REFRESH, false)? {
+            config.refresh_claim =
+                Some(refresh_claim.unwrap_or_else(|| ClaimName(DEFAULT_REFRESH_CLAIM.into())));
+        } else if refresh_claim.is_some() {
+            // A claim name for a secret that is not written: most likely a deployment made when
+            // the refresh secret was on by default. Stopping the init names the switch; silently
+            // dropping the claim would break the app at its next refresh instead.
+            return Err(ConfigError::invalid(
+                REFRESH_CLAIM,
+                format!("is set but the refresh secret is off: set {INCLUDE_REFRESH}=true too"),
+            ));
         }
         if config.refresh_claim.as_ref() == Some(&config.access_claim) {
             return Err(ConfigError::invalid(
@@ -421,16 +435,14 @@ mod tests {
         env
     }
 
+    /// The original trigger's defaults, except that the refresh secret stays out of the tokens.
     #[test]
-    fn defaults_follow_the_original_trigger() {
+    fn defaults_follow_the_original_trigger_but_leave_the_refresh_secret_out() {
         let config = Config::from_env(&env(&[])).unwrap();
         assert_eq!(config.timeout, Duration::from_secs(2));
         assert_eq!(config.failure_policy, FailurePolicy::FailClosed);
         assert_eq!(config.access_claim.as_str(), "fauna_access_token");
-        assert_eq!(
-            config.refresh_claim.as_ref().map(ClaimName::as_str),
-            Some("fauna_refresh_token")
-        );
+        assert_eq!(config.refresh_claim, None);
         assert_eq!(
             config.claim_tokens,
             ClaimTokens {
@@ -449,6 +461,7 @@ mod tests {
             (DEADLINE_MARGIN_MS, "50"),
             (FAILURE_POLICY, "fail-open"),
             (ACCESS_CLAIM, "db_access"),
+            (INCLUDE_REFRESH, "true"),
             (REFRESH_CLAIM, "db_refresh"),
             (CLAIM_TOKENS, "access, id"),
             (SUPPRESS_EMAIL, "false"),
@@ -469,8 +482,26 @@ mod tests {
         );
         assert!(!config.suppress_email && !config.require_verified_email);
 
+        let config = Config::from_env(&env(&[(INCLUDE_REFRESH, "on")])).unwrap();
+        assert_eq!(
+            config.refresh_claim.as_ref().map(ClaimName::as_str),
+            Some(DEFAULT_REFRESH_CLAIM)
+        );
         let config = Config::from_env(&env(&[(INCLUDE_REFRESH, "false")])).unwrap();
         assert_eq!(config.refresh_claim, None);
+    }
+
+    #[test]
+    fn a_refresh_claim_name_without_the_refresh_secret_is_refused() {
+        for include in [None, Some("false")] {
+            let mut env = env(&[(REFRESH_CLAIM, "db_refresh")]);
+            if let Some(include) = include {
+                env.insert(INCLUDE_REFRESH, include);
+            }
+            let err = Config::from_env(&env).unwrap_err().to_string();
+            assert!(err.starts_with(REFRESH_CLAIM), "{err}");
+            assert!(err.contains(&format!("{INCLUDE_REFRESH}=true")), "{err}");
+        }
     }
 
     #[test]
@@ -488,7 +519,20 @@ mod tests {
             let err = Config::from_env(&env(&[(ACCESS_CLAIM, name)])).unwrap_err();
             assert!(err.to_string().starts_with(ACCESS_CLAIM), "{err}");
         }
-        let err = Config::from_env(&env(&[(REFRESH_CLAIM, "fauna_access_token")])).unwrap_err();
+        let err = Config::from_env(&env(&[
+            (INCLUDE_REFRESH, "true"),
+            (REFRESH_CLAIM, "fauna_access_token"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("must differ"), "{err}");
+        // Off, the refresh claim's default name is free for the access secret.
+        let config = Config::from_env(&env(&[(ACCESS_CLAIM, DEFAULT_REFRESH_CLAIM)])).unwrap();
+        assert_eq!(config.access_claim.as_str(), DEFAULT_REFRESH_CLAIM);
+        let err = Config::from_env(&env(&[
+            (INCLUDE_REFRESH, "true"),
+            (ACCESS_CLAIM, DEFAULT_REFRESH_CLAIM),
+        ]))
+        .unwrap_err();
         assert!(err.to_string().contains("must differ"), "{err}");
     }
 

@@ -3,8 +3,8 @@
 //! Cognito calls it before it issues its own tokens, on every sign-in and every token refresh.
 //! [`handle`] reads the user from the event, asks the broker for a token pair (`IssueTokens`,
 //! with an idempotency key derived from the event and a deadline well inside Cognito's 5 s) and
-//! answers with the event whose `response` adds the access secret (and, by default, the refresh
-//! secret) as claims, removes `email` from the ID token, and keeps the user's groups.
+//! answers with the event whose `response` adds the access secret (and, only if configured, the
+//! refresh secret) as claims, removes `email` from the ID token, and keeps the user's groups.
 //!
 //! The handler is a plain async function over the event, the [`Config`] and a [`Deps`] (the
 //! broker call), so tests run it with a fake broker and `main` only wires the real one.

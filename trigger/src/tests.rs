@@ -187,8 +187,10 @@ fn without_response(event: &Value) -> Value {
     event
 }
 
+/// The claims the defaults add for the `n`th minted pair: its access secret, and not its
+/// refresh secret.
 fn fauna_claims(n: usize) -> Value {
-    json!({"fauna_access_token": access_secret(n), "fauna_refresh_token": refresh_secret(n)})
+    json!({"fauna_access_token": access_secret(n)})
 }
 
 /// Asserts the reply adds no reserved claim, whatever its shape.
@@ -624,19 +626,26 @@ async fn every_reply_keeps_the_request_groups() {
 async fn email_suppression_and_the_refresh_claim_are_configurable() {
     let event = fixture!("v3-hosted-auth.json");
     let mut config = Config::new("http://x", SecretString::from("k"));
+    let reply = run(&event, &config, &FakeBroker::minting()).await.unwrap();
+    assert!(
+        !reply.to_string().contains(&refresh_secret(0)),
+        "by default the refresh secret is nowhere in the reply: {reply}"
+    );
+
     config.suppress_email = false;
-    config.refresh_claim = None;
+    config.refresh_claim = Some(ClaimName::parse("db_refresh").unwrap());
     config.access_claim = ClaimName::parse("db_secret").unwrap();
     config.claim_tokens = ClaimTokens {
         id: true,
         access: true,
     };
+    let both = json!({"db_secret": access_secret(0), "db_refresh": refresh_secret(0)});
     let reply = run(&event, &config, &FakeBroker::minting()).await.unwrap();
     let details = &reply["response"]["claimsAndScopeOverrideDetails"];
     for token in ["idTokenGeneration", "accessTokenGeneration"] {
         assert_eq!(
             details[token],
-            json!({"claimsToAddOrOverride": {"db_secret": access_secret(0)}}),
+            json!({"claimsToAddOrOverride": both}),
             "{token}"
         );
     }
@@ -646,7 +655,7 @@ async fn email_suppression_and_the_refresh_claim_are_configurable() {
     let reply = run(&event, &config, &FakeBroker::minting()).await.unwrap();
     assert_eq!(
         reply["response"]["claimsOverrideDetails"],
-        json!({"claimsToAddOrOverride": {"db_secret": access_secret(0)}}),
+        json!({"claimsToAddOrOverride": both}),
         "V1: the ID token, whatever claim_tokens says"
     );
 }
