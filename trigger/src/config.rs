@@ -28,9 +28,10 @@ pub const ACCESS_CLAIM: &str = "TOKENBROKER_TRIGGER__ACCESS_CLAIM";
 /// The claim that carries the refresh secret (default `fauna_refresh_token`), when
 /// [`INCLUDE_REFRESH`] is on.
 pub const REFRESH_CLAIM: &str = "TOKENBROKER_TRIGGER__REFRESH_CLAIM";
-/// Whether the refresh secret is written too (default `false`). ID-token claims are readable by
-/// anyone holding the token, and every Cognito refresh runs the trigger again, minting a new
-/// pair; only an app that refreshes through the broker itself needs the refresh secret.
+/// Whether the refresh secret is written too (default `false`, or `true` when [`REFRESH_CLAIM`]
+/// is set). ID-token claims are readable by anyone holding the token, and every Cognito refresh
+/// runs the trigger again, minting a new pair; only an app that refreshes through the broker
+/// itself needs the refresh secret.
 pub const INCLUDE_REFRESH: &str = "TOKENBROKER_TRIGGER__INCLUDE_REFRESH";
 /// Which tokens of a V2/V3 event get the claims: `id`, `access` or `id,access` (default `id`).
 /// V1 events can only change the ID token, so they always use it.
@@ -376,16 +377,16 @@ impl Config {
                 ClaimName::parse(name.trim()).map_err(|r| ConfigError::invalid(REFRESH_CLAIM, r))
             })
             .transpose()?;
-        if flag(env, INCLUDE_REFRESH, false)? {
+        // Naming the refresh claim asks for the refresh secret: a deployment made when it was on
+        // by default keeps its claim. Only both switches set against each other is an error.
+        let named = refresh_claim.is_some();
+        if flag(env, INCLUDE_REFRESH, named)? {
             config.refresh_claim =
                 Some(refresh_claim.unwrap_or_else(|| ClaimName(DEFAULT_REFRESH_CLAIM.into())));
-        } else if refresh_claim.is_some() {
-            // A claim name for a secret that is not written: most likely a deployment made when
-            // the refresh secret was on by default. Stopping the init names the switch; silently
-            // dropping the claim would break the app at its next refresh instead.
+        } else if named {
             return Err(ConfigError::invalid(
                 REFRESH_CLAIM,
-                format!("is set but the refresh secret is off: set {INCLUDE_REFRESH}=true too"),
+                format!("is set but {INCLUDE_REFRESH}=false leaves the refresh secret out"),
             ));
         }
         if config.refresh_claim.as_ref() == Some(&config.access_claim) {
@@ -492,16 +493,20 @@ mod tests {
     }
 
     #[test]
-    fn a_refresh_claim_name_without_the_refresh_secret_is_refused() {
-        for include in [None, Some("false")] {
-            let mut env = env(&[(REFRESH_CLAIM, "db_refresh")]);
-            if let Some(include) = include {
-                env.insert(INCLUDE_REFRESH, include);
-            }
-            let err = Config::from_env(&env).unwrap_err().to_string();
-            assert!(err.starts_with(REFRESH_CLAIM), "{err}");
-            assert!(err.contains(&format!("{INCLUDE_REFRESH}=true")), "{err}");
-        }
+    fn naming_the_refresh_claim_turns_the_refresh_secret_on() {
+        let config = Config::from_env(&env(&[(REFRESH_CLAIM, "db_refresh")])).unwrap();
+        assert_eq!(
+            config.refresh_claim.as_ref().map(ClaimName::as_str),
+            Some("db_refresh")
+        );
+        let err = Config::from_env(&env(&[
+            (REFRESH_CLAIM, "db_refresh"),
+            (INCLUDE_REFRESH, "false"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with(REFRESH_CLAIM), "{err}");
+        assert!(err.contains(&format!("{INCLUDE_REFRESH}=false")), "{err}");
     }
 
     #[test]
