@@ -104,6 +104,15 @@ async fn every_privileged_operation_is_audited_with_its_ids() {
         ClientErrorKind::Unauthenticated,
         "reuse"
     );
+    // A secret that embeds no token id names no holder.
+    assert_eq!(
+        kind_of(
+            broker
+                .refresh(&SecretString::from("not-a-broker-secret"))
+                .await
+        ),
+        ClientErrorKind::Unauthenticated
+    );
     // Services' introspections are not audited; an admin's are.
     broker
         .service
@@ -182,11 +191,17 @@ async fn every_privileged_operation_is_audited_with_its_ids() {
     assert_eq!(response["access_token_id"], pair.access.token_id.as_str());
     assert_eq!(response["replayed"], false);
 
-    // Refresh: the presented token, then the new pair; the reuse has its own event.
+    // Refresh: the presented token, then the new pair; the reuse has its own event. The
+    // caller is the holder of the refresh secret, named by its token id.
+    let holder = format!("token:{}", pair.refresh.token_id);
+    let refresh_requests = of(&events, "refresh", "request");
+    assert_eq!(refresh_requests.len(), 3);
+    assert_eq!(refresh_requests[0]["caller"], holder.as_str());
     let refreshes = of(&events, "refresh", "response");
-    assert_eq!(refreshes.len(), 2);
-    assert_eq!(refreshes[0]["caller"], "anonymous");
+    assert_eq!(refreshes.len(), 3);
+    assert_eq!(refreshes[0]["caller"], holder.as_str());
     assert_eq!(refreshes[0]["outcome"], "ok");
+    assert_eq!(refreshes[0]["account_id"], pair.account_id.as_str());
     assert_eq!(refreshes[0]["token_id"], pair.refresh.token_id.as_str());
     assert_eq!(
         refreshes[0]["refresh_token_id"],
@@ -198,8 +213,22 @@ async fn every_privileged_operation_is_audited_with_its_ids() {
     );
     assert_eq!(refreshes[0]["family_id"], pair.family_id.as_str());
     assert_eq!(refreshes[1]["outcome"], "unauthenticated");
+    assert_eq!(
+        refreshes[1]["caller"],
+        holder.as_str(),
+        "the presenter's claim"
+    );
+    assert!(
+        refreshes[1].get("account_id").is_none(),
+        "a failed refresh learns no account: {}",
+        refreshes[1]
+    );
+    assert_eq!(refreshes[2]["outcome"], "unauthenticated");
+    assert_eq!(refreshes[2]["caller"], "anonymous");
+    assert!(refreshes[2].get("token_id").is_none(), "{}", refreshes[2]);
     let reuse = of(&events, "reuse_detected", "response");
     assert_eq!(reuse.len(), 1);
+    assert_eq!(reuse[0]["caller"], holder.as_str());
     assert_eq!(reuse[0]["family_id"], pair.family_id.as_str());
     assert_eq!(
         reuse[0]["id"], refreshes[1]["id"],

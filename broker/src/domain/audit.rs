@@ -226,6 +226,23 @@ impl AuditLog {
     /// (read only when the log is on). `Record::default()` is an inert one, for an operation
     /// that is audited only for some callers.
     pub fn record(&self, event: Event, caller: Option<&Caller>, clock: &dyn Clock) -> Record {
+        self.start(event, clock, || {
+            caller.map_or_else(|| "anonymous".to_owned(), |c| c.name.clone())
+        })
+    }
+
+    /// Starts the record of an operation whose caller is whoever holds a presented secret
+    /// (RefreshTokens needs no credential: the refresh secret is the credential). The caller
+    /// is named `token:<id>` by the id the secret embeds (`anonymous` when it embeds none),
+    /// never by the secret. The secret is checked by the operation itself, so on a line whose
+    /// outcome is not `ok` the name is only what the presenter claimed.
+    pub fn record_holder(&self, event: Event, token_id: Option<&str>, clock: &dyn Clock) -> Record {
+        self.start(event, clock, || {
+            token_id.map_or_else(|| "anonymous".to_owned(), |id| format!("token:{id}"))
+        })
+    }
+
+    fn start(&self, event: Event, clock: &dyn Clock, caller: impl FnOnce() -> String) -> Record {
         if !self.is_on() {
             return Record::default();
         }
@@ -234,7 +251,7 @@ impl AuditLog {
             line: Line {
                 event: event.as_str(),
                 id: crate::model::random_hex(),
-                caller: caller.map_or_else(|| "anonymous".to_owned(), |c| c.name.clone()),
+                caller: caller(),
                 ..Line::default()
             },
             time: clock.now(),
@@ -417,7 +434,8 @@ pub struct Line {
     phase: &'static str,
     /// Pairs the lines of one operation.
     id: String,
-    /// The caller's configured name, `cognito:<sub>`, or `anonymous`.
+    /// The caller's configured name, `cognito:<sub>`, `token:<id>` for the holder of a
+    /// presented refresh secret, or `anonymous`.
     caller: String,
     /// `ok` or the error class; response lines only.
     #[serde(skip_serializing_if = "Option::is_none")]

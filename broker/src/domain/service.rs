@@ -374,9 +374,14 @@ impl Broker {
     /// `InvalidArgument` for an empty secret or a TTL over the maximum; `Unauthenticated` for an
     /// inactive or reused secret; `PermissionDenied` for another client's token; store failures.
     pub async fn refresh(&self, request: RefreshRequest) -> BrokerResult<Arc<MintedPair>> {
-        let mut record = self.audit.record(Event::Refresh, None, &*self.clock);
+        // No credential is needed: the caller is the holder of the refresh secret, named by
+        // the token it presents.
+        let presented = presented_id(&request.refresh_token);
+        let mut record =
+            self.audit
+                .record_holder(Event::Refresh, presented.as_deref(), &*self.clock);
         record.set(|line| {
-            line.token_id = presented_id(&request.refresh_token);
+            line.token_id = presented;
             line.client_id.clone_from(&request.client_id);
         });
         let work = async |record: &mut Record| {
