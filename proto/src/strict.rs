@@ -143,7 +143,7 @@ impl DecodePolicy for v1::RevokeRequest {
     const KNOWN_FIELDS: Option<&'static [u32]> = Some(&[1, 2, 3, 4, 5, 6, 7]);
 }
 impl DecodePolicy for v1::IntrospectRequest {
-    const KNOWN_FIELDS: Option<&'static [u32]> = Some(&[1, 2, 3]);
+    const KNOWN_FIELDS: Option<&'static [u32]> = Some(&[1, 2, 3, 4]);
 }
 impl DecodePolicy for v1::ListTokensRequest {
     const KNOWN_FIELDS: Option<&'static [u32]> = Some(&[1, 2, 3, 4, 5]);

@@ -109,6 +109,7 @@ async fn grpcurl_sees_reflection_health_and_error_codes() {
     .await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("token_type_hint"), "{out}");
+    assert!(out.contains("access_only"), "{out}");
 
     let (code, out) = run(grpcurl().args([
         "-plaintext",

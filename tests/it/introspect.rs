@@ -15,13 +15,22 @@ fn assert_bare_inactive(response: &pb::IntrospectResponse, what: &str) {
 }
 
 async fn introspect(broker: &TestBroker, token: &str, client_id: &str) -> pb::IntrospectResponse {
-    broker
-        .service
-        .introspect(pb::IntrospectRequest {
+    ask(
+        broker,
+        pb::IntrospectRequest {
             token: token.into(),
             token_type_hint: 0,
             client_id: client_id.into(),
-        })
+            access_only: false,
+        },
+    )
+    .await
+}
+
+async fn ask(broker: &TestBroker, request: pb::IntrospectRequest) -> pb::IntrospectResponse {
+    broker
+        .service
+        .introspect(request)
         .await
         .expect("Introspect succeeds")
 }
@@ -124,4 +133,58 @@ async fn introspection_needs_service_or_admin() {
         ),
         ClientErrorKind::InvalidArgument
     );
+}
+
+#[tokio::test]
+async fn access_only_reports_a_refresh_token_as_inactive() {
+    let broker = TestBroker::spawn().await;
+    let pair = broker.issue_for_client("kit@example.com", "app-a").await;
+    let request = |secret: &SecretString, access_only| pb::IntrospectRequest {
+        token: expose(secret),
+        access_only,
+        ..Default::default()
+    };
+
+    // Without the option an active refresh token is active: only `kind` tells it apart.
+    let refresh = ask(&broker, request(&pair.refresh.secret, false)).await;
+    assert!(refresh.active, "{refresh:?}");
+    assert_eq!(refresh.kind, pb::TokenKind::Refresh as i32);
+    assert_eq!(refresh.token_id, pair.refresh.token_id);
+    assert_bare_inactive(
+        &ask(&broker, request(&pair.refresh.secret, true)).await,
+        "a refresh token with access_only",
+    );
+    for access_only in [false, true] {
+        let access = ask(&broker, request(&pair.access.secret, access_only)).await;
+        assert!(access.active, "access_only = {access_only}: {access:?}");
+        assert_eq!(access.kind, pb::TokenKind::Access as i32);
+        assert_eq!(access.token_id, pair.access.token_id);
+        assert_eq!(access.account_id, pair.account_id);
+    }
+
+    // Both filters apply together.
+    let mut other_client = request(&pair.access.secret, true);
+    other_client.client_id = "app-b".into();
+    assert_bare_inactive(
+        &ask(&broker, other_client).await,
+        "another client's access token with access_only",
+    );
+
+    // The client's resource-server helper sets the option, for a service and an admin alike;
+    // the refresh token itself is untouched and still rotates.
+    for client in [&broker.service, &broker.admin] {
+        let access = client
+            .introspect_access_secret(&pair.access.secret)
+            .await
+            .unwrap();
+        assert!(access.active);
+        assert_bare_inactive(
+            &client
+                .introspect_access_secret(&pair.refresh.secret)
+                .await
+                .unwrap(),
+            "introspect_access_secret of a refresh token",
+        );
+    }
+    broker.refresh(&pair.refresh.secret).await.unwrap();
 }

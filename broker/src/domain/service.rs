@@ -581,7 +581,9 @@ impl Broker {
         self.recorded(record, work, |_, _| {}).await
     }
 
-    /// Introspects a secret: its facts if active, `None` otherwise.
+    /// Introspects a secret: its facts if active, `None` otherwise. `client_id` hides other
+    /// clients' tokens; `access_only` hides refresh tokens (an active refresh token answers
+    /// `Some` with its `kind`, which a resource server must otherwise check itself).
     ///
     /// # Errors
     ///
@@ -591,6 +593,7 @@ impl Broker {
         caller: Option<&Caller>,
         secret: &SecretString,
         client_id: Option<&str>,
+        access_only: bool,
     ) -> BrokerResult<Option<TokenInfo>> {
         // Services introspect on every request they serve; an admin looking a token up is
         // the privileged read the audit log is for.
@@ -606,7 +609,10 @@ impl Broker {
                 return Err(BrokerError::invalid("token is required"));
             }
             let info = self.store.introspect(secret).await?;
-            Ok(info.filter(|info| client_id.is_none() || info.client_id.as_deref() == client_id))
+            Ok(info.filter(|info| {
+                (client_id.is_none() || info.client_id.as_deref() == client_id)
+                    && (!access_only || info.kind == TokenKind::Access)
+            }))
         };
         self.recorded(record, work, |result, line| {
             line.token_id = presented_id(secret);

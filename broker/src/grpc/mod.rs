@@ -226,8 +226,12 @@ impl TokenBroker for GrpcAdapter {
         let info = self
             .within(
                 &metadata,
-                self.broker
-                    .introspect(caller.as_deref(), &secret, client_id.as_deref()),
+                self.broker.introspect(
+                    caller.as_deref(),
+                    &secret,
+                    client_id.as_deref(),
+                    message.access_only,
+                ),
             )
             .await?;
         let Some(info) = info else {

@@ -501,7 +501,9 @@ impl Client {
         Self::bounded(self.timeout, inner.list_tokens(self.request(request))).await
     }
 
-    /// Introspects a secret; a convenience over [`Client::introspect`].
+    /// Introspects a secret; a convenience over [`Client::introspect`]. An active refresh
+    /// token is `active` too (read `kind`); a resource server wants
+    /// [`Client::introspect_access_secret`].
     ///
     /// # Errors
     ///
@@ -512,6 +514,25 @@ impl Client {
     ) -> ClientResult<pb::IntrospectResponse> {
         self.introspect(pb::IntrospectRequest {
             token: secret.expose_secret().to_owned(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Introspects a secret as a resource server does (`access_only`): only an active access
+    /// token is `active`; a refresh token gets the bare `active = false` of an unknown one.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::introspect`].
+    pub async fn introspect_access_secret(
+        &self,
+        secret: &SecretString,
+    ) -> ClientResult<pb::IntrospectResponse> {
+        self.introspect(pb::IntrospectRequest {
+            token: secret.expose_secret().to_owned(),
+            token_type_hint: pb::TokenTypeHint::AccessToken as i32,
+            access_only: true,
             ..Default::default()
         })
         .await

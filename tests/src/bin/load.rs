@@ -566,6 +566,7 @@ async fn call(
                     token,
                     token_type_hint: TokenTypeHint::AccessToken as i32,
                     client_id: String::new(),
+                    access_only: false,
                 },
                 auth,
             );
