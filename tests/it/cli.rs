@@ -232,6 +232,29 @@ async fn introspect_reads_the_secret_from_stdin() {
         other.assert_code(OK).json(),
         serde_json::json!({ "active": false })
     );
+    // A refresh secret is active with its kind, unless only access tokens are asked for.
+    let refresh = format!("{}\n", expose(&pair.refresh.secret));
+    let run = admin(e, service, &["introspect", "--json"], Some(&refresh)).await;
+    assert_eq!(run.assert_code(OK).json()["kind"], "refresh");
+    let run = admin(
+        e,
+        service,
+        &["introspect", "--access-only", "--json"],
+        Some(&refresh),
+    )
+    .await;
+    assert_eq!(
+        run.assert_code(OK).json(),
+        serde_json::json!({ "active": false })
+    );
+    let run = admin(
+        e,
+        service,
+        &["introspect", "--access-only", "--json"],
+        Some(&secret),
+    )
+    .await;
+    assert_eq!(run.assert_code(OK).json()["active"], true);
     let garbage = admin(e, service, &["introspect", "--json"], Some("tba_nope\n")).await;
     assert_eq!(garbage.assert_code(OK).json()["active"], false);
 

@@ -211,6 +211,9 @@ pub struct IntrospectArgs {
     /// Which kind the secret probably is (never required to be right).
     #[arg(long, value_enum)]
     pub hint: Option<Hint>,
+    /// Report a refresh token as inactive: the check a resource server makes.
+    #[arg(long)]
+    pub access_only: bool,
 }
 
 /// `revoke`: exactly one target.

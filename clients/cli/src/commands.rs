@@ -70,7 +70,7 @@ pub(crate) async fn introspect(
             token: secret.expose_secret().to_owned(),
             token_type_hint: hint(args.hint),
             client_id: args.client_id.clone().unwrap_or_default(),
-            access_only: false,
+            access_only: args.access_only,
         })
         .await?;
     out.emit(
