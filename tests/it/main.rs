@@ -11,6 +11,7 @@ mod dev_mode;
 mod durability;
 mod fauna;
 mod grpcurl;
+mod h2_limits;
 mod introspect;
 mod issue;
 mod limits;

@@ -1,8 +1,9 @@
 //! The application: settings, start-up and shutdown, the command line, dev mode and the
-//! listener's TLS.
+//! listener's caps and TLS.
 
 pub mod cli;
 pub mod dev;
+pub mod listener;
 pub mod settings;
 pub mod startup;
 pub mod tls;

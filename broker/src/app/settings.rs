@@ -116,6 +116,25 @@ pub struct ServerSettings {
     pub request_timeout_seconds: u64,
     /// `[server.tls]`: TLS (and mTLS) on the listener; plaintext when absent.
     pub tls: Option<TlsSettings>,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: the most calls one connection may have open;
+    /// a stream over it is refused (REFUSED_STREAM).
+    pub max_concurrent_streams: u32,
+    /// The most streams a client may open and reset before the broker accepts them (the
+    /// "rapid reset" attack, CVE-2023-44487); one more and the connection is closed with
+    /// GOAWAY.
+    pub max_pending_reset_streams: usize,
+    /// The most streams the broker may reset because the client broke the protocol on them
+    /// (CVE-2025-8671, "MadeYouReset"); one more and the connection is closed with GOAWAY.
+    pub max_local_error_reset_streams: usize,
+    /// How often an idle connection is pinged (HTTP/2 PING), so a dead peer is noticed.
+    pub keepalive_interval_seconds: u64,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout_seconds: u64,
+    /// The most connections open at once; one accepted over it is closed at once.
+    pub max_connections: usize,
+    /// The most TLS handshakes in progress at once; a connection arriving over it is closed
+    /// at once. Ignored without `[server.tls]`.
+    pub max_tls_handshakes: usize,
 }
 
 impl Default for ServerSettings {
@@ -125,7 +144,61 @@ impl Default for ServerSettings {
             shutdown_grace_seconds: 10,
             request_timeout_seconds: 10,
             tls: None,
+            max_concurrent_streams: 128,
+            // h2's own default; a client that cancels calls resets them after the broker has
+            // accepted them, which this does not count.
+            max_pending_reset_streams: 20,
+            // hyper's default, which tonic turns off unless it is set.
+            max_local_error_reset_streams: 1024,
+            keepalive_interval_seconds: 60,
+            keepalive_timeout_seconds: 20,
+            max_connections: 1024,
+            max_tls_handshakes: 64,
         }
+    }
+}
+
+impl ServerSettings {
+    /// Checks the listener's own settings (`[server.tls]` is checked with `cert_callers`).
+    fn validate(&self) -> Result<(), ConfigError> {
+        let at_least_one = [
+            ("request_timeout_seconds", self.request_timeout_seconds),
+            (
+                "max_concurrent_streams",
+                u64::from(self.max_concurrent_streams),
+            ),
+            (
+                "max_pending_reset_streams",
+                self.max_pending_reset_streams as u64,
+            ),
+            (
+                "max_local_error_reset_streams",
+                self.max_local_error_reset_streams as u64,
+            ),
+            (
+                "keepalive_interval_seconds",
+                self.keepalive_interval_seconds,
+            ),
+            ("keepalive_timeout_seconds", self.keepalive_timeout_seconds),
+            ("max_connections", self.max_connections as u64),
+            ("max_tls_handshakes", self.max_tls_handshakes as u64),
+        ];
+        if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+            return Err(ConfigError(format!("server.{name} must be at least 1")));
+        }
+        // A tokio semaphore holds at most this many permits; beyond it start-up would panic.
+        for (name, value) in [
+            ("max_connections", self.max_connections),
+            ("max_tls_handshakes", self.max_tls_handshakes),
+        ] {
+            if value > tokio::sync::Semaphore::MAX_PERMITS {
+                return Err(ConfigError(format!(
+                    "server.{name} must be at most {}",
+                    tokio::sync::Semaphore::MAX_PERMITS
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -195,11 +268,7 @@ impl Settings {
     /// against the backend, cert callers against mTLS). Files named by the settings (TLS
     /// certificates) are read at start-up and by `check-config`, not here.
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.server.request_timeout_seconds == 0 {
-            return Err(ConfigError(
-                "server.request_timeout_seconds must be at least 1".into(),
-            ));
-        }
+        self.server.validate()?;
         self.tokens.validate()?;
         self.store.validate()?;
         self.validate_replicas()?;
@@ -313,6 +382,38 @@ mod tests {
         assert_eq!(s.tokens.refresh_ttl_seconds, 3600);
         assert_eq!(s.server.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(s.store.embedded.dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn listener_limits_default_on_and_refuse_zero() {
+        let s = Settings::load(None, &env(&[])).unwrap();
+        assert_eq!(s.server.max_concurrent_streams, 128);
+        assert_eq!(s.server.max_pending_reset_streams, 20);
+        assert_eq!(s.server.max_connections, 1024);
+        for field in [
+            "REQUEST_TIMEOUT_SECONDS",
+            "MAX_CONCURRENT_STREAMS",
+            "MAX_PENDING_RESET_STREAMS",
+            "MAX_LOCAL_ERROR_RESET_STREAMS",
+            "KEEPALIVE_INTERVAL_SECONDS",
+            "KEEPALIVE_TIMEOUT_SECONDS",
+            "MAX_CONNECTIONS",
+            "MAX_TLS_HANDSHAKES",
+        ] {
+            let var = format!("TOKENBROKER_SERVER__{field}");
+            let err = Settings::load(None, &env(&[(&var, "0")])).unwrap_err();
+            let name = format!("server.{} must be at least 1", field.to_lowercase());
+            assert_eq!(err.0, name, "{var}");
+        }
+        let err = Settings::load(
+            None,
+            &env(&[("TOKENBROKER_SERVER__MAX_CONNECTIONS", "4000000000000000000")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.0.contains("server.max_connections must be at most"),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -10,7 +10,11 @@ use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
-use super::{settings::Settings, tls::TlsServer};
+use super::{
+    listener::{ConnectionLimits, plain_incoming},
+    settings::{ServerSettings, Settings},
+    tls::TlsServer,
+};
 use crate::{
     domain::{Broker, DomainMetrics, audit::AuditLog},
     grpc::{
@@ -43,6 +47,7 @@ pub struct Application {
     rpc_metrics: Arc<RpcMetrics>,
     metrics_server: Option<MetricsServer>,
     tls: Option<TlsServer>,
+    server: ServerSettings,
 }
 
 impl Application {
@@ -174,6 +179,7 @@ impl Application {
             rpc_metrics,
             metrics_server,
             tls,
+            server: settings.server,
         })
     }
 
@@ -235,7 +241,16 @@ impl Application {
         }
 
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let limits = &self.server;
+        let keepalive = |seconds| Some(Duration::from_secs(seconds));
+        // tonic leaves hyper's stream limit and its count of locally reset streams unset
+        // unless told, so every HTTP/2 limit is set here, explicitly.
         let router = Server::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))
+            .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
+            .http2_keepalive_interval(keepalive(limits.keepalive_interval_seconds))
+            .http2_keepalive_timeout(keepalive(limits.keepalive_timeout_seconds))
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -246,18 +261,19 @@ impl Application {
         let stopped = async {
             let _ = stopped.await;
         };
-        // The TLS accept loop and file watcher end with this function, however it returns.
-        let mut tls_tasks = AbortOnDrop(Vec::new());
+        let caps = ConnectionLimits::new(limits.max_connections, limits.max_tls_handshakes);
+        // The accept loop and the TLS file watcher end with this function, however it returns.
+        let mut accept_tasks = AbortOnDrop(Vec::new());
         let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
             match &self.tls {
                 None => {
-                    let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
-                        .with_nodelay(Some(true));
+                    let (incoming, accept) = plain_incoming(self.listener, caps);
+                    accept_tasks.0.push(accept);
                     Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
                 }
                 Some(tls) => {
-                    let (incoming, accept) = tls.incoming(self.listener);
-                    tls_tasks.0.extend([accept, tls.spawn_reloader()]);
+                    let (incoming, accept) = tls.incoming(self.listener, caps);
+                    accept_tasks.0.extend([accept, tls.spawn_reloader()]);
                     Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
                 }
             };
@@ -293,7 +309,7 @@ impl Application {
         if let Some(task) = metrics_task {
             task.abort();
         }
-        drop(tls_tasks);
+        drop(accept_tasks);
         self.store
             .close()
             .await

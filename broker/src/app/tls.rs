@@ -8,12 +8,14 @@
 //! certificate; established connections keep theirs.
 //!
 //! Handshakes run in their own tasks with a timeout, so a failing or slow client never holds
-//! up the accept loop. tonic's `Connected` impl for the TLS stream carries the verified client
-//! certificates into each request (`Request::peer_certs`), where [`crate::grpc`] maps them to
-//! callers ([`crate::identity::auth::CertCallerConfig`]).
+//! up the accept loop; at most `server.max_tls_handshakes` run at once, so a flood of clients
+//! that connect and stall cannot hold unbounded memory and tasks. tonic's `Connected` impl for
+//! the TLS stream carries the verified client certificates into each request
+//! (`Request::peer_certs`), where [`crate::grpc`] maps them to callers
+//! ([`crate::identity::auth::CertCallerConfig`]).
 
 use std::{
-    fs, io,
+    fs,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
@@ -38,6 +40,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
+use super::listener::{ConnectionLimits, Incoming, Limited, accept};
 use crate::model::secret::{SecretDigest, sha256};
 
 /// How long one client may take to complete its handshake.
@@ -303,7 +306,9 @@ impl TlsServer {
         })
     }
 
-    /// Accepts TCP connections on `listener` and hands out the completed TLS streams.
+    /// Accepts TCP connections on `listener` and hands out the completed TLS streams, under
+    /// `limits`: a connection over the connection cap, or arriving while the handshake cap is
+    /// reached, is closed at once (see [`super::listener`]).
     ///
     /// Each handshake runs in its own task, bounded by [`HANDSHAKE_TIMEOUT`]; a failed one is
     /// logged at debug level and dropped. The returned task ends when the stream is dropped
@@ -311,33 +316,34 @@ impl TlsServer {
     pub fn incoming(
         &self,
         listener: TcpListener,
-    ) -> (
-        ReceiverStream<io::Result<TlsStream<TcpStream>>>,
-        JoinHandle<()>,
-    ) {
+        limits: ConnectionLimits,
+    ) -> (Incoming<TlsStream<TcpStream>>, JoinHandle<()>) {
         let (ready, incoming) = mpsc::channel(64);
         let current = Arc::clone(&self.current);
-        let accept = tokio::spawn(async move {
+        let accept_loop = tokio::spawn(async move {
             while !ready.is_closed() {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        // Out of file descriptors and the like: wait rather than spin.
-                        warn!(error = %err, "cannot accept a connection");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                let (tcp, peer) = accept(&listener).await;
+                // Dropping `tcp` closes it; the connection permit is taken first so a closed
+                // connection never holds a handshake permit.
+                let Some(connection) = limits.admit_connection(peer) else {
+                    continue;
                 };
-                if let Err(err) = tcp.set_nodelay(true) {
-                    debug!(%peer, error = %err, "cannot set TCP_NODELAY");
-                }
+                let Some(handshaking) = limits.admit_handshake(peer) else {
+                    continue;
+                };
                 let config =
                     Arc::clone(&current.read().unwrap_or_else(|poison| poison.into_inner()));
                 let ready = ready.clone();
-                tokio::spawn(handshake(TlsAcceptor::from(config), tcp, peer, ready));
+                tokio::spawn(async move {
+                    let stream = handshake(TlsAcceptor::from(config), tcp, peer).await;
+                    drop(handshaking);
+                    if let Some(stream) = stream {
+                        let _ = ready.send(Ok(Limited::new(stream, connection))).await;
+                    }
+                });
             }
         });
-        (ReceiverStream::new(incoming), accept)
+        (ReceiverStream::new(incoming), accept_loop)
     }
 }
 
@@ -345,14 +351,17 @@ async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    ready: mpsc::Sender<io::Result<TlsStream<TcpStream>>>,
-) {
+) -> Option<TlsStream<TcpStream>> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => {
-            let _ = ready.send(Ok(stream)).await;
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(err)) => {
+            debug!(%peer, error = %err, "tls handshake failed");
+            None
         }
-        Ok(Err(err)) => debug!(%peer, error = %err, "tls handshake failed"),
-        Err(_) => debug!(%peer, "tls handshake timed out"),
+        Err(_) => {
+            debug!(%peer, "tls handshake timed out");
+            None
+        }
     }
 }
 
