@@ -225,6 +225,42 @@ async fn a_client_trusting_the_ca_is_served_and_plaintext_is_refused() {
 }
 
 #[tokio::test]
+async fn handshakes_over_the_cap_are_refused_and_a_freed_slot_serves_again() {
+    let ca = Ca::new("Test CA");
+    let files = Files::new(&ca.server(), &ca);
+    let broker = TestBroker::spawn_tls(
+        |s| {
+            s.server.tls = Some(files.settings(None));
+            s.server.max_tls_handshakes = 2;
+        },
+        trusting(&ca),
+    )
+    .await;
+    // The broker's own client has finished its handshake and holds no handshake slot.
+    probe(&broker.anonymous).await.unwrap();
+
+    // Two clients that connect and never start their handshake take both slots (the broker
+    // accepts in order, so they are taken before the next client arrives).
+    let stalled = [
+        tokio::net::TcpStream::connect(broker.addr).await.unwrap(),
+        tokio::net::TcpStream::connect(broker.addr).await.unwrap(),
+    ];
+    assert_refused(
+        try_tls(&broker.endpoint, &trusting(&ca)).await,
+        "a handshake over the cap",
+    );
+    // An established connection is not affected.
+    probe(&broker.anonymous).await.unwrap();
+
+    // Once the stalled clients leave, their slots serve new clients again.
+    drop(stalled);
+    eventually("a freed handshake slot serves a new client", || async {
+        try_tls(&broker.endpoint, &trusting(&ca)).await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn required_mtls_refuses_clients_without_a_certificate_from_the_ca() {
     let ca = Ca::new("Test CA");
     let files = Files::new(&ca.server(), &ca);
