@@ -12,6 +12,8 @@ use bytes::Bytes;
 use h2::client::{self, SendRequest};
 use tokenbroker_client::Client;
 use tokenbroker_tests::TestBroker;
+
+use crate::metrics::Scrape;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpStream, tcp::OwnedWriteHalf},
@@ -358,7 +360,11 @@ async fn try_connect(
 #[tokio::test]
 async fn a_connection_over_the_cap_is_closed_and_the_others_are_served() {
     const CAP: usize = 3;
-    let broker = TestBroker::spawn_with(|s| s.server.max_connections = CAP).await;
+    let broker = TestBroker::spawn_with(|s| {
+        s.server.max_connections = CAP;
+        s.metrics.listen = Some(([127, 0, 0, 1], 0).into());
+    })
+    .await;
     // The broker's own clients share one connection, which takes the first slot.
     broker
         .service
@@ -392,12 +398,25 @@ async fn a_connection_over_the_cap_is_closed_and_the_others_are_served() {
     drop(send);
     connection.abort();
     let mut replaced = None;
+    let mut refused_while_freeing = 0;
     for _ in 0..50 {
         if let Some(connection) = try_connect(broker.addr).await {
             replaced = Some(connection);
             break;
         }
+        refused_while_freeing += 1;
     }
     assert!(replaced.is_some(), "a freed slot is taken again");
+    // Every connection closed at the cap is counted, and nothing else (the scrape's own
+    // connection goes to the metrics listener, which has no cap).
+    let scrape = Scrape::parse(broker.scrape().await);
+    assert_eq!(
+        scrape.value(r#"tokenbroker_connections_refused_total{cap="connections"}"#),
+        f64::from(closed + refused_while_freeing)
+    );
+    assert_eq!(
+        scrape.value(r#"tokenbroker_connections_refused_total{cap="handshakes"}"#),
+        0.0
+    );
     eprintln!("h2_limits: cap {CAP}: {served} served beside the client, {closed} closed");
 }

@@ -232,6 +232,7 @@ async fn handshakes_over_the_cap_are_refused_and_a_freed_slot_serves_again() {
         |s| {
             s.server.tls = Some(files.settings(None));
             s.server.max_tls_handshakes = 2;
+            s.metrics.listen = Some(([127, 0, 0, 1], 0).into());
         },
         trusting(&ca),
     )
@@ -248,6 +249,11 @@ async fn handshakes_over_the_cap_are_refused_and_a_freed_slot_serves_again() {
     assert_refused(
         try_tls(&broker.endpoint, &trusting(&ca)).await,
         "a handshake over the cap",
+    );
+    let scrape = crate::metrics::Scrape::parse(broker.scrape().await);
+    assert!(
+        scrape.value(r#"tokenbroker_connections_refused_total{cap="handshakes"}"#) >= 1.0,
+        "the refused handshake is counted"
     );
     // An established connection is not affected.
     probe(&broker.anonymous).await.unwrap();

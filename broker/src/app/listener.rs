@@ -28,36 +28,82 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
+use crate::obs::metrics::{Counter, Family, MetricSet, Zeros};
+
+crate::label! {
+    /// Which cap closed a connection, as the `cap` label.
+    pub enum Cap: "cap" {
+        /// `server.max_connections`.
+        Connections = "connections",
+        /// `server.max_tls_handshakes`.
+        Handshakes = "handshakes",
+    }
+}
+
+/// The listener's metrics.
+#[derive(Debug)]
+pub struct ListenerMetrics {
+    /// `tokenbroker_connections_refused_total{cap}`.
+    pub refused: Family<Counter, Cap>,
+}
+
+impl Default for ListenerMetrics {
+    fn default() -> Self {
+        Self {
+            refused: Family::new(
+                "tokenbroker_connections_refused_total",
+                "Connections the gRPC listener closed at once because a cap was reached, by cap.",
+                Zeros::Show,
+            ),
+        }
+    }
+}
+
+impl MetricSet for ListenerMetrics {
+    fn render(&self, out: &mut String) {
+        self.refused.render(out);
+    }
+}
+
 /// The listener's caps, shared by the accept loop and the connections it hands out.
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
+    metrics: Arc<ListenerMetrics>,
 }
 
 impl ConnectionLimits {
     /// At most `max_connections` open connections and `max_handshakes` TLS handshakes in
-    /// progress.
-    pub fn new(max_connections: usize, max_handshakes: usize) -> Self {
+    /// progress; connections closed at a cap are counted in `metrics`.
+    pub fn new(
+        max_connections: usize,
+        max_handshakes: usize,
+        metrics: Arc<ListenerMetrics>,
+    ) -> Self {
         Self {
             connections: Arc::new(Semaphore::new(max_connections)),
             handshakes: Arc::new(Semaphore::new(max_handshakes)),
+            metrics,
         }
     }
 
-    /// A permit for one more open connection, or `None` (and a debug log) at the cap.
+    /// A permit for one more open connection, or `None` (counted, and a debug log) at the cap.
     pub fn admit_connection(&self, peer: std::net::SocketAddr) -> Option<OwnedSemaphorePermit> {
         let permit = Arc::clone(&self.connections).try_acquire_owned().ok();
         if permit.is_none() {
+            self.metrics.refused.get(Cap::Connections).inc();
             debug!(%peer, "connection cap reached (server.max_connections); closing the connection");
         }
         permit
     }
 
-    /// A permit for one more handshake in progress, or `None` (and a debug log) at the cap.
+    /// A permit for one more handshake in progress, or `None` (counted, and a debug log) at
+    /// the cap.
     pub fn admit_handshake(&self, peer: std::net::SocketAddr) -> Option<OwnedSemaphorePermit> {
         let permit = Arc::clone(&self.handshakes).try_acquire_owned().ok();
         if permit.is_none() {
+            self.metrics.refused.get(Cap::Handshakes).inc();
             debug!(%peer, "handshake cap reached (server.max_tls_handshakes); closing the connection");
         }
         permit

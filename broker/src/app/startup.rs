@@ -11,7 +11,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
 use super::{
-    listener::{ConnectionLimits, plain_incoming},
+    listener::{ConnectionLimits, ListenerMetrics, plain_incoming},
     settings::{ServerSettings, Settings},
     tls::TlsServer,
 };
@@ -45,6 +45,7 @@ pub struct Application {
     shutdown_grace: Duration,
     cognito: Option<Arc<CognitoVerifier>>,
     rpc_metrics: Arc<RpcMetrics>,
+    listener_metrics: Arc<ListenerMetrics>,
     metrics_server: Option<MetricsServer>,
     tls: Option<TlsServer>,
     server: ServerSettings,
@@ -77,6 +78,7 @@ impl Application {
         let cognito_metrics = registry.register(CognitoMetrics::default());
         let domain_metrics = registry.register(DomainMetrics::default());
         let admission_metrics = registry.register(AdmissionMetrics::default());
+        let listener_metrics = registry.register(ListenerMetrics::default());
         let audit = AuditLog::open(&settings.audit, Arc::clone(&domain_metrics))
             .context("invalid audit settings")?;
         let mut auth = Authenticator::new(&settings.api_keys)
@@ -177,6 +179,7 @@ impl Application {
             shutdown_grace: Duration::from_secs(settings.server.shutdown_grace_seconds),
             cognito,
             rpc_metrics,
+            listener_metrics,
             metrics_server,
             tls,
             server: settings.server,
@@ -261,7 +264,11 @@ impl Application {
         let stopped = async {
             let _ = stopped.await;
         };
-        let caps = ConnectionLimits::new(limits.max_connections, limits.max_tls_handshakes);
+        let caps = ConnectionLimits::new(
+            limits.max_connections,
+            limits.max_tls_handshakes,
+            Arc::clone(&self.listener_metrics),
+        );
         // The accept loop and the TLS file watcher end with this function, however it returns.
         let mut accept_tasks = AbortOnDrop(Vec::new());
         let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
