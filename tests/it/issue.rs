@@ -62,6 +62,36 @@ async fn same_email_gets_same_account_and_a_new_family() {
 }
 
 #[tokio::test]
+async fn visually_identical_emails_in_other_unicode_forms_are_one_account() {
+    let broker = TestBroker::spawn().await;
+    // Composed "é" and a Unicode domain, then "e" + U+0301 and the domain's punycode.
+    let composed = broker.issue("Ren\u{e9}e@\u{dc}ber.example").await;
+    let decomposed = broker.issue("rene\u{301}e@xn--ber-goa.example").await;
+    assert_eq!(composed.account_id, decomposed.account_id);
+    assert_ne!(composed.family_id, decomposed.family_id);
+    let info = broker
+        .service
+        .introspect_secret(&decomposed.access.secret)
+        .await
+        .unwrap();
+    assert_eq!(info.email, "ren\u{e9}e@xn--ber-goa.example");
+
+    let err = broker
+        .trigger
+        .issue_tokens(claims_request("ren\u{e9}e\u{200B}@xn--ber-goa.example", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ClientErrorKind::InvalidArgument,
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("invisible"), "{}", err.message());
+    assert!(!err.message().contains("ber"), "echoed: {}", err.message());
+}
+
+#[tokio::test]
 async fn requested_lifetimes_are_honoured_up_to_the_maximum() {
     let broker = TestBroker::spawn().await;
     let mut request = claims_request("dan@example.com", "");

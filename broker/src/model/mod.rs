@@ -156,40 +156,75 @@ pub fn random_hex() -> String {
     hex::encode(bytes)
 }
 
-/// A normalised email address: trimmed, lowercased, and checked for a plausible shape.
+/// Longest email address, in bytes of its normalised form.
+pub const MAX_EMAIL_LEN: usize = 254;
+/// Longest local part of an email address, in bytes of its normalised form.
+pub const MAX_EMAIL_LOCAL_LEN: usize = 64;
+
+/// A normalised email address: the key accounts are stored by, so two addresses with the same
+/// normalised form are one account (docs/design.md "Token model").
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Email(String);
 
 impl Email {
     /// Parses and normalises an email sent by a client.
     ///
-    /// The check is deliberately shallow (one `@`, non-empty parts, sane lengths, no whitespace
-    /// or control characters): the user pool already verified the address, and a stricter
-    /// RFC 5322 parser would reject addresses Cognito accepts.
+    /// The normalisation, in order: trim surrounding whitespace; refuse any character of Unicode
+    /// category Cf (zero-width characters, the BOM, the soft hyphen, bidi controls and the
+    /// rest), which render as nothing and would let two addresses that look the same be two
+    /// accounts; Unicode NFC of the whole address (which also maps singletons such as U+212A
+    /// KELVIN SIGN to `K`); lowercase the local part (the broker treats local parts
+    /// case-insensitively, as it always has) and NFC it again, since lowercasing may leave a
+    /// string that is not NFC; map the domain with IDNA (UTS #46 `domain_to_ascii`), so a
+    /// Unicode domain and its punycode are one account. The length limits apply to the result.
+    ///
+    /// IDNA is the non-strict `domain_to_ascii`: it maps exactly as the strict variant does,
+    /// and differs only in refusing less (no STD3 ASCII rules, no DNS length checks). The check
+    /// is deliberately shallow (one `@`, non-empty parts, sane lengths, no whitespace or control
+    /// characters): the user pool already verified the address, and a stricter parser would
+    /// reject addresses Cognito accepts (an `_` or an address literal in the domain).
     ///
     /// # Errors
     ///
     /// `InvalidArgument` saying what is wrong; the message does not repeat the address.
     pub fn parse(value: &str) -> Result<Self, InvalidArgument> {
-        let email = value.trim().to_lowercase();
+        let email = value.trim();
         if email.is_empty() {
             return Err(InvalidArgument::new("email is required"));
         }
-        if email.len() > 254 {
-            return Err(InvalidArgument::new("email is longer than 254 bytes"));
+        if let Some(c) = email.chars().find(|&c| is_format_char(c)) {
+            return Err(InvalidArgument::new(if is_bidi_control(c) {
+                "email contains a bidirectional text control character"
+            } else {
+                "email contains an invisible formatting character (such as a zero-width space)"
+            }));
         }
         if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(InvalidArgument::new(
                 "email contains whitespace or control characters",
             ));
         }
+        let nfc = icu_normalizer::ComposingNormalizerBorrowed::new_nfc();
+        let email = nfc.normalize(email);
         let Some((local, domain)) = email.split_once('@') else {
             return Err(InvalidArgument::new("email has no '@'"));
         };
-        if local.is_empty() || local.len() > 64 || domain.is_empty() || domain.contains('@') {
-            return Err(InvalidArgument::new(
-                "email must be one local part of 1 to 64 bytes, '@', and a domain",
-            ));
+        if local.is_empty() || domain.is_empty() || domain.contains('@') {
+            return Err(shape_error());
+        }
+        let local = nfc.normalize(&local.to_lowercase()).into_owned();
+        let domain = idna::domain_to_ascii(domain).map_err(|_| {
+            InvalidArgument::new("email domain is not a valid internationalised domain name")
+        })?;
+        if domain.is_empty() {
+            return Err(shape_error());
+        }
+        if local.len() > MAX_EMAIL_LOCAL_LEN {
+            return Err(shape_error());
+        }
+        let email = format!("{local}@{domain}");
+        if email.len() > MAX_EMAIL_LEN {
+            return Err(InvalidArgument::new("email is longer than 254 bytes"));
         }
         Ok(Self(email))
     }
@@ -203,6 +238,23 @@ impl Email {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+fn shape_error() -> InvalidArgument {
+    InvalidArgument::new("email must be one local part of 1 to 64 bytes, '@', and a domain")
+}
+
+/// Whether `c` is of Unicode general category Cf (format): characters with no glyph of their
+/// own, from the zero-width space and the BOM to bidi controls and tag characters.
+fn is_format_char(c: char) -> bool {
+    use icu_properties::{CodePointMapData, props::GeneralCategory};
+    CodePointMapData::<GeneralCategory>::new().get(c) == GeneralCategory::Format
+}
+
+/// Whether `c` is one of the bidi controls (marks, embeddings, overrides and isolates), which
+/// can make an address display in an order other than the one it is stored in.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{061C}')
 }
 
 /// An optional short name sent by a client (app client id, pool id, Cognito `sub`, group).
@@ -524,6 +576,116 @@ mod tests {
         }
         assert!(Email::parse(&format!("{}@x.y", "a".repeat(65))).is_err());
         assert!(Email::parse(&format!("a@{}", "x".repeat(260))).is_err());
+    }
+
+    #[test]
+    fn ascii_emails_normalise_as_before() {
+        for (raw, normalised) in [
+            ("alice@example.com", "alice@example.com"),
+            (
+                "  Bob.Smith+tag@Mail.Example.ORG\t",
+                "bob.smith+tag@mail.example.org",
+            ),
+            ("under_score@my_host.example", "under_score@my_host.example"),
+            ("x@[192.0.2.1]", "x@[192.0.2.1]"),
+        ] {
+            assert_eq!(Email::parse(raw).unwrap().as_str(), normalised, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn canonically_equivalent_emails_are_one_email() {
+        let decomposed = Email::parse("Jose\u{301}@example.com").unwrap();
+        let composed = Email::parse("jos\u{e9}@example.com").unwrap();
+        assert_eq!(decomposed, composed);
+        assert_eq!(composed.as_str(), "jos\u{e9}@example.com");
+    }
+
+    #[test]
+    fn kelvin_sign_is_k_by_normalisation() {
+        // NFC maps U+212A KELVIN SIGN to U+004B, which lowercasing then folds with `k`.
+        let kelvin = Email::parse("\u{212A}ate@example.com").unwrap();
+        assert_eq!(kelvin.as_str(), "kate@example.com");
+        assert_eq!(kelvin, Email::parse("kate@example.com").unwrap());
+        // In the domain, IDNA does the same.
+        let domain = Email::parse("kate@\u{212A}.example").unwrap();
+        assert_eq!(domain.as_str(), "kate@k.example");
+    }
+
+    #[test]
+    fn unicode_and_punycode_domains_are_one_email() {
+        let unicode = Email::parse("Alice@\u{dc}BER.example").unwrap();
+        let punycode = Email::parse("alice@xn--ber-goa.example").unwrap();
+        assert_eq!(unicode, punycode);
+        assert_eq!(unicode.as_str(), "alice@xn--ber-goa.example");
+        // Decomposed and fullwidth forms of the domain map to the same labels.
+        let decomposed = Email::parse("alice@U\u{308}ber.example").unwrap();
+        assert_eq!(decomposed, punycode);
+        let fullwidth = Email::parse("alice@\u{fc}ber\u{ff0e}example").unwrap();
+        assert_eq!(fullwidth, punycode);
+    }
+
+    #[test]
+    fn invalid_domains_are_refused_without_echoing_them() {
+        for bad in ["a@xn--a.example", "a@\u{301}x.example"] {
+            let err = Email::parse(bad).unwrap_err();
+            assert!(err.0.contains("domain"), "{bad:?}: {err}");
+            assert!(!err.0.contains("example"), "{bad:?} echoed: {err}");
+        }
+    }
+
+    #[test]
+    fn invisible_and_bidi_characters_are_refused() {
+        let invisible = [
+            '\u{200B}',  // zero-width space
+            '\u{200C}',  // zero-width non-joiner
+            '\u{200D}',  // zero-width joiner
+            '\u{2060}',  // word joiner
+            '\u{FEFF}',  // byte order mark
+            '\u{00AD}',  // soft hyphen
+            '\u{180E}',  // Mongolian vowel separator: Cf, not listed by name
+            '\u{E0041}', // tag latin capital letter A: Cf
+        ];
+        let bidi = [
+            '\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}',
+            '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}',
+        ];
+        for (chars, problem) in [(&invisible[..], "invisible"), (&bidi[..], "bidirectional")] {
+            for &c in chars {
+                for raw in [
+                    format!("ali{c}ce@example.com"),
+                    format!("alice@exa{c}mple.com"),
+                    format!("{c}alice@example.com"),
+                    format!("alice@example.com{c}"),
+                ] {
+                    let err = Email::parse(&raw).expect_err(&format!("{:04X} accepted", c as u32));
+                    assert!(err.0.contains(problem), "{:04X}: {err}", c as u32);
+                    assert!(!err.0.contains("alice"), "echoed the address: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn length_limits_apply_to_the_normalised_form() {
+        let domain = "@example.com";
+        // 64 bytes of local part is the limit, counted after normalisation: 32 decomposed
+        // "é" are 96 bytes as sent and 64 once composed.
+        assert!(Email::parse(&format!("{}{domain}", "a".repeat(64))).is_ok());
+        assert!(Email::parse(&format!("{}{domain}", "a".repeat(65))).is_err());
+        assert!(Email::parse(&format!("{}{domain}", "e\u{301}".repeat(32))).is_ok());
+        assert!(Email::parse(&format!("{}{domain}", "e\u{301}".repeat(33))).is_err());
+        // 254 bytes in all, the domain counted as punycode.
+        let local = "a".repeat(64);
+        let fits = format!("{local}@{}.example", "b".repeat(254 - 64 - 1 - 8));
+        assert_eq!(fits.len(), 254);
+        assert!(Email::parse(&fits).is_ok());
+        assert!(Email::parse(&format!("{fits}x")).is_err());
+        // A domain short as sent but over the limit once it is punycode.
+        let unicode = format!("{local}@{}example", "\u{fc}.".repeat(60));
+        assert!(unicode.len() <= 254);
+        let err = Email::parse(&unicode).unwrap_err();
+        assert!(err.0.contains("254"), "{err}");
     }
 
     #[test]
