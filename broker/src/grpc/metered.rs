@@ -46,15 +46,7 @@ impl Method {
     fn from_path(path: &str) -> Option<Self> {
         let name = path.rsplit('/').next()?;
         let at = Self::VALUES.iter().position(|m| *m == name)?;
-        Some(
-            [
-                Self::IssueTokens,
-                Self::RefreshTokens,
-                Self::Revoke,
-                Self::Introspect,
-                Self::ListTokens,
-            ][at],
-        )
+        Some(Self::ALL[at])
     }
 }
 

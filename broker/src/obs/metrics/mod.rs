@@ -90,6 +90,12 @@ macro_rules! label {
             $($(#[$vdoc])* $variant),+
         }
 
+        impl $name {
+            /// Every value, in the order of [`Label::VALUES`](crate::obs::metrics::Label::VALUES).
+            #[allow(dead_code)]
+            $vis const ALL: &'static [Self] = &[$(Self::$variant),+];
+        }
+
         impl $crate::obs::metrics::Label for $name {
             const NAME: &'static str = $label;
             const VALUES: &'static [&'static str] = &[$($value),+];

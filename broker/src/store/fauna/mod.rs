@@ -56,19 +56,6 @@ use crate::{
 use super::metrics::FaunaQuery as Op;
 
 impl Op {
-    const ALL: [Op; 10] = [
-        Op::IssueByEmail,
-        Op::IssueForAccount,
-        Op::Rotate,
-        Op::Introspect,
-        Op::RevokeSecret,
-        Op::RevokeToken,
-        Op::RevokeFamily,
-        Op::RevokeAccount,
-        Op::AccountByEmail,
-        Op::ListTokens,
-    ];
-
     /// Returns (name, text); the name travels in `X-Query-Tags` and names the counter.
     fn query(self) -> (&'static str, &'static str) {
         queries::ALL[self as usize]
