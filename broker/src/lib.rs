@@ -9,9 +9,9 @@
 //! - [`obs`]: logs, traces, trace context and the metrics registry;
 //! - [`store`]: the atomic [`store::TokenStore`], its backends and decorators;
 //! - [`identity`]: who is calling (API keys, Cognito JWTs, client certificates) and their roles;
-//! - [`domain`]: the [`domain::Broker`] service (roles, lifetimes, idempotency, audit) and
-//!   [`BrokerError`];
-//! - [`grpc`]: the tonic adapter and its layers (admission, size limit, tracing, RPC metrics),
+//! - [`domain`]: the [`domain::Broker`] service (roles, lifetimes, idempotency, audit),
+//!   [`BrokerError`] and admission control;
+//! - [`grpc`]: the tonic adapter and its layers (size limit, tracing, RPC metrics),
 //!   the only module besides `app` that knows tonic;
 //! - [`app`]: settings, start-up, the command line, dev mode and the listener's TLS.
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use tokenbroker::{
-    grpc::admission::{LimitSettings, RateLimit},
+    domain::admission::{LimitSettings, RateLimit},
     store::StoreBackend,
 };
 use tokenbroker_client::{ClientErrorKind, pb};

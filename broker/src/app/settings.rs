@@ -13,7 +13,7 @@ use super::tls::TlsSettings;
 use crate::store::StoreBackend;
 use crate::{
     domain::{TokenSettings, audit::AuditSettings},
-    grpc::admission::LimitSettings,
+    domain::admission::LimitSettings,
     identity::{
         Authenticator,
         auth::{ApiKeyConfig, CertCallerConfig},

@@ -16,10 +16,13 @@ use super::{
     tls::TlsServer,
 };
 use crate::{
-    domain::{Broker, DomainMetrics, audit::AuditLog},
+    domain::{
+        Broker, DomainMetrics,
+        admission::{AdmissionMetrics, Limiter},
+        audit::AuditLog,
+    },
     grpc::{
         GrpcAdapter, SizeLimited, Traced,
-        admission::{AdmissionMetrics, Limiter},
         metered::{MeteredService, RpcMetrics},
     },
     identity::{

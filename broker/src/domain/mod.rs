@@ -1,6 +1,7 @@
-//! The domain: the [`Broker`] service every protocol adapter calls, its error type, and the
-//! audit log it writes.
+//! The domain: the [`Broker`] service every protocol adapter calls, its error type, the audit
+//! log it writes, and the admission control every adapter puts in front of it.
 
+pub mod admission;
 pub mod audit;
 pub mod error;
 mod metrics;

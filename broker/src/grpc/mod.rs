@@ -5,7 +5,6 @@
 //! builds a `tonic::Status`, and [`From<BrokerError> for Status`] is the only place domain errors
 //! become one. Each call runs in the RPC span that [`Traced`] opens around the service.
 
-pub mod admission;
 pub mod metered;
 mod trace;
 
@@ -30,7 +29,7 @@ use crate::{
         AccountRef, AssertedClaims, Broker, IssueRequest, ListRequest, RefreshRequest, RevokeBy,
         Subject,
     },
-    grpc::admission::{InFlight, Limiter},
+    domain::admission::{InFlight, Limiter},
     identity::{Authenticator, Caller},
     model::{
         AccountId, Email, FamilyId, InvalidArgument, MAX_GROUPS, MintedPair, MintedToken, TokenId,
