@@ -98,13 +98,17 @@ async fn every_privileged_operation_is_audited_with_its_ids() {
     let normalised = "audit.me@example.com";
 
     let pair = broker.issue_for_client(email, "web").await;
-    let next = broker.refresh(&pair.refresh.secret).await.unwrap();
+    let next = broker
+        .refresh_as(&pair.refresh.secret, "web")
+        .await
+        .unwrap();
     assert_eq!(
-        kind_of(broker.refresh(&pair.refresh.secret).await),
+        kind_of(broker.refresh_as(&pair.refresh.secret, "web").await),
         ClientErrorKind::Unauthenticated,
         "reuse"
     );
-    // A secret that embeds no token id names no holder.
+    // A secret that names no token of the store concerns no account: it is answered and
+    // counted, not audited (so garbage cannot fill the log).
     assert_eq!(
         kind_of(
             broker
@@ -195,10 +199,14 @@ async fn every_privileged_operation_is_audited_with_its_ids() {
     // caller is the holder of the refresh secret, named by its token id.
     let holder = format!("token:{}", pair.refresh.token_id);
     let refresh_requests = of(&events, "refresh", "request");
-    assert_eq!(refresh_requests.len(), 3);
+    assert_eq!(
+        refresh_requests.len(),
+        2,
+        "the garbage secret is not audited"
+    );
     assert_eq!(refresh_requests[0]["caller"], holder.as_str());
     let refreshes = of(&events, "refresh", "response");
-    assert_eq!(refreshes.len(), 3);
+    assert_eq!(refreshes.len(), 2);
     assert_eq!(refreshes[0]["caller"], holder.as_str());
     assert_eq!(refreshes[0]["outcome"], "ok");
     assert_eq!(refreshes[0]["account_id"], pair.account_id.as_str());
@@ -223,9 +231,6 @@ async fn every_privileged_operation_is_audited_with_its_ids() {
         "a failed refresh learns no account: {}",
         refreshes[1]
     );
-    assert_eq!(refreshes[2]["outcome"], "unauthenticated");
-    assert_eq!(refreshes[2]["caller"], "anonymous");
-    assert!(refreshes[2].get("token_id").is_none(), "{}", refreshes[2]);
     let reuse = of(&events, "reuse_detected", "response");
     assert_eq!(reuse.len(), 1);
     assert_eq!(reuse[0]["caller"], holder.as_str());

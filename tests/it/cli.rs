@@ -302,7 +302,15 @@ async fn revoke_by_secret_id_family_account_and_email() {
     let run = admin(
         e,
         Cred::None,
-        &["revoke", "--token-stdin", "--hint", "access", "--json"],
+        &[
+            "revoke",
+            "--token-stdin",
+            "--hint",
+            "access",
+            "--client-id",
+            "web",
+            "--json",
+        ],
         Some(&secret),
     )
     .await;

@@ -111,7 +111,10 @@ async fn full_flow_over_grpc_mints_real_fauna_tokens() {
     assert_eq!(info.client_id, "web");
     assert_eq!(info.family_id, pair.family_id);
 
-    let next = broker.refresh(&pair.refresh.secret).await.unwrap();
+    let next = broker
+        .refresh_as(&pair.refresh.secret, "web")
+        .await
+        .unwrap();
     assert_eq!(next.family_id, pair.family_id);
     assert!(!broker.is_active(&pair.refresh.secret).await, "consumed");
     assert!(broker.is_active(&next.access.secret).await);

@@ -186,5 +186,8 @@ async fn access_only_reports_a_refresh_token_as_inactive() {
             "introspect_access_secret of a refresh token",
         );
     }
-    broker.refresh(&pair.refresh.secret).await.unwrap();
+    broker
+        .refresh_as(&pair.refresh.secret, "app-a")
+        .await
+        .unwrap();
 }

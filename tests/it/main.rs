@@ -10,6 +10,7 @@ mod deploy;
 mod dev_mode;
 mod durability;
 mod fauna;
+mod flood;
 mod grpcurl;
 mod h2_limits;
 mod introspect;

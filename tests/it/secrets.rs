@@ -36,12 +36,18 @@ async fn no_secret_reaches_logs_errors_or_debug_output() {
         .introspect_secret(&pair.access.secret)
         .await
         .unwrap();
-    let next = broker.refresh(&pair.refresh.secret).await.unwrap();
+    let next = broker
+        .refresh_as(&pair.refresh.secret, "app")
+        .await
+        .unwrap();
     debug.push(format!("{next:?}"));
     secrets.extend([expose(&next.access.secret), expose(&next.refresh.secret)]);
 
     // Reuse (grace 0): the family is revoked; the error must not echo the secret.
-    let reuse = broker.refresh(&pair.refresh.secret).await.unwrap_err();
+    let reuse = broker
+        .refresh_as(&pair.refresh.secret, "app")
+        .await
+        .unwrap_err();
     errors.push(reuse.to_string());
 
     // A wrong API key, a wrong client, garbage secrets: errors must not echo them.

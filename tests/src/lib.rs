@@ -297,9 +297,24 @@ impl TestBroker {
     ///
     /// The call's error.
     pub async fn refresh(&self, refresh: &SecretString) -> ClientResult<TokenPair> {
+        self.refresh_as(refresh, "").await
+    }
+
+    /// Rotates a refresh token issued for app client `client_id` ("" for none), without a
+    /// credential.
+    ///
+    /// # Errors
+    ///
+    /// The broker's refusal.
+    pub async fn refresh_as(
+        &self,
+        refresh: &SecretString,
+        client_id: &str,
+    ) -> ClientResult<TokenPair> {
         self.anonymous
             .refresh_tokens(pb::RefreshTokensRequest {
                 refresh_token: expose(refresh),
+                client_id: client_id.to_owned(),
                 ..Default::default()
             })
             .await

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use super::tls::TlsSettings;
 use crate::store::StoreBackend;
 use crate::{
-    domain::{TokenSettings, audit::AuditSettings},
     domain::admission::LimitSettings,
+    domain::{TokenSettings, audit::AuditSettings},
     identity::{
         Authenticator,
         auth::{ApiKeyConfig, CertCallerConfig},

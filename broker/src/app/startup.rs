@@ -123,10 +123,12 @@ impl Application {
                         cleanup_interval: Duration::from_secs(
                             settings.store.embedded.cleanup_interval_seconds,
                         ),
+                        max_queued_writes: settings.store.embedded.max_queued_writes,
                     },
                     Arc::clone(&clock),
                 )
                 .context("failed to open the embedded store")?;
+                registry.add(embedded.queue_metrics());
                 Arc::new(
                     CachedStore::new(
                         ObservedStore::new(embedded, Arc::clone(&store_metrics), "sqlite"),

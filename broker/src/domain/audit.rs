@@ -503,6 +503,12 @@ impl Record {
         self.on
     }
 
+    /// Drops the record unwritten: for a call that turned out to concern no token of ours
+    /// (a forged or malformed secret), which would tell a reader of the log nothing.
+    pub fn discard(&mut self) {
+        self.on = false;
+    }
+
     /// Fills in fields of the line (a no-op when the log is off).
     pub fn set(&mut self, fill: impl FnOnce(&mut Line)) {
         if self.on {

@@ -35,6 +35,8 @@ pub struct DomainMetrics {
     pub tokens_revoked: Family<Counter, RevokeCause>,
     /// `tokenbroker_audit_write_errors_total`.
     pub audit_write_errors: Family<Counter, ()>,
+    /// `tokenbroker_unknown_secrets_total`.
+    pub unknown_secrets: Family<Counter, ()>,
 }
 
 impl Default for DomainMetrics {
@@ -55,6 +57,11 @@ impl Default for DomainMetrics {
                 "Audit events that could not be written (their operations failed).",
                 Zeros::Show,
             ),
+            unknown_secrets: Family::new(
+                "tokenbroker_unknown_secrets_total",
+                "Refresh and revoke-by-secret calls whose secret names no token of the store (malformed or forged); answered as inactive and not audited.",
+                Zeros::Show,
+            ),
         }
     }
 }
@@ -64,5 +71,6 @@ impl MetricSet for DomainMetrics {
         self.tokens_issued.render(out);
         self.tokens_revoked.render(out);
         self.audit_write_errors.render(out);
+        self.unknown_secrets.render(out);
     }
 }

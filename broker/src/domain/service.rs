@@ -19,9 +19,9 @@ use crate::{
     model::clock::Clock,
     model::secret::SecretDigest,
     model::{
-        AccountId, Email, FamilyId, MAX_GROUPS, MAX_SECRET_LEN, Metadata, MintedPair, NewSession,
-        PageCursor, PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId,
-        TokenInfo, TokenKind, TokenPage, UnixMicros, parse_name,
+        AccountId, ClientCheck, Email, FamilyId, MAX_GROUPS, MAX_SECRET_LEN, Metadata, MintedPair,
+        NewSession, PageCursor, PageRequest, RefreshOutcome, RevokeTarget, Rotation,
+        SecretRevocation, TokenId, TokenInfo, TokenKind, TokenPage, UnixMicros, parse_name,
     },
     store::TokenStore,
 };
@@ -319,6 +319,7 @@ impl Broker {
                 client_id: claims.client_id,
                 access_ttl,
                 refresh_ttl,
+                session_ttl: self.tokens.max_session(),
                 metadata: request.metadata,
             };
             self.audit.request(record)?;
@@ -389,23 +390,26 @@ impl Broker {
             if secret.is_empty() {
                 return Err(BrokerError::invalid("refresh_token is required"));
             }
+            // The presenter of a refresh secret may only shorten lifetimes: the defaults are
+            // its maxima (the issuer, an authenticated caller, may ask for up to the maxima).
             let rotation = Rotation {
-                client_id: request.client_id.clone(),
+                client: self.client_check(request.client_id.clone()),
                 access_ttl: self.ttl(
                     "access_ttl_seconds",
                     request.access_ttl_seconds,
                     self.tokens.access_ttl_seconds,
-                    self.tokens.max_access_ttl_seconds,
+                    self.tokens.access_ttl_seconds,
                 )?,
                 refresh_ttl: self.ttl(
                     "refresh_ttl_seconds",
                     request.refresh_ttl_seconds,
                     self.tokens.refresh_ttl_seconds,
-                    self.tokens.max_refresh_ttl_seconds,
+                    self.tokens.refresh_ttl_seconds,
                 )?,
                 grace: Duration::from_secs(self.tokens.refresh_grace_seconds),
+                session_ttl: self.tokens.max_session(),
             };
-            if secret.len() > MAX_SECRET_LEN {
+            if secret.len() > MAX_SECRET_LEN || !self.holds(&request.refresh_token, record).await? {
                 return Err(inactive_refresh());
             }
             self.audit.request(record)?;
@@ -427,9 +431,7 @@ impl Broker {
                         Ok((Arc::new(pair), self.clock.now()))
                     }
                     RefreshOutcome::Inactive => Err(inactive_refresh()),
-                    RefreshOutcome::WrongClient => Err(BrokerError::PermissionDenied(
-                        "the refresh token was issued for another client".into(),
-                    )),
+                    RefreshOutcome::WrongClient => Err(wrong_client(&rotation.client)),
                     RefreshOutcome::ReuseDetected { family_id, revoked } => {
                         warn!(%family_id, revoked, "refresh token reuse; session revoked");
                         self.metrics
@@ -522,11 +524,12 @@ impl Broker {
                     if secret.expose_secret().is_empty() {
                         return Err(BrokerError::invalid("token is required"));
                     }
+                    if !self.holds(&secret, record).await? {
+                        return Ok(0);
+                    }
+                    let client = self.client_check(client_id);
                     self.audit.request(record)?;
-                    let outcome = self
-                        .store
-                        .revoke_secret(&secret, client_id.as_deref())
-                        .await?;
+                    let outcome = self.store.revoke_secret(&secret, &client).await?;
                     return match outcome {
                         SecretRevocation::Revoked(count) => {
                             self.metrics
@@ -545,9 +548,7 @@ impl Broker {
                             record.set(|line| line.revoked = Some(0));
                             Ok(0)
                         }
-                        SecretRevocation::WrongClient => Err(BrokerError::PermissionDenied(
-                            "the token was issued for another client".into(),
-                        )),
+                        SecretRevocation::WrongClient => Err(wrong_client(&client)),
                     };
                 }
                 RevokeBy::TokenId(id) => RevokeTarget::Token(id),
@@ -719,6 +720,25 @@ impl Broker {
         self.audit.response(record, result)
     }
 
+    /// What a presented token's client must be, given the client id the call named.
+    fn client_check(&self, client_id: Option<String>) -> ClientCheck {
+        match client_id {
+            None if !self.tokens.require_client_id => ClientCheck::Any,
+            client_id => ClientCheck::Exactly(client_id),
+        }
+    }
+
+    /// Whether the store may hold `secret`; when it certainly does not, the call's audit
+    /// record is dropped and the call is counted in `tokenbroker_unknown_secrets_total`.
+    async fn holds(&self, secret: &SecretString, record: &mut Record) -> BrokerResult<bool> {
+        if self.store.may_hold(secret).await? {
+            return Ok(true);
+        }
+        record.discard();
+        self.metrics.unknown_secrets.get(()).inc();
+        Ok(false)
+    }
+
     /// Counts a freshly minted pair.
     fn count_minted(&self) {
         self.metrics.tokens_issued.get(TokenKind::Access).inc();
@@ -778,6 +798,15 @@ fn record_pair(line: &mut Line, pair: &MintedPair) {
 
 fn presented_id(secret: &SecretString) -> Option<String> {
     crate::model::secret::parse(secret).map(|parsed| parsed.id.to_string())
+}
+
+fn wrong_client(client: &ClientCheck) -> BrokerError {
+    BrokerError::PermissionDenied(match client {
+        ClientCheck::Exactly(None) => {
+            "the token was issued for an app client; name it in client_id".into()
+        }
+        _ => "the token was issued for another client".into(),
+    })
 }
 
 fn inactive_refresh() -> BrokerError {

@@ -22,6 +22,12 @@ pub struct TokenSettings {
     pub refresh_grace_seconds: u64,
     /// How long an IssueTokens idempotency key keeps returning the same pair.
     pub idempotency_window_seconds: u64,
+    /// Longest a session lives, counted from its sign-in: no rotation extends a token of the
+    /// family past it.
+    pub max_session_seconds: u64,
+    /// Whether a token issued for an app client needs that client's id on RefreshTokens and
+    /// Revoke by secret.
+    pub require_client_id: bool,
 }
 
 impl Default for TokenSettings {
@@ -33,6 +39,8 @@ impl Default for TokenSettings {
             max_refresh_ttl_seconds: 30 * 24 * 3600,
             refresh_grace_seconds: 10,
             idempotency_window_seconds: 30,
+            max_session_seconds: 30 * 24 * 3600,
+            require_client_id: true,
         }
     }
 }
@@ -45,6 +53,10 @@ impl TokenSettings {
     /// The default refresh token lifetime.
     pub fn refresh_ttl(&self) -> Duration {
         Duration::from_secs(self.refresh_ttl_seconds)
+    }
+    /// The session lifetime.
+    pub fn max_session(&self) -> Duration {
+        Duration::from_secs(self.max_session_seconds)
     }
 
     /// Checks that the defaults are within the maxima and everything fits the stores.
@@ -69,6 +81,14 @@ impl TokenSettings {
             (
                 self.refresh_ttl_seconds > self.max_refresh_ttl_seconds,
                 "tokens.refresh_ttl_seconds is over tokens.max_refresh_ttl_seconds",
+            ),
+            (
+                self.max_refresh_ttl_seconds > self.max_session_seconds,
+                "tokens.max_refresh_ttl_seconds is over tokens.max_session_seconds",
+            ),
+            (
+                self.max_session_seconds > 100 * 365 * 24 * 3600,
+                "tokens.max_session_seconds must be at most 100 years",
             ),
             (
                 self.max_access_ttl_seconds > u64::from(u32::MAX)

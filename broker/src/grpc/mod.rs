@@ -24,12 +24,12 @@ use tonic::{
 use tracing::{Span, error, warn};
 
 use crate::{
+    domain::admission::{InFlight, Limiter},
     domain::error::{BrokerError, BrokerErrorKind},
     domain::service::{
         AccountRef, AssertedClaims, Broker, IssueRequest, ListRequest, RefreshRequest, RevokeBy,
         Subject,
     },
-    domain::admission::{InFlight, Limiter},
     identity::{Authenticator, Caller},
     model::{
         AccountId, Email, FamilyId, InvalidArgument, MAX_GROUPS, MintedPair, MintedToken, TokenId,
@@ -66,16 +66,33 @@ impl GrpcAdapter {
     }
 
     /// Admits a call: takes an in-flight slot, authenticates the caller and charges its rate
-    /// limit (the peer address's, for a call without a credential). The slot is held until the
-    /// returned [`InFlight`] is dropped, at the end of the call.
+    /// limit (the client network's, for a call without a credential). A failed authentication
+    /// is charged to the client network, which is refused before authenticating once it has
+    /// failed too often. The slot is held until the returned [`InFlight`] is dropped, at the
+    /// end of the call.
     async fn admit<T>(
         &self,
         request: &Request<T>,
     ) -> Result<(InFlight, Option<Arc<Caller>>), Status> {
         let in_flight = self.limits.enter()?;
-        let caller = self.caller(request).await?;
-        let peer = request.remote_addr().map(|addr| addr.ip());
-        self.limits.charge(caller.as_deref(), peer)?;
+        let client = self.limits.client(
+            request.remote_addr().map(|addr| addr.ip()),
+            request
+                .metadata()
+                .get("x-forwarded-for")
+                .and_then(|value| value.to_str().ok()),
+        );
+        self.limits.check_failures(client)?;
+        let caller = match self.caller(request).await {
+            Ok(caller) => caller,
+            Err(status) => {
+                if status.code() == Code::Unauthenticated {
+                    self.limits.charge_failure(client);
+                }
+                return Err(status);
+            }
+        };
+        self.limits.charge(caller.as_deref(), client)?;
         Ok((in_flight, caller))
     }
 

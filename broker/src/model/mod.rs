@@ -396,19 +396,53 @@ pub struct NewSession {
     pub access_ttl: Duration,
     /// Lifetime of the refresh token.
     pub refresh_ttl: Duration,
+    /// Lifetime of the session the pair starts: no rotation extends a token of its family past
+    /// it. At least `refresh_ttl`.
+    pub session_ttl: Duration,
     /// Labels stored with both tokens.
     pub metadata: Metadata,
+}
+
+/// Which app client a presented token must belong to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCheck {
+    /// Exactly this one: a token issued for a client needs its id, and a token issued for none
+    /// matches only `None`.
+    Exactly(Option<String>),
+    /// Any (`tokens.require_client_id = false` and no client id given).
+    Any,
+}
+
+impl ClientCheck {
+    /// Whether a token issued for `client` passes.
+    pub fn allows(&self, client: Option<&str>) -> bool {
+        match self {
+            Self::Exactly(expected) => expected.as_deref() == client,
+            Self::Any => true,
+        }
+    }
+
+    /// The client id that was given, if any.
+    pub fn client_id(&self) -> Option<&str> {
+        match self {
+            Self::Exactly(expected) => expected.as_deref(),
+            Self::Any => None,
+        }
+    }
 }
 
 /// What a store needs to rotate a refresh token.
 #[derive(Debug, Clone)]
 pub struct Rotation {
-    /// If set, the refresh token must belong to this app client.
-    pub client_id: Option<String>,
-    /// Lifetime of the new access token.
+    /// The app client the refresh token must belong to.
+    pub client: ClientCheck,
+    /// Lifetime of the new access token, cut short at the session's end.
     pub access_ttl: Duration,
-    /// Lifetime of the new refresh token.
+    /// Lifetime of the new refresh token, cut short at the session's end.
     pub refresh_ttl: Duration,
+    /// The session lifetime of a family stored before sessions had an end: its end is then
+    /// counted from this rotation.
+    pub session_ttl: Duration,
     /// How long after a rotation the consumed token may be presented again.
     pub grace: Duration,
 }

@@ -13,8 +13,8 @@ use secrecy::SecretString;
 use super::{StoreMetrics, StoreResult, TokenStore};
 use crate::{
     model::{
-        AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget,
-        Rotation, SecretRevocation, TokenInfo, TokenPage,
+        AccountId, ClientCheck, Email, MintedPair, NewSession, PageRequest, RefreshOutcome,
+        RevokeTarget, Rotation, SecretRevocation, TokenInfo, TokenPage,
     },
     obs::metrics::CacheResult,
 };
@@ -103,12 +103,16 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
         self.inner.introspect(secret).await
     }
 
+    async fn may_hold(&self, secret: &SecretString) -> StoreResult<bool> {
+        self.inner.may_hold(secret).await
+    }
+
     async fn revoke_secret(
         &self,
         secret: &SecretString,
-        client_id: Option<&str>,
+        client: &ClientCheck,
     ) -> StoreResult<SecretRevocation> {
-        self.inner.revoke_secret(secret, client_id).await
+        self.inner.revoke_secret(secret, client).await
     }
 
     async fn revoke(&self, target: RevokeTarget) -> StoreResult<u64> {

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use super::StoreErrorKind;
-use crate::obs::metrics::{CacheResult, Counter, Family, Histogram, Label, MetricSet, Zeros};
+use crate::obs::metrics::{
+    CacheResult, Counter, Family, Gauge, Histogram, Label, MetricSet, Zeros,
+};
 
 crate::label! {
     /// A [`super::TokenStore`] operation, as the `operation` label.
@@ -159,6 +161,48 @@ impl MetricSet for StoreMetrics {
         self.fauna_requests.render(out);
         self.fauna_retries.render(out);
         self.account_cache.render(out);
+    }
+}
+
+/// The embedded store's write queue, between the callers and the writer thread.
+#[derive(Debug)]
+pub struct WriterQueueMetrics {
+    /// `tokenbroker_store_writer_queue_length`: writes (and a close) waiting for the writer.
+    pub length: Family<Gauge, ()>,
+    /// `tokenbroker_store_writes_refused_total`: writes refused because the queue was full.
+    pub refused: Family<Counter, ()>,
+    /// `tokenbroker_store_writes_abandoned_total`: writes dropped unrun because their caller
+    /// had given up by the time the writer reached them.
+    pub abandoned: Family<Counter, ()>,
+}
+
+impl Default for WriterQueueMetrics {
+    fn default() -> Self {
+        Self {
+            length: Family::new(
+                "tokenbroker_store_writer_queue_length",
+                "Writes waiting for the embedded store's writer thread.",
+                Zeros::Show,
+            ),
+            refused: Family::new(
+                "tokenbroker_store_writes_refused_total",
+                "Writes the embedded store refused because its write queue was full.",
+                Zeros::Show,
+            ),
+            abandoned: Family::new(
+                "tokenbroker_store_writes_abandoned_total",
+                "Writes dropped unrun because their caller had given up before the writer reached them.",
+                Zeros::Show,
+            ),
+        }
+    }
+}
+
+impl MetricSet for WriterQueueMetrics {
+    fn render(&self, out: &mut String) {
+        self.length.render(out);
+        self.refused.render(out);
+        self.abandoned.render(out);
     }
 }
 

@@ -24,8 +24,8 @@ pub use observed::ObservedStore;
 pub use settings::{EmbeddedSettings, FaunaSettings, StoreBackend, StoreSettings};
 
 use crate::model::{
-    AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,
-    SecretRevocation, TokenInfo, TokenPage,
+    AccountId, ClientCheck, Email, MintedPair, NewSession, PageRequest, RefreshOutcome,
+    RevokeTarget, Rotation, SecretRevocation, TokenInfo, TokenPage,
 };
 
 /// A backend that keeps accounts and tokens.
@@ -43,22 +43,36 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
     /// A consumed refresh token presented again succeeds only if it is the immediate
     /// predecessor of the family's current refresh token and the rotation is at most
     /// `rotation.grace` old; the successor is then superseded (revoked with its access tokens)
-    /// so the family keeps exactly one live refresh token. Anything else revokes the family.
+    /// so the family keeps exactly one live refresh token. Anything else revokes the family,
+    /// and so does a superseded successor presented again: its holder was displaced, so one of
+    /// the two presenters is not the user.
+    ///
+    /// The new tokens' lifetimes end at the session's end at the latest (the family's first
+    /// issue plus its `session_ttl`); a family whose session has ended is inactive.
     async fn refresh(
         &self,
         secret: &SecretString,
         rotation: Rotation,
     ) -> StoreResult<RefreshOutcome>;
 
+    /// Whether `secret` may be one of this store's tokens, in any state. `false` means it
+    /// certainly is not (malformed, or forged: no token has that id and digest); the broker
+    /// then answers it as inactive without acting, and without an audit line, so forged
+    /// secrets cannot fill the audit log. A backend that cannot tell without acting answers
+    /// `true` (the default).
+    async fn may_hold(&self, _secret: &SecretString) -> StoreResult<bool> {
+        Ok(true)
+    }
+
     /// Returns the token's facts if `secret` is an active token, `None` otherwise.
     async fn introspect(&self, secret: &SecretString) -> StoreResult<Option<TokenInfo>>;
 
-    /// Revokes the token `secret` (a refresh token with its access tokens), unless it belongs
-    /// to another app client than `client_id` (when given).
+    /// Revokes the token `secret` (a refresh token with its access tokens), unless `client`
+    /// refuses its app client.
     async fn revoke_secret(
         &self,
         secret: &SecretString,
-        client_id: Option<&str>,
+        client: &ClientCheck,
     ) -> StoreResult<SecretRevocation>;
 
     /// Revokes a token (with cascade), a family, or an account (as a watermark). Returns how many

@@ -21,8 +21,8 @@ use super::{
     metrics::{Operation, StoreMetrics},
 };
 use crate::model::{
-    AccountId, Email, MintedPair, NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation,
-    SecretRevocation, TokenInfo, TokenPage,
+    AccountId, ClientCheck, Email, MintedPair, NewSession, PageRequest, RefreshOutcome,
+    RevokeTarget, Rotation, SecretRevocation, TokenInfo, TokenPage,
 };
 
 /// A [`TokenStore`] whose every operation runs in its own span and is timed.
@@ -98,14 +98,18 @@ impl<S: TokenStore> TokenStore for ObservedStore<S> {
             .await
     }
 
+    async fn may_hold(&self, secret: &SecretString) -> StoreResult<bool> {
+        self.inner.may_hold(secret).await
+    }
+
     async fn revoke_secret(
         &self,
         secret: &SecretString,
-        client_id: Option<&str>,
+        client: &ClientCheck,
     ) -> StoreResult<SecretRevocation> {
         self.observed(
             Operation::RevokeSecret,
-            self.inner.revoke_secret(secret, client_id),
+            self.inner.revoke_secret(secret, client),
         )
         .await
     }

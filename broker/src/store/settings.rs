@@ -75,6 +75,9 @@ impl StoreSettings {
             StoreBackend::Embedded if self.embedded.cleanup_interval_seconds == 0 => Err(
                 ConfigError("store.embedded.cleanup_interval_seconds must be at least 1".into()),
             ),
+            StoreBackend::Embedded if self.embedded.max_queued_writes == 0 => Err(ConfigError(
+                "store.embedded.max_queued_writes must be at least 1".into(),
+            )),
             StoreBackend::Embedded => Ok(()),
             StoreBackend::Fauna => self.fauna.validate().map(drop),
         }
@@ -160,6 +163,9 @@ pub struct EmbeddedSettings {
     pub durability: Durability,
     /// How often a pass that deletes expired tokens starts.
     pub cleanup_interval_seconds: u64,
+    /// Most writes waiting for the writer thread; a write that finds the queue full is
+    /// refused as unavailable instead of waiting.
+    pub max_queued_writes: usize,
 }
 
 impl Default for StoreSettings {
@@ -179,6 +185,7 @@ impl Default for EmbeddedSettings {
             dir: PathBuf::from("./data"),
             durability: Durability::Normal,
             cleanup_interval_seconds: 60,
+            max_queued_writes: 4096,
         }
     }
 }

@@ -212,6 +212,7 @@ async fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
                 durability: Durability::Normal,
                 // Nothing expires during a prefill; keep the collector out of the way.
                 cleanup_interval: Duration::from_secs(3600),
+                max_queued_writes: 4096,
             },
             Arc::new(SystemClock),
         )
@@ -248,6 +249,7 @@ async fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
                     client_id: Some(CLIENT_ID.to_owned()),
                     access_ttl: PREFILL_ACCESS_TTL,
                     refresh_ttl: PREFILL_REFRESH_TTL,
+                    session_ttl: PREFILL_REFRESH_TTL,
                     metadata: Metadata::new(),
                 };
                 let pair = store.issue(session).await.context("store issue failed")?;

@@ -26,15 +26,15 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
     ),
     (
         "issue_by_email",
-        "21155c698affe0b48ab52174f150833acfdf62506d5729aba85a4c6079db1e94",
+        "b4f6c176186ff6e5fac79dd0e8e116f1b21de63b77e61aecb79e6a2e5fccbd19",
     ),
     (
         "issue_for_account",
-        "50920a39155223d1163b245b6619a0d1c8eb97ec90df81bd66a0ddcbd0757728",
+        "6ab308c4c1a46a78a68743d1b57856dc0695b7c001886a940efc5f51832c70c7",
     ),
     (
         "rotate",
-        "06999130187701c5ee493d938172a40ff7faae423a672c96b2e3dbd32d7e05dc",
+        "d046d76704b8c4ee8c35b54205745e8d99faf32b27d076c8271ff99c861acf3d",
     ),
     (
         "introspect",
@@ -42,19 +42,19 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
     ),
     (
         "revoke_secret",
-        "e82506d60b113101d4e328370bfa20fa0c0245bfc1c4ee85c3ce820fae41d0ca",
+        "c696780bf18c3bc8ba3c9e1e5bf3871158875d40d3dc8bb2c98d4b9949f7d6bf",
     ),
     (
         "revoke_token",
-        "5a23596ad197050b5ac2a6b1d92db0157d7f7e6f076dd9086dee1fbb80237e15",
+        "615378cb7e7ea37fe315eaf89ddce6df644846496ec8f9a0379857aa73c0b88e",
     ),
     (
         "revoke_family",
-        "e315f29dfb89c1e6ecc1f128c9cd7868bdca31498a535611c1962767e0e6c22f",
+        "72e99242ce908879817415715fb3a2aafb365dcc8f3f624461aa4c73f9c81574",
     ),
     (
         "revoke_account",
-        "d71a355897dbc1ebd77f3b0a82d1dde0f5ee6e18e5c15ccf1fdbec048c1b1887",
+        "2c14b73a9777b75a60639f9750b4544bde6cdc18822b0a734c48fa2079ffbd97",
     ),
     (
         "account_by_email",
@@ -62,7 +62,7 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
     ),
     (
         "list_tokens",
-        "28fe91e6b05fcd4704af9e74384d47eda415551f3a28979809716ad8261eb503",
+        "478b2cdf31fb58f81f7ff65240d4c3c5d2d08212d5463db72bf3e8b0d6ef48ec",
     ),
 ];
 
@@ -129,8 +129,10 @@ impl Query {
             Self::IssueForAccount | Self::RevokeFamily | Self::RevokeAccount | Self::ListTokens => {
                 "Account.byId(account_id)"
             }
-            Self::Rotate => "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id)",
-            Self::RevokeSecret => "revokeCurrentToken(client_id)",
+            Self::Rotate => {
+                "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl)"
+            }
+            Self::RevokeSecret => "revokeCurrentToken(client_id, any_client)",
             Self::Introspect => "Query.token()",
             Self::RevokeToken => "Token.byId(token_id)",
             Self::OriginalLookup => "Account.byEmail(email)",

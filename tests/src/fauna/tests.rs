@@ -53,6 +53,7 @@ fn issue_args(email: &str) -> Json {
         "nonce": "n1",
         "access_ttl": int(900),
         "refresh_ttl": int(86_400),
+        "session_ttl": int(30 * 86_400),
         "metadata": { "groups": ["users"] },
     })
 }
@@ -63,6 +64,8 @@ fn rotate_args(grace: i64, client_id: Option<&str>) -> Json {
         "refresh_ttl": int(86_400),
         "grace": int(grace),
         "client_id": client_id,
+        "any_client": true,
+        "session_ttl": int(30 * 86_400),
     })
 }
 
@@ -538,7 +541,7 @@ async fn revoked_tokens_are_refused() {
         .query(
             &access,
             queries::REVOKE_SECRET,
-            json!({ "client_id": "other" }),
+            json!({ "client_id": "other", "any_client": true }),
         )
         .await;
     assert_eq!(answer.body["data"], json!({ "outcome": "wrong_client" }));
@@ -546,7 +549,7 @@ async fn revoked_tokens_are_refused() {
         .query(
             &access,
             queries::REVOKE_SECRET,
-            json!({ "client_id": null }),
+            json!({ "client_id": null, "any_client": true }),
         )
         .await;
     assert_eq!(
@@ -559,7 +562,7 @@ async fn revoked_tokens_are_refused() {
         .query(
             &refresh,
             queries::REVOKE_SECRET,
-            json!({ "client_id": "app" }),
+            json!({ "client_id": "app", "any_client": true }),
         )
         .await;
     assert_eq!(
@@ -571,7 +574,7 @@ async fn revoked_tokens_are_refused() {
         .query(
             SERVER_KEY,
             queries::REVOKE_SECRET,
-            json!({ "client_id": null }),
+            json!({ "client_id": null, "any_client": true }),
         )
         .await;
     assert_eq!(answer.body["data"], json!({ "outcome": "inactive" }));
@@ -734,7 +737,11 @@ async fn rotation_follows_the_udf() {
     assert!(consumed["rotated_at"]["@time"].is_string());
     // A consumed refresh token can still be revoked only as inactive.
     let answer = h
-        .query(&first, queries::REVOKE_SECRET, json!({ "client_id": null }))
+        .query(
+            &first,
+            queries::REVOKE_SECRET,
+            json!({ "client_id": null, "any_client": true }),
+        )
         .await;
     assert_eq!(answer.body["data"], json!({ "outcome": "inactive" }));
 
@@ -745,7 +752,14 @@ async fn rotation_follows_the_udf() {
         .await;
     assert_eq!(answer.body["data"]["outcome"], "rotated", "{}", answer.raw);
     let third = s(&answer.body["data"]["refresh"]["secret"]).to_owned();
-    assert!(!h.active(&second).await);
+    // The superseded successor is kept, marked, so that presenting it again is reuse; its
+    // access token is gone.
+    let superseded = h.query(&second, queries::INTROSPECT, json!({})).await;
+    assert_eq!(
+        superseded.body["data"]["@doc"]["data"]["superseded"], true,
+        "{}",
+        superseded.raw
+    );
     assert!(!h.active(&second_access).await);
     assert!(h.active(&third).await);
     assert!(h.active(&access).await);
@@ -761,7 +775,7 @@ async fn rotation_follows_the_udf() {
         "{}",
         answer.raw
     );
-    for secret in [&first, &third, &access] {
+    for secret in [&first, &second, &third, &access] {
         assert!(!h.active(secret).await);
     }
     assert_eq!(h.double.live_token_count(), 0);

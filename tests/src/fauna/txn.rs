@@ -116,6 +116,7 @@ struct Mint<'a> {
     metadata: &'a Value,
     refresh_ttl: i128,
     access_ttl: i128,
+    session_ends: i128,
 }
 
 /// One transaction: the database, the transaction time and what it did.
@@ -227,12 +228,10 @@ impl Txn<'_> {
         }
     }
 
-    /// Deletes `tokens` and returns how many of them were not consumed.
+    /// Deletes `tokens` and returns how many of them were live: neither consumed nor superseded
+    /// (`.where(t => t.data.replaced_by == null && t.data.superseded != true).count()`).
     fn delete_counting_unconsumed(&mut self, tokens: &[TokenDoc]) -> Value {
-        let revoked = tokens
-            .iter()
-            .filter(|t| t.data("replaced_by").is_null())
-            .count();
+        let revoked = tokens.iter().filter(|t| is_live(t)).count();
         for token in tokens {
             self.delete_token(&token.id);
         }
@@ -250,6 +249,7 @@ impl Txn<'_> {
                 ("email".to_owned(), mint.email.clone()),
                 ("client_id".to_owned(), mint.client_id.clone()),
                 ("issued_at".to_owned(), Value::Time(now)),
+                ("session_ends".to_owned(), Value::Time(mint.session_ends)),
                 ("metadata".to_owned(), mint.metadata.clone()),
             ]);
             // `cognito_sub: account.cognito_sub`: a null field is not stored (FQL drops it).
@@ -420,6 +420,9 @@ impl Txn<'_> {
         let metadata = args.get("metadata")?;
         let access_secs = expect_seconds(args.get("access_ttl")?, ADD_ACCESS)?;
         let access_ttl = add_seconds(self.now, access_secs, ADD_ACCESS)?;
+        const ADD_SESSION: &str = "now.add(session_ttl, \"seconds\")";
+        let session_secs = expect_seconds(args.get("session_ttl")?, ADD_SESSION)?;
+        let session_ends = add_seconds(self.now, session_secs, ADD_SESSION)?;
 
         // Checks are done: write.
         let account = match (existing, create) {
@@ -447,6 +450,7 @@ impl Txn<'_> {
             metadata,
             refresh_ttl,
             access_ttl,
+            session_ends,
         });
         Ok(Value::Object(BTreeMap::from([
             ("account".to_owned(), Value::Str(account)),
@@ -457,9 +461,10 @@ impl Txn<'_> {
         ])))
     }
 
-    /// The UDF `rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id)`.
+    /// The UDF `rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client,
+    /// session_ttl)`.
     fn rotate(&mut self, token: Option<TokenDoc>, args: &Args<'_>) -> Result<Value, Failure> {
-        const CALL: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id)";
+        const CALL: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl)";
         let outcome = |o: &str| {
             Value::Object(BTreeMap::from([(
                 "outcome".to_owned(),
@@ -471,13 +476,15 @@ impl Txn<'_> {
         let refresh_ttl = args.get("refresh_ttl")?;
         let grace = args.get("grace")?;
         let client_id = args.get("client_id")?;
+        let any_client = expect_bool(args.get("any_client")?, CALL)?;
+        let session_ttl = args.get("session_ttl")?;
         let Some(token) = token else {
             return Ok(outcome("inactive"));
         };
         if !fql_eq(token.data("kind"), &Value::Str("refresh".into())) {
             return Ok(outcome("inactive"));
         }
-        if !client_id.is_null() && !fql_eq(token.data("client_id"), client_id) {
+        if !client_allowed(&token, client_id, any_client) {
             return Ok(outcome("wrong_client"));
         }
         let family_name = token.data("family").clone();
@@ -503,11 +510,14 @@ impl Txn<'_> {
             };
             let grace = expect_seconds(grace, CALL)?;
             self.now <= add_seconds(rotated_at, grace, CALL)?
-                && successor
-                    .as_ref()
-                    .is_some_and(|s| s.data("replaced_by").is_null())
+                && successor.as_ref().is_some_and(is_live)
         };
-        if !replaced_by.is_null() && !retry {
+        // `let ends = token.data.session_ends ?? now.add(session_ttl, "seconds")`
+        let ends = match token.data("session_ends") {
+            Value::Time(t) => *t,
+            _ => add_seconds(self.now, expect_seconds(session_ttl, CALL)?, CALL)?,
+        };
+        if is_superseded(&token) || (!replaced_by.is_null() && !retry) {
             let revoked = self.delete_counting_unconsumed(&family);
             return Ok(Value::Object(BTreeMap::from([
                 ("outcome".to_owned(), Value::Str("reuse".into())),
@@ -515,17 +525,23 @@ impl Txn<'_> {
                 ("revoked".to_owned(), revoked),
             ])));
         }
-        let refresh_ttl = add_seconds(self.now, expect_seconds(refresh_ttl, CALL)?, CALL)?;
-        let access_ttl = add_seconds(self.now, expect_seconds(access_ttl, CALL)?, CALL)?;
+        if ends <= self.now {
+            return Ok(outcome("inactive"));
+        }
+        let refresh_ttl =
+            add_seconds(self.now, expect_seconds(refresh_ttl, CALL)?, CALL)?.min(ends);
+        let access_ttl = add_seconds(self.now, expect_seconds(access_ttl, CALL)?, CALL)?.min(ends);
 
         // Checks are done: write.
         if let Some(successor) = successor.filter(|_| retry) {
+            // The successor's access tokens go; the successor is kept, marked superseded.
             let successor_id = Value::Str(successor.id.clone());
             for t in &family {
-                if t.id == successor.id || fql_eq(t.data("parent"), &successor_id) {
+                if fql_eq(t.data("parent"), &successor_id) {
                     self.delete_token(&t.id);
                 }
             }
+            self.update_data(&successor.id, "superseded", Value::Bool(true));
         }
         let (refresh, access) = self.mint_pair(&Mint {
             account: &token.document,
@@ -536,20 +552,15 @@ impl Txn<'_> {
             metadata: token.data("metadata"),
             refresh_ttl,
             access_ttl,
+            session_ends: ends,
         });
         // `token.update({ data: { replaced_by: refresh.id, rotated_at: data.rotated_at ?? now } })`
         let rotated_at = match token.data("rotated_at") {
             Value::Null => Value::Time(self.now),
             t => t.clone(),
         };
-        if let Some(stored) = self.db.tokens.get_mut(&token.id) {
-            if let Value::Object(data) = &mut stored.data {
-                data.insert("replaced_by".into(), refresh.field("id").clone());
-                data.insert("rotated_at".into(), rotated_at);
-            }
-            stored.ts = self.now;
-            self.stats.writes += 1;
-        }
+        self.update_data(&token.id, "replaced_by", refresh.field("id").clone());
+        self.update_data(&token.id, "rotated_at", rotated_at);
         Ok(Value::Object(BTreeMap::from([
             ("outcome".to_owned(), Value::Str("rotated".into())),
             ("account".to_owned(), Value::Str(token.document.clone())),
@@ -560,13 +571,28 @@ impl Txn<'_> {
         ])))
     }
 
-    /// The UDF `revokeCurrentToken(client_id)`.
+    /// `token.update({ data: { <field>: value } })`: one field of a token's `data`.
+    fn update_data(&mut self, id: &str, field: &str, value: Value) {
+        if let Some(stored) = self.db.tokens.get_mut(id) {
+            if let Value::Object(data) = &mut stored.data {
+                data.insert(field.to_owned(), value);
+            }
+            stored.ts = self.now;
+            self.stats.writes += 1;
+        }
+    }
+
+    /// The UDF `revokeCurrentToken(client_id, any_client)`.
     fn revoke_secret(
         &mut self,
         token: Option<TokenDoc>,
         args: &Args<'_>,
     ) -> Result<Value, Failure> {
         let client_id = args.get("client_id")?;
+        let any_client = expect_bool(
+            args.get("any_client")?,
+            "revokeCurrentToken(client_id, any_client)",
+        )?;
         let outcome = |o: &str, revoked: Option<Value>| {
             let mut fields = BTreeMap::from([("outcome".to_owned(), Value::Str(o.to_owned()))]);
             if let Some(revoked) = revoked {
@@ -577,10 +603,10 @@ impl Txn<'_> {
         let Some(token) = token else {
             return Ok(outcome("inactive", None));
         };
-        if token.data("kind").is_null() || !token.data("replaced_by").is_null() {
+        if token.data("kind").is_null() || !is_live(&token) {
             return Ok(outcome("inactive", None));
         }
-        if !client_id.is_null() && !fql_eq(token.data("client_id"), client_id) {
+        if !client_allowed(&token, client_id, any_client) {
             return Ok(outcome("wrong_client", None));
         }
         if fql_eq(token.data("kind"), &Value::Str("refresh".into())) {
@@ -625,7 +651,7 @@ impl Txn<'_> {
 
     /// `LIST_TOKENS`.
     fn list_tokens(&mut self, args: &Args<'_>) -> Result<Value, Failure> {
-        const INCLUDE: &str = "include_consumed ||";
+        const INCLUDE: &str = "(include_consumed ||";
         let id = expect_id(args.get("account_id")?, "Account.byId(account_id)")?;
         if !self.account_exists(&id) {
             return Ok(Value::Array(Vec::new()));
@@ -644,9 +670,11 @@ impl Txn<'_> {
             if !before {
                 continue;
             }
-            // `.where(t => include_consumed || t.data.replaced_by == null)`
-            if expect_bool(args.get("include_consumed")?, INCLUDE)?
-                || token.data("replaced_by").is_null()
+            // `.where(t => t.data.superseded != true && (include_consumed || t.data.replaced_by == null))`:
+            // a superseded token is revoked, and this store lists no revoked token.
+            if !is_superseded(&token)
+                && (expect_bool(args.get("include_consumed")?, INCLUDE)?
+                    || token.data("replaced_by").is_null())
             {
                 page.push(token);
             }
@@ -666,4 +694,19 @@ impl Txn<'_> {
             page.iter().take(limit).map(TokenDoc::to_value).collect(),
         ))
     }
+}
+
+/// `t.data.superseded == true`.
+fn is_superseded(token: &TokenDoc) -> bool {
+    fql_eq(token.data("superseded"), &Value::Bool(true))
+}
+
+/// `t.data.replaced_by == null && t.data.superseded != true`: neither consumed nor superseded.
+fn is_live(token: &TokenDoc) -> bool {
+    token.data("replaced_by").is_null() && !is_superseded(token)
+}
+
+/// `!(any_client && client_id == null) && token.data.client_id != client_id` is false.
+fn client_allowed(token: &TokenDoc, client_id: &Value, any_client: bool) -> bool {
+    (any_client && client_id.is_null()) || fql_eq(token.data("client_id"), client_id)
 }

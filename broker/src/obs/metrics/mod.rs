@@ -20,7 +20,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -183,6 +183,27 @@ impl Counter {
     }
 }
 
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one away.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Returns the value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// A latency histogram over [`LATENCY_BUCKETS`]. Buckets are kept per interval and summed when
 /// rendered, so an observation is two atomic additions.
 #[derive(Debug, Default)]
@@ -219,6 +240,16 @@ pub trait Series: Default {
 
 impl Series for Counter {
     const TYPE: &'static str = "counter";
+    fn is_zero(&self) -> bool {
+        self.get() == 0
+    }
+    fn render(&self, name: &str, labels: &str, out: &mut String) {
+        let _ = writeln!(out, "{name}{} {}", braces(labels), self.get());
+    }
+}
+
+impl Series for Gauge {
+    const TYPE: &'static str = "gauge";
     fn is_zero(&self) -> bool {
         self.get() == 0
     }
@@ -369,8 +400,13 @@ impl Registry {
     /// Adds `set`, rendered after the sets added before it; returns it for the caller to keep.
     pub fn register<S: MetricSet>(&mut self, set: S) -> Arc<S> {
         let set = Arc::new(set);
-        self.sets.push(Arc::clone(&set) as Arc<dyn MetricSet>);
+        self.add(Arc::clone(&set) as Arc<dyn MetricSet>);
         set
+    }
+
+    /// Adds a set that its owner already shares, rendered after the sets added before it.
+    pub fn add(&mut self, set: Arc<dyn MetricSet>) {
+        self.sets.push(set);
     }
 
     /// Renders every metric in the Prometheus text exposition format 0.0.4.

@@ -34,14 +34,15 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 use tracing::info;
 
-use super::{StoreError, StoreErrorKind, StoreResult, TokenStore};
+use super::{StoreError, StoreErrorKind, StoreResult, TokenStore, metrics::WriterQueueMetrics};
 use crate::{
-    model::clock::Clock,
+    model::clock::{Clock, MonotonicClock},
+    model::deadline,
     model::secret::{self},
     model::{
-        AccountId, Email, FamilyId, MintedPair, NewSession, PageRequest, RefreshOutcome,
-        RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo, TokenKind, TokenPage,
-        TokenState, UnixMicros,
+        AccountId, ClientCheck, Email, FamilyId, MintedPair, NewSession, PageRequest,
+        RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo, TokenKind,
+        TokenPage, TokenState, UnixMicros,
     },
 };
 
@@ -84,16 +85,20 @@ pub struct EmbeddedStoreConfig {
     pub durability: Durability,
     /// How often a cleanup pass (see `Writer::collect_expired`) starts.
     pub cleanup_interval: Duration,
+    /// Most writes waiting for the writer; a write past it is refused as unavailable.
+    pub max_queued_writes: usize,
 }
 
 /// The embedded SQLite store. See the module documentation.
 pub struct EmbeddedStore {
     path: PathBuf,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    jobs: Mutex<Option<mpsc::SyncSender<Job>>>,
+    queue: Arc<WriterQueueMetrics>,
     readers: Mutex<Vec<Connection>>,
     /// Set by `close`: reads refuse to open new connections to a store that was shut down.
     closed: AtomicBool,
-    clock: Arc<dyn Clock>,
+    /// Shared with the writer: reads never see time go back (see [`MonotonicClock`]).
+    clock: Arc<MonotonicClock>,
 }
 
 impl fmt::Debug for EmbeddedStore {
@@ -122,6 +127,7 @@ impl EmbeddedStore {
         let path = config.dir.join(DB_FILE);
         let conn = open_writer(&path, config.durability)?;
         migrate(&conn)?;
+        let clock = Arc::new(MonotonicClock::new(clock, latest_stored_time(&conn)?));
         let (stop_checkpoints, stop) = mpsc::channel();
         let checkpointer = Checkpointer {
             conn: Connection::open(&path).map_err(sql_error)?,
@@ -135,12 +141,13 @@ impl EmbeddedStore {
             .name("tokenbroker-sqlite-checkpoint".into())
             .spawn(move || checkpointer.run())
             .map_err(|err| internal("cannot start the checkpoint thread", err))?;
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(config.max_queued_writes);
+        let queue = Arc::new(WriterQueueMetrics::default());
         let writer = Writer {
             conn,
             jobs: rx,
+            queue: Arc::clone(&queue),
             clock: Arc::clone(&clock),
-            last_stamp: UnixMicros(0),
             cleanup_interval: config.cleanup_interval,
             cleanup_after: None,
             _stop_checkpoints: stop_checkpoints,
@@ -153,6 +160,7 @@ impl EmbeddedStore {
         Ok(Self {
             path,
             jobs: Mutex::new(Some(tx)),
+            queue,
             readers: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             clock,
@@ -164,7 +172,15 @@ impl EmbeddedStore {
         &self.path
     }
 
+    /// The write queue's metrics, for the broker's metrics endpoint.
+    pub fn queue_metrics(&self) -> Arc<WriterQueueMetrics> {
+        Arc::clone(&self.queue)
+    }
+
     /// Runs `op` in the writer's next batch and waits for the batch's commit.
+    ///
+    /// The queue is bounded: a write that finds it full is refused at once (`Unavailable`,
+    /// which callers may retry) rather than waiting behind a backlog it would only lengthen.
     async fn write<T, F>(&self, op: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -175,20 +191,42 @@ impl EmbeddedStore {
             op,
             result: None,
             reply,
+            deadline: deadline::remaining().map(|left| std::time::Instant::now() + left),
         }));
-        self.send(job)?;
-        answer.await.map_err(|_| closed())?
-    }
-
-    fn send(&self, job: Job) -> StoreResult<()> {
         let jobs = self
             .jobs
             .lock()
-            .expect("the job sender lock is never poisoned");
-        jobs.as_ref()
-            .ok_or_else(closed)?
-            .send(job)
-            .map_err(|_| closed())
+            .expect("the job sender lock is never poisoned")
+            .clone()
+            .ok_or_else(closed)?;
+        self.queue.length.get(()).inc();
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(err) => {
+                self.queue.length.get(()).dec();
+                return Err(match err {
+                    mpsc::TrySendError::Full(_) => {
+                        self.queue.refused.get(()).inc();
+                        StoreError::new(
+                            StoreErrorKind::Unavailable,
+                            "the embedded store's write queue is full",
+                            None,
+                        )
+                    }
+                    mpsc::TrySendError::Disconnected(_) => closed(),
+                });
+            }
+        }
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Whether `parsed` names a token of this store whose secret it is: a secret that does
+    /// not is answered as inactive without queueing a write, so forged secrets cost one
+    /// indexed read and never reach the writer.
+    fn is_ours(&self, parsed: &secret::ParsedSecret) -> StoreResult<bool> {
+        self.read(|conn, _| {
+            Ok(load_token(conn, &parsed.id)?.is_some_and(|row| row.matches(&parsed.digest)))
+        })
     }
 
     /// Runs `op` on a pooled read-only connection.
@@ -227,6 +265,7 @@ impl TokenStore for EmbeddedStore {
         let digests = fresh.digests();
         let ids = fresh.ids();
         let ttls = (session.access_ttl, session.refresh_ttl);
+        let session_ttl = session.session_ttl.max(session.refresh_ttl);
         let (account_id, family_id, now) = self
             .write(move |conn, now| {
                 let account_id = match &session.known_account {
@@ -248,6 +287,7 @@ impl TokenStore for EmbeddedStore {
                         now,
                         access_ttl: session.access_ttl,
                         refresh_ttl: session.refresh_ttl,
+                        session_ends_at: now.plus(session_ttl),
                     },
                 )?;
                 Ok((account_id, family_id, now))
@@ -264,14 +304,12 @@ impl TokenStore for EmbeddedStore {
         let Some(parsed) = secret::parse(secret) else {
             return Ok(RefreshOutcome::Inactive);
         };
-        if parsed.kind != TokenKind::Refresh {
+        if parsed.kind != TokenKind::Refresh || !self.is_ours(&parsed)? {
             return Ok(RefreshOutcome::Inactive);
         }
         let fresh = FreshPair::mint();
         let digests = fresh.digests();
         let ids = fresh.ids();
-        let access_ttl = rotation.access_ttl;
-        let refresh_ttl = rotation.refresh_ttl;
         let outcome = self
             .write(move |conn, now| {
                 rotate(
@@ -290,18 +328,21 @@ impl TokenStore for EmbeddedStore {
                 account_id,
                 family_id,
                 now,
-            } => RefreshOutcome::Rotated(fresh.into_pair(
-                account_id,
-                family_id,
-                now,
-                (access_ttl, refresh_ttl),
-            )),
+                ttls,
+            } => RefreshOutcome::Rotated(fresh.into_pair(account_id, family_id, now, ttls)),
             RotationResult::Inactive => RefreshOutcome::Inactive,
             RotationResult::WrongClient => RefreshOutcome::WrongClient,
             RotationResult::Reuse { family_id, revoked } => {
                 RefreshOutcome::ReuseDetected { family_id, revoked }
             }
         })
+    }
+
+    async fn may_hold(&self, secret: &SecretString) -> StoreResult<bool> {
+        match secret::parse(secret) {
+            Some(parsed) => self.is_ours(&parsed),
+            None => Ok(false),
+        }
     }
 
     async fn introspect(&self, secret: &SecretString) -> StoreResult<Option<TokenInfo>> {
@@ -332,12 +373,15 @@ impl TokenStore for EmbeddedStore {
     async fn revoke_secret(
         &self,
         secret: &SecretString,
-        client_id: Option<&str>,
+        client: &ClientCheck,
     ) -> StoreResult<SecretRevocation> {
         let Some(parsed) = secret::parse(secret) else {
             return Ok(SecretRevocation::NotActive);
         };
-        let client_id = client_id.map(str::to_owned);
+        if !self.is_ours(&parsed)? {
+            return Ok(SecretRevocation::NotActive);
+        }
+        let client = client.clone();
         self.write(move |conn, now| {
             let Some(row) = load_token(conn, &parsed.id)? else {
                 return Ok(SecretRevocation::NotActive);
@@ -345,7 +389,7 @@ impl TokenStore for EmbeddedStore {
             if !row.matches(&parsed.digest) || row.state(now) != TokenState::Active {
                 return Ok(SecretRevocation::NotActive);
             }
-            if client_id.is_some() && row.client_id != client_id {
+            if !client.allows(row.client_id.as_deref()) {
                 return Ok(SecretRevocation::WrongClient);
             }
             Ok(SecretRevocation::Revoked(revoke_token(
@@ -370,8 +414,11 @@ impl TokenStore for EmbeddedStore {
                         active("?2")
                     ))?
                     .query_row(params![account.as_str(), now.0], |r| r.get(0))?;
-                conn.prepare_cached("UPDATE accounts SET not_before = ?2 WHERE id = ?1")?
-                    .execute(params![account.as_str(), now.0])?;
+                // max(): the watermark never moves back, whatever the clock did.
+                conn.prepare_cached(
+                    "UPDATE accounts SET not_before = max(not_before, ?2) WHERE id = ?1",
+                )?
+                .execute(params![account.as_str(), now.0])?;
                 Ok(u64::try_from(active).unwrap_or(0))
             }
         })
@@ -428,7 +475,21 @@ impl TokenStore for EmbeddedStore {
 
     async fn close(&self) -> StoreResult<()> {
         let (reply, answer) = oneshot::channel();
-        self.send(Job::Close(reply))?;
+        let jobs = self
+            .jobs
+            .lock()
+            .expect("the job sender lock is never poisoned")
+            .clone()
+            .ok_or_else(closed)?;
+        self.queue.length.get(()).inc();
+        // A close waits for room in a full queue: it must reach the writer.
+        let sent = tokio::task::spawn_blocking(move || jobs.send(Job::Close(reply)))
+            .await
+            .map_err(|err| internal("the close was not sent", err))?;
+        if sent.is_err() {
+            self.queue.length.get(()).dec();
+            return Err(closed());
+        }
         let result = answer.await.map_err(|_| closed())?;
         self.closed.store(true, Ordering::Release);
         self.jobs
@@ -441,6 +502,22 @@ impl TokenStore for EmbeddedStore {
             .clear();
         result
     }
+}
+
+/// The latest time the database holds: the floor of the store's clock, so that no stamp after a
+/// restart comes before one already written, even if the wall clock went back meanwhile. One
+/// scan of the tokens at open: no index covers these columns.
+fn latest_stored_time(conn: &Connection) -> StoreResult<UnixMicros> {
+    conn.query_row(
+        "SELECT max(\
+           (SELECT coalesce(max(max(issued_at, coalesce(revoked_at, 0), coalesce(rotated_at, 0))), 0) \
+            FROM tokens), \
+           (SELECT coalesce(max(not_before), 0) FROM accounts))",
+        [],
+        |r| r.get(0),
+    )
+    .map(UnixMicros)
+    .map_err(sql_error)
 }
 
 fn open_reader(path: &Path) -> StoreResult<Connection> {

@@ -38,6 +38,11 @@ CREATE INDEX tokens_by_expiry ON tokens (expires_at);
     // The expiry index cost every sign-in two insertion points, a sixth of the pages each
     // commit writes; cleanup walks the table in id order instead (see `Writer::collect_expired`).
     "DROP INDEX tokens_by_expiry;",
+    // Sessions end (`session_ends_at`, copied to every token of a family; NULL for families
+    // issued before this, whose end is counted from their next rotation), and a superseded
+    // successor is told apart from a revoked token, so that presenting it is reuse.
+    "ALTER TABLE tokens ADD COLUMN session_ends_at INTEGER; \
+     ALTER TABLE tokens ADD COLUMN superseded_at INTEGER;",
 ];
 
 /// Applies the migrations this database has not seen yet, each in its own transaction.

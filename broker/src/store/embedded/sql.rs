@@ -30,8 +30,8 @@ pub(super) fn active(now: &str) -> String {
 /// The columns [`TokenRow::from_row`] reads, in order.
 pub(super) const TOKEN_COLUMNS: &str = "t.kind, t.account_id, t.family_id, t.parent_id, t.client_id, \
      t.secret_sha256, t.issued_at, t.expires_at, t.revoked_at, t.rotated_at, t.replaced_by, \
-     t.metadata, a.not_before, a.email, a.cognito_sub";
-pub(super) const TOKEN_COLUMN_COUNT: usize = 15;
+     t.metadata, a.not_before, a.email, a.cognito_sub, t.session_ends_at, t.superseded_at";
+pub(super) const TOKEN_COLUMN_COUNT: usize = 17;
 
 /// A token as stored, without its id.
 #[derive(Debug)]
@@ -51,6 +51,8 @@ pub(super) struct TokenRow {
     pub(super) not_before: UnixMicros,
     pub(super) email: String,
     pub(super) cognito_sub: Option<String>,
+    pub(super) session_ends_at: Option<UnixMicros>,
+    pub(super) superseded_at: Option<UnixMicros>,
 }
 
 impl TokenRow {
@@ -78,6 +80,8 @@ impl TokenRow {
             not_before: UnixMicros(r.get(12)?),
             email: r.get(13)?,
             cognito_sub: r.get(14)?,
+            session_ends_at: r.get::<_, Option<i64>>(15)?.map(UnixMicros),
+            superseded_at: r.get::<_, Option<i64>>(16)?.map(UnixMicros),
         })
     }
 
@@ -187,6 +191,7 @@ pub(super) struct PairRow<'a> {
     pub(super) now: UnixMicros,
     pub(super) access_ttl: Duration,
     pub(super) refresh_ttl: Duration,
+    pub(super) session_ends_at: UnixMicros,
 }
 
 /// Inserts a pair. The writer's inserts are `OR FAIL`: a single-row insert checks every
@@ -198,8 +203,8 @@ pub(super) struct PairRow<'a> {
 pub(super) fn insert_pair(conn: &Connection, row: &PairRow<'_>) -> rusqlite::Result<()> {
     let mut insert = conn.prepare_cached(
         "INSERT OR FAIL INTO tokens (id, kind, account_id, family_id, parent_id, client_id, \
-         secret_sha256, issued_at, expires_at, metadata) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         secret_sha256, issued_at, expires_at, metadata, session_ends_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?;
     let (refresh_id, access_id) = row.ids;
     insert.execute(params![
@@ -213,6 +218,7 @@ pub(super) fn insert_pair(conn: &Connection, row: &PairRow<'_>) -> rusqlite::Res
         row.now.0,
         row.now.plus(row.refresh_ttl).0,
         row.metadata,
+        row.session_ends_at.0,
     ])?;
     insert.execute(params![
         access_id.as_str(),
@@ -225,6 +231,7 @@ pub(super) fn insert_pair(conn: &Connection, row: &PairRow<'_>) -> rusqlite::Res
         row.now.0,
         row.now.plus(row.access_ttl).0,
         row.metadata,
+        row.session_ends_at.0,
     ])?;
     Ok(())
 }
@@ -257,6 +264,8 @@ pub(super) enum RotationResult {
         account_id: AccountId,
         family_id: FamilyId,
         now: UnixMicros,
+        /// The new access and refresh lifetimes, cut short at the session's end.
+        ttls: (Duration, Duration),
     },
     Inactive,
     WrongClient,
@@ -266,10 +275,11 @@ pub(super) enum RotationResult {
     },
 }
 
-/// Revokes a superseded successor (`?1`) and its access tokens. The family (`?3`) narrows the
-/// search to its index: `parent_id` has none, and without it this statement scanned the whole
-/// table on the writer.
-pub(super) const SUPERSEDE: &str = "UPDATE tokens SET revoked_at = ?2 \
+/// Revokes a superseded successor (`?1`) and its access tokens, marking the successor itself
+/// superseded. The family (`?3`) narrows the search to its index: `parent_id` has none, and
+/// without it this statement scanned the whole table on the writer.
+pub(super) const SUPERSEDE: &str = "UPDATE tokens SET revoked_at = ?2, \
+     superseded_at = CASE WHEN id = ?1 THEN ?2 END \
      WHERE family_id = ?3 AND (id = ?1 OR parent_id = ?1) AND revoked_at IS NULL";
 
 pub(super) fn rotate(
@@ -289,13 +299,31 @@ pub(super) fn rotate(
     }
     // An expired token is inactive whatever else happened to it: a consumed refresh token
     // that comes back after its own lifetime is not reuse worth ending the session for.
+    let superseded = row.superseded_at.is_some() && row.revoked_at == row.superseded_at;
     match row.state(now) {
         TokenState::Active | TokenState::Rotated if row.expires_at > now => {}
+        TokenState::Revoked if superseded && row.expires_at > now => {}
         _ => return Ok(RotationResult::Inactive),
     }
-    if rotation.client_id.is_some() && row.client_id != rotation.client_id {
+    if !rotation.client.allows(row.client_id.as_deref()) {
         return Ok(RotationResult::WrongClient);
     }
+    if superseded {
+        // A successor that a retry of its predecessor displaced comes back: its holder and
+        // the retry's are two presenters of one session, and one of them is not the user.
+        return reuse(conn, now, id, &row);
+    }
+    let session_ends_at = row
+        .session_ends_at
+        .unwrap_or_else(|| now.plus(rotation.session_ttl));
+    if session_ends_at <= now {
+        return Ok(RotationResult::Inactive);
+    }
+    let left = Duration::from_micros(u64::try_from(session_ends_at.0 - now.0).unwrap_or(0));
+    let ttls = (
+        rotation.access_ttl.min(left),
+        rotation.refresh_ttl.min(left),
+    );
     if let Some(successor) = &row.replaced_by {
         // A consumed token came back. Only the immediate predecessor of the family's current
         // refresh token, within the grace window, may rotate again (a retry whose answer was
@@ -306,12 +334,7 @@ pub(super) fn rotate(
         let successor_is_current =
             load_token(conn, successor)?.is_some_and(|s| s.state(now) == TokenState::Active);
         if !(in_grace && successor_is_current) {
-            let revoked = revoke_family(conn, now, &row.family_id)?;
-            warn!(family_id = %row.family_id, token_id = %id, revoked, "refresh token reuse detected; family revoked");
-            return Ok(RotationResult::Reuse {
-                family_id: row.family_id,
-                revoked,
-            });
+            return reuse(conn, now, id, &row);
         }
         debug!(token_id = %id, superseded = %successor, "refresh retried within grace window");
         conn.prepare_cached(SUPERSEDE)?.execute(params![
@@ -330,8 +353,9 @@ pub(super) fn rotate(
             client_id: row.client_id.as_deref(),
             metadata: &row.metadata,
             now,
-            access_ttl: rotation.access_ttl,
-            refresh_ttl: rotation.refresh_ttl,
+            access_ttl: ttls.0,
+            refresh_ttl: ttls.1,
+            session_ends_at,
         },
     )?;
     conn.prepare_cached(
@@ -342,6 +366,22 @@ pub(super) fn rotate(
         account_id: row.account_id,
         family_id: row.family_id,
         now,
+        ttls,
+    })
+}
+
+/// Ends the family of a reused refresh token `id`.
+fn reuse(
+    conn: &Connection,
+    now: UnixMicros,
+    id: &TokenId,
+    row: &TokenRow,
+) -> rusqlite::Result<RotationResult> {
+    let revoked = revoke_family(conn, now, &row.family_id)?;
+    warn!(family_id = %row.family_id, token_id = %id, revoked, "refresh token reuse detected; family revoked");
+    Ok(RotationResult::Reuse {
+        family_id: row.family_id.clone(),
+        revoked,
     })
 }
 

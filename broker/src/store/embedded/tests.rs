@@ -8,7 +8,7 @@ use tempfile::TempDir;
 use super::{schema::MIGRATIONS, sql::SUPERSEDE, writer::CLEANUP_WINDOW, *};
 use crate::{
     model::clock::ManualClock,
-    model::{Metadata, NewSession},
+    model::{ClientCheck, Metadata, NewSession},
     store::testsuite::{StoreHarness, store_test_suite},
 };
 
@@ -20,6 +20,7 @@ fn config(dir: &Path, cleanup_interval: Duration) -> EmbeddedStoreConfig {
         dir: dir.to_owned(),
         durability: Durability::Normal,
         cleanup_interval,
+        max_queued_writes: 4096,
     }
 }
 
@@ -31,6 +32,7 @@ fn session(email: &str, access_ttl: Duration, refresh_ttl: Duration) -> NewSessi
         client_id: Some("app-1".to_owned()),
         access_ttl,
         refresh_ttl,
+        session_ttl: refresh_ttl,
         metadata: Metadata::new(),
     }
 }
@@ -60,6 +62,242 @@ async fn embedded_store_passes_conformance_suite() {
     store_test_suite(&TempDirHarness::default()).await;
 }
 
+/// Holds the writer thread inside a write until released, so that writes queued meanwhile wait.
+struct HeldWriter {
+    release: std::sync::mpsc::Sender<()>,
+    gate: tokio::task::JoinHandle<StoreResult<()>>,
+}
+
+impl HeldWriter {
+    async fn hold(store: &Arc<EmbeddedStore>) -> Self {
+        let (held, writer_held) = oneshot::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let mut hold = Some((held, released));
+        let gate = tokio::spawn({
+            let store = Arc::clone(store);
+            async move {
+                store
+                    .write(move |conn, _| {
+                        conn.execute_batch("CREATE TABLE IF NOT EXISTS probe (k INTEGER)")?;
+                        if let Some((held, released)) = hold.take() {
+                            let _ = held.send(());
+                            let _ = released.recv();
+                        }
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        writer_held.await.expect("the gate write runs");
+        Self { release, gate }
+    }
+
+    async fn release(self) {
+        self.release.send(()).expect("the gate write waits");
+        self.gate.await.unwrap().expect("the gate write succeeds");
+    }
+}
+
+/// Polls a future once: a write is queued by the first poll of its future.
+async fn poll_once<F: Future + Unpin>(future: &mut F) {
+    std::future::poll_fn(|cx| {
+        let _ = std::pin::Pin::new(&mut *future).poll(cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
+}
+
+fn probe_write(
+    store: &Arc<EmbeddedStore>,
+    k: i64,
+) -> std::pin::Pin<Box<dyn Future<Output = StoreResult<i64>> + Send>> {
+    let store = Arc::clone(store);
+    Box::pin(async move {
+        store
+            .write(move |conn, _| {
+                conn.execute("INSERT INTO probe (k) VALUES (?1)", [k])?;
+                Ok(k)
+            })
+            .await
+    })
+}
+
+fn probes(store: &EmbeddedStore) -> Vec<i64> {
+    store
+        .read(|conn, _| {
+            conn.prepare("SELECT k FROM probe ORDER BY k")?
+                .query_map([], |r| r.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .expect("the probe table reads")
+}
+
+fn open_with(dir: &Path, clock: Arc<ManualClock>, max_queued_writes: usize) -> Arc<EmbeddedStore> {
+    let config = EmbeddedStoreConfig {
+        max_queued_writes,
+        ..config(dir, NO_CLEANUP)
+    };
+    Arc::new(EmbeddedStore::open(&config, clock).expect("the store opens"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_write_queue_refuses_at_once_and_the_queued_writes_still_commit() {
+    let dir = TempDir::new().expect("a temporary directory can be created");
+    let store = open_with(dir.path(), Arc::new(ManualClock::new()), 3);
+    let held = HeldWriter::hold(&store).await;
+    let mut queued: Vec<_> = (0..3).map(|k| probe_write(&store, k)).collect();
+    for write in &mut queued {
+        poll_once(write).await;
+    }
+    assert_eq!(store.queue.length.get(()).get(), 3);
+    let refused = probe_write(&store, 99)
+        .await
+        .expect_err("the queue is full");
+    assert_eq!(refused.kind(), StoreErrorKind::Unavailable);
+    assert_eq!(store.queue.refused.get(()).get(), 1);
+    // Forged secrets are answered from a read, not queued: they get their answer while the
+    // queue is full.
+    let forged = SecretString::from(format!("tbr_{}_{}", "0".repeat(32), "x".repeat(43)));
+    let answer = store
+        .refresh(
+            &forged,
+            Rotation {
+                client: ClientCheck::Any,
+                access_ttl: Duration::from_secs(60),
+                refresh_ttl: Duration::from_secs(600),
+                grace: Duration::from_secs(10),
+                session_ttl: Duration::from_secs(3600),
+            },
+        )
+        .await
+        .expect("a forged secret is no error");
+    assert!(matches!(answer, RefreshOutcome::Inactive));
+    assert!(matches!(
+        store
+            .revoke_secret(&forged, &ClientCheck::Any)
+            .await
+            .expect("no error"),
+        SecretRevocation::NotActive
+    ));
+    held.release().await;
+    for (k, write) in (0..3).zip(queued) {
+        assert_eq!(write.await.expect("a queued write commits"), k);
+    }
+    assert_eq!(probes(&store), vec![0, 1, 2]);
+    assert_eq!(store.queue.length.get(()).get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_whose_callers_gave_up_are_dropped_unrun() {
+    let dir = TempDir::new().expect("a temporary directory can be created");
+    let store = open_with(dir.path(), Arc::new(ManualClock::new()), 16);
+    let held = HeldWriter::hold(&store).await;
+    // One caller goes away; another's deadline passes while its write waits.
+    let mut gone = probe_write(&store, 1);
+    poll_once(&mut gone).await;
+    drop(gone);
+    let late = tokio::spawn(deadline::scope(
+        tokio::time::Instant::now() + Duration::from_millis(50),
+        probe_write(&store, 2),
+    ));
+    let mut kept = probe_write(&store, 3);
+    poll_once(&mut kept).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    held.release().await;
+    assert_eq!(kept.await.expect("a live caller's write commits"), 3);
+    let late = late
+        .await
+        .unwrap()
+        .expect_err("a write past its deadline is not run");
+    assert_eq!(late.kind(), StoreErrorKind::Timeout);
+    assert_eq!(probes(&store), vec![3], "neither abandoned write ran");
+    assert_eq!(store.queue.abandoned.get(()).get(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_stepped_back_across_a_restart_revives_nothing_and_stamps_after_the_watermark() {
+    let dir = TempDir::new().expect("a temporary directory can be created");
+    let clock = Arc::new(ManualClock::new());
+    let store = open_with(dir.path(), Arc::clone(&clock), 16);
+    let short = store
+        .issue(session(
+            "clock@example.com",
+            Duration::from_secs(60),
+            Duration::from_secs(600),
+        ))
+        .await
+        .expect("issue");
+    clock.advance(Duration::from_secs(120));
+    assert!(
+        store
+            .introspect(&short.access.secret)
+            .await
+            .unwrap()
+            .is_none(),
+        "expired"
+    );
+    let revoked = store
+        .issue(session(
+            "clock@example.com",
+            Duration::from_secs(3600),
+            Duration::from_secs(7200),
+        ))
+        .await
+        .expect("issue");
+    store
+        .revoke(RevokeTarget::Account(revoked.account_id.clone()))
+        .await
+        .expect("revoke all");
+    store.close().await.expect("close");
+    drop(store);
+
+    clock.rewind(Duration::from_secs(3600));
+    let store = open_with(dir.path(), Arc::clone(&clock), 16);
+    assert!(
+        store
+            .introspect(&short.access.secret)
+            .await
+            .unwrap()
+            .is_none(),
+        "an expired token stays expired when the clock goes back"
+    );
+    assert!(
+        store
+            .introspect(&revoked.access.secret)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A revoke-all under the stepped-back clock must not move the watermark back...
+    store
+        .revoke(RevokeTarget::Account(revoked.account_id.clone()))
+        .await
+        .expect("revoke all again");
+    assert!(
+        store
+            .introspect(&revoked.refresh.secret)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // ...and a new sign-in is stamped after it, so it is active.
+    let fresh = store
+        .issue(session(
+            "clock@example.com",
+            Duration::from_secs(60),
+            Duration::from_secs(600),
+        ))
+        .await
+        .expect("issue after the step back");
+    assert!(
+        store
+            .introspect(&fresh.access.secret)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_write_fails_alone_and_undoes_only_its_own_changes() {
     let dir = TempDir::new().expect("a temporary directory can be created");
@@ -72,25 +310,7 @@ async fn a_failed_write_fails_alone_and_undoes_only_its_own_changes() {
     );
     // The first write holds the writer until every other write is queued, so they commit as
     // one batch with the failing ones among them.
-    let (held, writer_held) = oneshot::channel::<()>();
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let mut hold = Some((held, released));
-    let gate = tokio::spawn({
-        let store = Arc::clone(&store);
-        async move {
-            store
-                .write(move |conn, _| {
-                    conn.execute_batch("CREATE TABLE IF NOT EXISTS probe (k INTEGER)")?;
-                    if let Some((held, released)) = hold.take() {
-                        let _ = held.send(());
-                        let _ = released.recv();
-                    }
-                    Ok(())
-                })
-                .await
-        }
-    });
-    writer_held.await.expect("the gate write runs");
+    let held = HeldWriter::hold(&store).await;
     let mut writes: Vec<_> = (0..20_i64)
         .map(|k| {
             let store = Arc::clone(&store);
@@ -108,16 +328,10 @@ async fn a_failed_write_fails_alone_and_undoes_only_its_own_changes() {
             })
         })
         .collect();
-    // A write is queued by the first poll of its future; then the gate lets the writer go.
     for write in &mut writes {
-        std::future::poll_fn(|cx| {
-            let _ = write.as_mut().poll(cx);
-            std::task::Poll::Ready(())
-        })
-        .await;
+        poll_once(write).await;
     }
-    release.send(()).expect("the gate write waits");
-    gate.await.unwrap().expect("the gate write succeeds");
+    held.release().await;
     let mut expected = Vec::new();
     for (k, write) in (0..20_i64).zip(writes) {
         let result = write.await;
@@ -128,14 +342,7 @@ async fn a_failed_write_fails_alone_and_undoes_only_its_own_changes() {
             expected.push(k);
         }
     }
-    let stored = store
-        .read(|conn, _| {
-            conn.prepare("SELECT k FROM probe ORDER BY k")?
-                .query_map([], |r| r.get::<_, i64>(0))?
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .expect("the probe table reads");
-    assert_eq!(stored, expected);
+    assert_eq!(probes(&store), expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,10 +379,11 @@ async fn data_survives_close_and_reopen() {
         Some(pair.account_id.clone())
     );
     let rotation = Rotation {
-        client_id: None,
+        client: ClientCheck::Any,
         access_ttl: hour,
         refresh_ttl: hour,
         grace: Duration::ZERO,
+        session_ttl: hour * 24,
     };
     let outcome = reopened
         .refresh(&pair.refresh.secret, rotation)

@@ -11,14 +11,16 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
-use super::super::{StoreError, StoreErrorKind, StoreResult};
+use super::super::{StoreError, StoreErrorKind, StoreResult, metrics::WriterQueueMetrics};
 use super::{Durability, classify, sql_error};
-use crate::{model::UnixMicros, model::clock::Clock};
+use crate::{model::UnixMicros, model::clock::MonotonicClock};
 
 pub(super) struct Op<T, F> {
     pub(super) op: F,
     pub(super) result: Option<rusqlite::Result<T>>,
     pub(super) reply: oneshot::Sender<StoreResult<T>>,
+    /// The caller's deadline, if it has one.
+    pub(super) deadline: Option<Instant>,
 }
 
 impl<T, F> WriteOp for Op<T, F>
@@ -31,6 +33,18 @@ where
         let ok = result.is_ok();
         self.result = Some(result);
         ok
+    }
+
+    fn abandoned(&self, now: Instant) -> bool {
+        self.reply.is_closed() || self.deadline.is_some_and(|deadline| now >= deadline)
+    }
+
+    fn abandon(self: Box<Self>) {
+        let _ = self.reply.send(Err(StoreError::new(
+            StoreErrorKind::Timeout,
+            "the call's deadline passed before its write ran",
+            None,
+        )));
     }
 
     fn finish(self: Box<Self>, failure: Option<&rusqlite::Error>) {
@@ -60,10 +74,12 @@ pub(super) enum Job {
 pub(super) struct Writer {
     pub(super) conn: Connection,
     pub(super) jobs: mpsc::Receiver<Job>,
-    pub(super) clock: Arc<dyn Clock>,
-    /// The last stamp handed out: stamps strictly increase, so "issued before the watermark"
-    /// and "issued after it" never tie, whatever the clock's resolution.
-    pub(super) last_stamp: UnixMicros,
+    /// Counts the jobs waiting in `jobs` and the writes dropped unrun.
+    pub(super) queue: Arc<WriterQueueMetrics>,
+    /// Stamps strictly increase, across restarts too (the clock starts at the latest time
+    /// stored), so "issued before the watermark" and "issued after it" never tie, and a wall
+    /// clock stepped back cannot stamp a token before a watermark already written.
+    pub(super) clock: Arc<MonotonicClock>,
     pub(super) cleanup_interval: Duration,
     /// Where the cleanup pass under way continues: after this token id. `None` between passes.
     pub(super) cleanup_after: Option<String>,
@@ -95,15 +111,23 @@ impl Writer {
             };
             let mut batch = Vec::with_capacity(16);
             let mut close = None;
-            match first {
-                Job::Write(op) => batch.push(op),
-                Job::Close(reply) => close = Some(reply),
-            }
-            while close.is_none() && batch.len() < MAX_BATCH {
-                match self.jobs.try_recv() {
-                    Ok(Job::Write(op)) => batch.push(op),
-                    Ok(Job::Close(reply)) => close = Some(reply),
-                    Err(_) => break,
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                self.queue.length.get(()).dec();
+                match job {
+                    // A write whose caller has given up (its deadline passed, or it went
+                    // away) is dropped unrun: nobody will see its answer, and under a flood
+                    // that timed out in the queue, running it would only make the queue
+                    // longer for the callers still waiting.
+                    Job::Write(op) if op.abandoned(Instant::now()) => {
+                        self.queue.abandoned.get(()).inc();
+                        op.abandon();
+                    }
+                    Job::Write(op) => batch.push(op),
+                    Job::Close(reply) => close = Some(reply),
+                }
+                if close.is_none() && batch.len() < MAX_BATCH {
+                    next = self.jobs.try_recv().ok();
                 }
             }
             if !batch.is_empty() {
@@ -121,10 +145,8 @@ impl Writer {
         }
     }
 
-    pub(super) fn stamp(&mut self) -> UnixMicros {
-        let now = self.clock.now().max(UnixMicros(self.last_stamp.0 + 1));
-        self.last_stamp = now;
-        now
+    pub(super) fn stamp(&self) -> UnixMicros {
+        self.clock.stamp()
     }
 
     /// Runs a batch in one transaction.
@@ -290,6 +312,10 @@ pub(super) trait WriteOp: Send {
     /// write may run again after its transaction was rolled back (see [`Writer::commit`]); the
     /// last run's result is the answer.
     fn run(&mut self, conn: &Connection, now: UnixMicros) -> bool;
+    /// Whether the caller has given up on the answer, at `now`.
+    fn abandoned(&self, now: Instant) -> bool;
+    /// Answers a write that was dropped unrun.
+    fn abandon(self: Box<Self>);
     /// Sends the reply once the transaction's fate is known.
     fn finish(self: Box<Self>, failure: Option<&rusqlite::Error>);
 }

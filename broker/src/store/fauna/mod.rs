@@ -45,9 +45,9 @@ use super::{
 use crate::{
     model::deadline,
     model::{
-        AccountId, Email, FamilyId, MAX_SECRET_LEN, Metadata, MintedPair, MintedToken, NewSession,
-        PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo,
-        TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros, random_hex,
+        AccountId, ClientCheck, Email, FamilyId, MAX_SECRET_LEN, Metadata, MintedPair, MintedToken,
+        NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId,
+        TokenInfo, TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros, random_hex,
     },
     obs::context::{self, TRACEPARENT, TRACESTATE},
 };
@@ -418,6 +418,7 @@ impl TokenStore for FaunaStore {
             "nonce": &random_hex()[..16],
             "access_ttl": wire::int(session.access_ttl.as_secs()),
             "refresh_ttl": wire::int(session.refresh_ttl.as_secs()),
+            "session_ttl": wire::int(session.session_ttl.max(session.refresh_ttl).as_secs()),
             "metadata": wire::object(&session.metadata),
         });
         let answer = match &session.known_account {
@@ -452,7 +453,9 @@ impl TokenStore for FaunaStore {
             "access_ttl": wire::int(rotation.access_ttl.as_secs()),
             "refresh_ttl": wire::int(rotation.refresh_ttl.as_secs()),
             "grace": wire::int(rotation.grace.as_secs()),
-            "client_id": wire::opt_str(rotation.client_id.as_deref()),
+            "client_id": wire::opt_str(rotation.client.client_id()),
+            "any_client": rotation.client == ClientCheck::Any,
+            "session_ttl": wire::int(rotation.session_ttl.as_secs()),
         });
         let value = match self
             .query(Op::Rotate, Bearer::Token(secret), arguments)
@@ -501,12 +504,15 @@ impl TokenStore for FaunaStore {
     async fn revoke_secret(
         &self,
         secret: &SecretString,
-        client_id: Option<&str>,
+        client: &ClientCheck,
     ) -> StoreResult<SecretRevocation> {
         if !plausible_secret(secret) {
             return Ok(SecretRevocation::NotActive);
         }
-        let arguments = json!({ "client_id": wire::opt_str(client_id) });
+        let arguments = json!({
+            "client_id": wire::opt_str(client.client_id()),
+            "any_client": *client == ClientCheck::Any,
+        });
         let value = match self
             .query(Op::RevokeSecret, Bearer::Token(secret), arguments)
             .await?
@@ -638,13 +644,15 @@ struct TokenData {
     replaced_by: Option<String>,
     rotated_at: Option<String>,
     #[serde(default)]
+    superseded: bool,
+    #[serde(default)]
     metadata: Metadata,
 }
 
 impl TokenDoc {
-    /// The token's facts if it is one of the broker's and not consumed.
+    /// The token's facts if it is one of the broker's and neither consumed nor superseded.
     fn into_info(self) -> Option<TokenInfo> {
-        if self.data.replaced_by.is_some() {
+        if self.data.replaced_by.is_some() || self.data.superseded {
             return None;
         }
         Some(TokenInfo {
@@ -662,7 +670,9 @@ impl TokenDoc {
 
     fn into_record(self) -> Option<TokenRecord> {
         let rotated_at = self.data.rotated_at.as_deref().and_then(wire::parse_time);
-        let state = if self.data.replaced_by.is_some() {
+        let state = if self.data.superseded {
+            TokenState::Revoked
+        } else if self.data.replaced_by.is_some() {
             TokenState::Rotated
         } else {
             TokenState::Active

@@ -7,8 +7,11 @@
 //!
 //! Token documents carry the broker's bookkeeping in `data`:
 //! `kind` (`"access"` | `"refresh"`), `family`, `parent` (an access token's refresh token id),
-//! `email`, `cognito_sub` (the account's), `client_id`, `issued_at` (Time), `metadata` (object), and, once rotated, `replaced_by`
-//! (the successor's id) and `rotated_at` (Time). Revocation deletes token documents; Fauna itself
+//! `email`, `cognito_sub` (the account's), `client_id`, `issued_at` (Time), `session_ends`
+//! (Time: no token of the family outlives it), `metadata` (object), and, once rotated,
+//! `replaced_by` (the successor's id) and `rotated_at` (Time); a refresh token that a retry of
+//! its predecessor displaced is kept with `superseded: true`, so that presenting it again is
+//! reuse. Revocation deletes token documents; Fauna itself
 //! stops accepting a secret once its document is deleted or its `ttl` has passed, and expired
 //! documents disappear from reads.
 //!
@@ -30,12 +33,12 @@ let family = "fam_" + account.id + "_" + nonce
 let refresh = Token.create({
   document: account,
   ttl: now.add(refresh_ttl, "seconds"),
-  data: { kind: "refresh", family: family, email: email, cognito_sub: account.cognito_sub, client_id: client_id, issued_at: now, metadata: metadata }
+  data: { kind: "refresh", family: family, email: email, cognito_sub: account.cognito_sub, client_id: client_id, issued_at: now, session_ends: now.add(session_ttl, "seconds"), metadata: metadata }
 })
 let access = Token.create({
   document: account,
   ttl: now.add(access_ttl, "seconds"),
-  data: { kind: "access", family: family, parent: refresh.id, email: email, cognito_sub: account.cognito_sub, client_id: client_id, issued_at: now, metadata: metadata }
+  data: { kind: "access", family: family, parent: refresh.id, email: email, cognito_sub: account.cognito_sub, client_id: client_id, issued_at: now, session_ends: now.add(session_ttl, "seconds"), metadata: metadata }
 })
 {
   account: account.id,
@@ -50,7 +53,8 @@ let access = Token.create({
 /// Gets or creates the account by email and mints a refresh and an access token (server key).
 ///
 /// Arguments: `email` (string), `cognito_sub` (string or null), `client_id` (string or null),
-/// `nonce` (string), `access_ttl`, `refresh_ttl` (int seconds), `metadata` (object).
+/// `nonce` (string), `access_ttl`, `refresh_ttl`, `session_ttl` (int seconds), `metadata`
+/// (object).
 /// Result: `{ account, family, now, refresh: { id, secret, ttl }, access: { id, secret, ttl } }`.
 /// A concurrent first sign-in of the same email contends on the unique email; Fauna re-runs
 /// the loser, which then finds the winner's account.
@@ -67,21 +71,25 @@ pub const ISSUE_FOR_ACCOUNT: &str =
 
 /// Rotates the bearer refresh token (bearer: the refresh secret).
 ///
-/// Arguments: `access_ttl`, `refresh_ttl`, `grace` (int seconds), `client_id` (string or null).
+/// Arguments: `access_ttl`, `refresh_ttl`, `grace` (int seconds), `client_id` (string or null),
+/// `any_client` (bool: skip the client check when no `client_id` is given), `session_ttl` (int
+/// seconds: the session of a family stored without `session_ends`, counted from now). The new
+/// tokens' ttls end at `session_ends` at the latest.
 /// Result: `{ outcome: "rotated", account, family, now, refresh, access }` (as issuing),
 /// `{ outcome: "inactive" }`, `{ outcome: "wrong_client" }`, or
 /// `{ outcome: "reuse", family, revoked }` (the family was deleted; `revoked` counts the tokens
 /// that were not consumed).
-pub const ROTATE: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id)";
+pub const ROTATE: &str =
+    "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl)";
 
 /// The bearer token's own document (bearer: the secret), or null for a key.
 pub const INTROSPECT: &str = "Query.token()";
 
 /// Revokes the bearer token; a refresh token takes its family with it (bearer: the secret).
 ///
-/// Arguments: `client_id` (string or null). Result: `{ outcome: "revoked", revoked }`,
-/// `{ outcome: "inactive" }` or `{ outcome: "wrong_client" }`.
-pub const REVOKE_SECRET: &str = "revokeCurrentToken(client_id)";
+/// Arguments: `client_id` (string or null), `any_client` (bool, as for [`ROTATE`]). Result:
+/// `{ outcome: "revoked", revoked }`, `{ outcome: "inactive" }` or `{ outcome: "wrong_client" }`.
+pub const REVOKE_SECRET: &str = "revokeCurrentToken(client_id, any_client)";
 
 /// Revokes a token by id, a refresh token with its family (server key).
 ///
@@ -91,7 +99,7 @@ if (token == null) {
   0
 } else if (token.data.kind == "refresh") {
   let family = Token.byDocument(token.document).where(.data.family == token.data.family)
-  let revoked = family.where(.data.replaced_by == null).count()
+  let revoked = family.where(t => t.data.replaced_by == null && t.data.superseded != true).count()
   family.forEach(.delete())
   revoked
 } else {
@@ -108,7 +116,7 @@ if (account == null) {
   0
 } else {
   let tokens = Token.byDocument(account).where(.data.family == family)
-  let revoked = tokens.where(.data.replaced_by == null).count()
+  let revoked = tokens.where(t => t.data.replaced_by == null && t.data.superseded != true).count()
   tokens.forEach(.delete())
   revoked
 }"#;
@@ -121,7 +129,7 @@ if (account == null) {
   0
 } else {
   let tokens = Token.byDocument(account)
-  let revoked = tokens.where(.data.replaced_by == null).count()
+  let revoked = tokens.where(t => t.data.replaced_by == null && t.data.superseded != true).count()
   tokens.forEach(.delete())
   revoked
 }"#;
@@ -141,7 +149,7 @@ if (account == null) {
 } else {
   Token.byDocument(account)
     .where(t => t.data.issued_at < after_issued_at || (t.data.issued_at == after_issued_at && t.id < after_id))
-    .where(t => include_consumed || t.data.replaced_by == null)
+    .where(t => t.data.superseded != true && (include_consumed || t.data.replaced_by == null))
     .order(desc(.data.issued_at), desc(.id))
     .take(limit)
     .toArray()

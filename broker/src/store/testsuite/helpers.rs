@@ -67,8 +67,11 @@ impl Ctx {
         secret: &SecretString,
         client: Option<&str>,
     ) -> SecretRevocation {
+        let client = client.map_or(ClientCheck::Any, |c| {
+            ClientCheck::Exactly(Some(c.to_owned()))
+        });
         self.store
-            .revoke_secret(secret, client)
+            .revoke_secret(secret, &client)
             .await
             .expect("revoke_secret succeeds")
     }
@@ -183,16 +186,18 @@ pub(super) fn session(address: &str) -> NewSession {
         client_id: Some(CLIENT.to_owned()),
         access_ttl: ACCESS_TTL,
         refresh_ttl: REFRESH_TTL,
+        session_ttl: SESSION_TTL,
         metadata: Metadata::new(),
     }
 }
 
 pub(super) fn rotation(grace: Duration) -> Rotation {
     Rotation {
-        client_id: None,
+        client: ClientCheck::Any,
         access_ttl: ACCESS_TTL,
         refresh_ttl: REFRESH_TTL,
         grace,
+        session_ttl: SESSION_TTL,
     }
 }
 

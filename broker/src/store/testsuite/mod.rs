@@ -31,9 +31,9 @@ use super::{StoreErrorKind, StoreResult, TokenStore};
 use crate::{
     model::clock::{Clock, ManualClock},
     model::{
-        AccountId, Email, FamilyId, Metadata, MintedPair, NewSession, PageRequest, RefreshOutcome,
-        RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo, TokenKind, TokenPage,
-        TokenRecord, TokenState, UnixMicros, random_hex,
+        AccountId, ClientCheck, Email, FamilyId, Metadata, MintedPair, NewSession, PageRequest,
+        RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo, TokenKind,
+        TokenPage, TokenRecord, TokenState, UnixMicros, random_hex,
     },
 };
 
@@ -107,6 +107,8 @@ const OTHER_CLIENT: &str = "app-2";
 /// Default lifetimes, as the broker's defaults.
 const ACCESS_TTL: Duration = Duration::from_secs(600);
 const REFRESH_TTL: Duration = Duration::from_secs(3600);
+/// The session lifetime: three refresh lifetimes, so a few rotations reach its end.
+const SESSION_TTL: Duration = Duration::from_secs(3 * 3600);
 /// The grace window most rotation cases use.
 const GRACE: Duration = Duration::from_secs(10);
 /// How far a store's write time may run ahead of its clock (the embedded store stamps writes

@@ -11,6 +11,8 @@ pub(super) fn cases() -> Vec<(&'static str, Case)> {
         consumed_refresh_token_after_its_expiry_is_inactive_not_reuse,
         revoked_refresh_token_cannot_refresh,
         refresh_for_another_client_is_refused_and_changes_nothing,
+        a_token_bound_to_a_client_needs_its_id_when_the_check_is_exact,
+        no_rotation_outlives_the_session,
     ]
 }
 
@@ -20,7 +22,7 @@ pub(super) async fn refresh_rotates_into_a_new_pair_in_the_same_family(ctx: Ctx)
     let first = ctx.issue_session(request.clone()).await;
 
     let mut rotation = rotation(GRACE);
-    rotation.client_id = Some(CLIENT.to_owned());
+    rotation.client = ClientCheck::Exactly(Some(CLIENT.to_owned()));
     rotation.access_ttl = Duration::from_secs(30);
     let before = ctx.clock.now();
     let second = rotated(ctx.refresh(&first.refresh.secret, rotation).await);
@@ -164,7 +166,7 @@ pub(super) async fn refresh_for_another_client_is_refused_and_changes_nothing(ct
     let before = ctx.all_tokens(&pair.account_id).await;
 
     let mut wrong = rotation(GRACE);
-    wrong.client_id = Some(OTHER_CLIENT.to_owned());
+    wrong.client = ClientCheck::Exactly(Some(OTHER_CLIENT.to_owned()));
     let outcome = ctx.refresh(&pair.refresh.secret, wrong).await;
     assert!(
         matches!(outcome, RefreshOutcome::WrongClient),
@@ -179,7 +181,71 @@ pub(super) async fn refresh_for_another_client_is_refused_and_changes_nothing(ct
     assert!(ctx.is_active(&pair.access.secret).await);
 
     let mut right = rotation(GRACE);
-    right.client_id = Some(CLIENT.to_owned());
+    right.client = ClientCheck::Exactly(Some(CLIENT.to_owned()));
     let next = rotated(ctx.refresh(&pair.refresh.secret, right).await);
     assert_eq!(next.family_id, pair.family_id);
+}
+
+pub(super) async fn a_token_bound_to_a_client_needs_its_id_when_the_check_is_exact(ctx: Ctx) {
+    let bound = ctx.issue("nora@example.com").await;
+    let mut unnamed = rotation(GRACE);
+    unnamed.client = ClientCheck::Exactly(None);
+    let outcome = ctx.refresh(&bound.refresh.secret, unnamed.clone()).await;
+    assert!(
+        matches!(outcome, RefreshOutcome::WrongClient),
+        "a client's token must not rotate without its client id, got {outcome:?}"
+    );
+    let revocation = ctx
+        .store
+        .revoke_secret(&bound.access.secret, &ClientCheck::Exactly(None))
+        .await
+        .expect("revoke_secret succeeds");
+    assert!(
+        matches!(revocation, SecretRevocation::WrongClient),
+        "a client's token must not be revoked without its client id, got {revocation:?}"
+    );
+    assert!(ctx.is_active(&bound.refresh.secret).await);
+    assert!(ctx.is_active(&bound.access.secret).await);
+
+    // A token issued for no client passes the exact check with none.
+    let mut request = session("nora@example.com");
+    request.client_id = None;
+    let unbound = ctx.issue_session(request).await;
+    rotated(ctx.refresh(&unbound.refresh.secret, unnamed).await);
+}
+
+pub(super) async fn no_rotation_outlives_the_session(ctx: Ctx) {
+    let start = ctx.clock.now();
+    let session_end = start.plus(SESSION_TTL);
+    let mut pair = ctx.issue("olga@example.com").await;
+    // Rotate every 50 minutes, each time asking for the full refresh lifetime: the session
+    // (three refresh lifetimes) still ends on time.
+    let step = Duration::from_secs(50 * 60);
+    loop {
+        ctx.clock.advance(step);
+        let now = ctx.clock.now();
+        if now >= session_end {
+            break;
+        }
+        let next = rotated(ctx.refresh(&pair.refresh.secret, rotation(GRACE)).await);
+        let slack = STAMP_SLACK;
+        assert!(
+            next.refresh.expires_at <= session_end.plus(slack),
+            "a refresh token must end with its session: {:?} > {session_end:?}",
+            next.refresh.expires_at
+        );
+        assert!(next.access.expires_at <= session_end.plus(slack));
+        assert!(
+            next.refresh.expires_at >= now.plus(REFRESH_TTL).min(session_end),
+            "the lifetime is cut only at the session's end"
+        );
+        pair = next;
+    }
+    // 200 minutes: the session (180) is over, and the last refresh token with it.
+    let outcome = ctx.refresh(&pair.refresh.secret, rotation(GRACE)).await;
+    assert!(
+        matches!(outcome, RefreshOutcome::Inactive),
+        "a refresh past the session's end must be inactive, got {outcome:?}"
+    );
+    assert!(!ctx.is_active(&pair.access.secret).await);
 }

@@ -9,6 +9,7 @@ pub(super) fn cases() -> Vec<(&'static str, Case)> {
         grace_window_counts_from_the_first_rotation,
         reusing_an_older_generation_within_grace_revokes_the_family,
         reusing_a_refresh_token_after_grace_revokes_only_its_family,
+        a_superseded_successor_presented_again_is_reuse_and_ends_the_family,
     ]
 }
 
@@ -57,15 +58,40 @@ pub(super) async fn retrying_the_predecessor_within_grace_supersedes_its_success
         "the predecessor now points at the successor that replaced the superseded one"
     );
 
-    // The superseded token was revoked, not consumed: presenting it is simply inactive.
-    let outcome = ctx.refresh(&second.refresh.secret, rotation(GRACE)).await;
-    assert!(
-        matches!(outcome, RefreshOutcome::Inactive),
-        "a superseded successor must be inactive, got {outcome:?}"
-    );
-    assert!(ctx.is_active(&third.refresh.secret).await);
     let fourth = ctx.rotate(&third.refresh.secret).await;
     assert_eq!(fourth.family_id, first.family_id);
+}
+
+pub(super) async fn a_superseded_successor_presented_again_is_reuse_and_ends_the_family(ctx: Ctx) {
+    // The holder rotates `first` into `second`; within the grace window a thief with a copy
+    // of `first` presents it and gets `third`, which supersedes the holder's `second`.
+    let first = ctx.issue("rita@example.com").await;
+    let second = ctx.rotate(&first.refresh.secret).await;
+    ctx.clock.advance(GRACE / 2);
+    let third = rotated(ctx.refresh(&first.refresh.secret, rotation(GRACE)).await);
+    assert!(!ctx.is_active(&second.refresh.secret).await);
+
+    // The holder comes back with `second`: one of the two is not the user, so the session
+    // ends, the thief's pair with it.
+    let outcome = ctx.refresh(&second.refresh.secret, rotation(GRACE)).await;
+    match outcome {
+        RefreshOutcome::ReuseDetected { family_id, revoked } => {
+            assert_eq!(family_id, first.family_id);
+            assert_eq!(revoked, 3, "first.access and third's pair were active");
+        }
+        other => panic!("a superseded successor presented again is reuse, got {other:?}"),
+    }
+    for secret in [
+        &third.refresh.secret,
+        &third.access.secret,
+        &first.access.secret,
+    ] {
+        assert!(!ctx.is_active(secret).await);
+    }
+    assert!(matches!(
+        ctx.refresh(&third.refresh.secret, rotation(GRACE)).await,
+        RefreshOutcome::Inactive
+    ));
 }
 
 pub(super) async fn grace_window_counts_from_the_first_rotation(ctx: Ctx) {

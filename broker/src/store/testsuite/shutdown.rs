@@ -22,7 +22,9 @@ pub(super) async fn operations_after_close_fail_as_unavailable(ctx: Ctx) {
     expect_unavailable("introspect", store.introspect(&pair.access.secret).await);
     expect_unavailable(
         "revoke_secret",
-        store.revoke_secret(&pair.access.secret, None).await,
+        store
+            .revoke_secret(&pair.access.secret, &ClientCheck::Any)
+            .await,
     );
     expect_unavailable(
         "revoke",
