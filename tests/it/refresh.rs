@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tokenbroker::model::clock::Clock as _;
+
 use tokenbroker_client::{ClientErrorKind, pb};
 use tokenbroker_tests::{TestBroker, expose};
 
@@ -101,8 +103,19 @@ async fn refresh_checks_the_app_client() {
         kind_of(broker.anonymous.refresh_tokens(request.clone()).await),
         ClientErrorKind::PermissionDenied
     );
+    // Naming no client is refused too: the token is bound to one.
+    request.client_id = String::new();
+    assert_eq!(
+        kind_of(broker.anonymous.refresh_tokens(request.clone()).await),
+        ClientErrorKind::PermissionDenied
+    );
     request.client_id = "app-a".into();
     assert!(broker.anonymous.refresh_tokens(request).await.is_ok());
+
+    // tokens.require_client_id = false lets a call that names no client through.
+    let relaxed = TestBroker::spawn_with(|s| s.tokens.require_client_id = false).await;
+    let pair = relaxed.issue_for_client("lea@example.com", "app-a").await;
+    relaxed.refresh(&pair.refresh.secret).await.unwrap();
 }
 
 #[tokio::test]
@@ -197,4 +210,84 @@ async fn older_generation_within_grace_is_reuse() {
         !broker.is_active(&gen2.access.secret).await,
         "family revoked"
     );
+}
+
+#[tokio::test]
+async fn a_thief_who_wins_the_grace_window_loses_the_session_when_the_holder_returns() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = TestBroker::spawn_on(dir.path()).await;
+    let first = broker.issue_for_client("una@example.com", "web").await;
+    // The holder rotates, and gets its answer.
+    let holders = broker.refresh_as(&first.refresh.secret, "web").await.unwrap();
+    // A thief's copy of the old token, for another client, is refused outright.
+    assert_eq!(
+        kind_of(broker.refresh_as(&first.refresh.secret, "mobile").await),
+        ClientErrorKind::PermissionDenied
+    );
+    // On another replica (here: the broker restarted, so nothing is remembered in memory)
+    // the thief replays the old token within the grace window and wins a successor, which
+    // supersedes the holder's.
+    broker.stop().await.unwrap();
+    let broker = TestBroker::spawn_on(dir.path()).await;
+    let thiefs = broker.refresh_as(&first.refresh.secret, "web").await.unwrap();
+    assert!(!broker.is_active(&holders.refresh.secret).await);
+    // The holder comes back with its superseded token: reuse, and the session ends, the
+    // thief's pair with it.
+    assert_eq!(
+        kind_of(broker.refresh_as(&holders.refresh.secret, "web").await),
+        ClientErrorKind::Unauthenticated
+    );
+    for secret in [&thiefs.refresh.secret, &thiefs.access.secret] {
+        assert!(!broker.is_active(secret).await, "the thief's pair is revoked");
+    }
+    assert_eq!(
+        kind_of(broker.refresh_as(&thiefs.refresh.secret, "web").await),
+        ClientErrorKind::Unauthenticated
+    );
+}
+
+#[tokio::test]
+async fn the_session_ends_on_time_however_often_it_rotates() {
+    const HOUR: u64 = 3600;
+    let broker = TestBroker::spawn_with_manual_clock(|s| {
+        s.tokens.refresh_ttl_seconds = HOUR;
+        s.tokens.max_refresh_ttl_seconds = HOUR;
+        s.tokens.max_session_seconds = 2 * HOUR;
+    })
+    .await;
+    let start = broker.clock.now();
+    let mut pair = broker.issue_for_client("vera@example.com", "web").await;
+    // A presenter may not lengthen what the issuer's settings give it.
+    assert_eq!(
+        kind_of(
+            broker
+                .anonymous
+                .refresh_tokens(pb::RefreshTokensRequest {
+                    refresh_token: expose(&pair.refresh.secret),
+                    client_id: "web".into(),
+                    refresh_ttl_seconds: u32::try_from(2 * HOUR).unwrap(),
+                    ..Default::default()
+                })
+                .await
+        ),
+        ClientErrorKind::InvalidArgument
+    );
+    let session_end = start.0 + i64::try_from(2 * HOUR * 1_000_000).unwrap();
+    // Rotate every 50 minutes: at 50 and 100 minutes it works, each new token ending with
+    // the session at the latest; at 150 minutes the session is over.
+    for _ in 0..2 {
+        broker.advance(Duration::from_secs(50 * 60));
+        pair = broker.refresh_as(&pair.refresh.secret, "web").await.unwrap();
+        let expires = pair.refresh.expires_at.as_ref().expect("an expiry");
+        assert!(
+            expires.seconds * 1_000_000 <= session_end + 1_000_000,
+            "a refresh token outlives its session: {expires:?}"
+        );
+    }
+    broker.advance(Duration::from_secs(50 * 60));
+    assert_eq!(
+        kind_of(broker.refresh_as(&pair.refresh.secret, "web").await),
+        ClientErrorKind::Unauthenticated
+    );
+    assert!(!broker.is_active(&pair.access.secret).await);
 }
