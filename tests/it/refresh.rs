@@ -218,7 +218,10 @@ async fn a_thief_who_wins_the_grace_window_loses_the_session_when_the_holder_ret
     let broker = TestBroker::spawn_on(dir.path()).await;
     let first = broker.issue_for_client("una@example.com", "web").await;
     // The holder rotates, and gets its answer.
-    let holders = broker.refresh_as(&first.refresh.secret, "web").await.unwrap();
+    let holders = broker
+        .refresh_as(&first.refresh.secret, "web")
+        .await
+        .unwrap();
     // A thief's copy of the old token, for another client, is refused outright.
     assert_eq!(
         kind_of(broker.refresh_as(&first.refresh.secret, "mobile").await),
@@ -229,7 +232,10 @@ async fn a_thief_who_wins_the_grace_window_loses_the_session_when_the_holder_ret
     // supersedes the holder's.
     broker.stop().await.unwrap();
     let broker = TestBroker::spawn_on(dir.path()).await;
-    let thiefs = broker.refresh_as(&first.refresh.secret, "web").await.unwrap();
+    let thiefs = broker
+        .refresh_as(&first.refresh.secret, "web")
+        .await
+        .unwrap();
     assert!(!broker.is_active(&holders.refresh.secret).await);
     // The holder comes back with its superseded token: reuse, and the session ends, the
     // thief's pair with it.
@@ -238,7 +244,10 @@ async fn a_thief_who_wins_the_grace_window_loses_the_session_when_the_holder_ret
         ClientErrorKind::Unauthenticated
     );
     for secret in [&thiefs.refresh.secret, &thiefs.access.secret] {
-        assert!(!broker.is_active(secret).await, "the thief's pair is revoked");
+        assert!(
+            !broker.is_active(secret).await,
+            "the thief's pair is revoked"
+        );
     }
     assert_eq!(
         kind_of(broker.refresh_as(&thiefs.refresh.secret, "web").await),
@@ -277,7 +286,10 @@ async fn the_session_ends_on_time_however_often_it_rotates() {
     // the session at the latest; at 150 minutes the session is over.
     for _ in 0..2 {
         broker.advance(Duration::from_secs(50 * 60));
-        pair = broker.refresh_as(&pair.refresh.secret, "web").await.unwrap();
+        pair = broker
+            .refresh_as(&pair.refresh.secret, "web")
+            .await
+            .unwrap();
         let expires = pair.refresh.expires_at.as_ref().expect("an expiry");
         assert!(
             expires.seconds * 1_000_000 <= session_end + 1_000_000,

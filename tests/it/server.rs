@@ -31,6 +31,40 @@ async fn health_reports_serving() {
 }
 
 #[tokio::test]
+async fn health_and_reflection_calls_have_an_in_flight_limit_of_their_own() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let broker =
+        TestBroker::spawn_with(|s| s.server.max_concurrent_health_and_reflection = 1).await;
+    let channel = tonic::transport::Endpoint::from_shared(broker.endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let check = || HealthCheckRequest {
+        service: String::new(),
+    };
+    // An open Watch stream holds the one slot...
+    let mut watch = health.clone().watch(check()).await.unwrap().into_inner();
+    watch.message().await.unwrap().expect("the first status");
+    let refused = health.check(check()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    // ...TokenBroker calls are not affected...
+    broker.issue("meta@example.com").await;
+    // ...and closing the stream frees it.
+    drop(watch);
+    tokenbroker_tests::eventually("the slot is free again", || {
+        let mut health = health.clone();
+        async move { health.check(check()).await.is_ok() }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_expired_deadline_is_deadline_exceeded() {
     let broker = TestBroker::spawn().await;
     let hurried = broker

@@ -28,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
+use super::settings::ServerSettings;
 use crate::obs::metrics::{Counter, Family, MetricSet, Zeros};
 
 crate::label! {
@@ -70,22 +71,35 @@ impl MetricSet for ListenerMetrics {
 pub struct ConnectionLimits {
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
+    tcp_keepalive: Duration,
     metrics: Arc<ListenerMetrics>,
 }
 
 impl ConnectionLimits {
-    /// At most `max_connections` open connections and `max_handshakes` TLS handshakes in
-    /// progress; connections closed at a cap are counted in `metrics`.
-    pub fn new(
-        max_connections: usize,
-        max_handshakes: usize,
-        metrics: Arc<ListenerMetrics>,
-    ) -> Self {
+    /// At most `server.max_connections` open connections and `server.max_tls_handshakes` TLS
+    /// handshakes in progress, TCP keepalive on each; connections closed at a cap are counted
+    /// in `metrics`.
+    pub fn new(server: &ServerSettings, metrics: Arc<ListenerMetrics>) -> Self {
         Self {
-            connections: Arc::new(Semaphore::new(max_connections)),
-            handshakes: Arc::new(Semaphore::new(max_handshakes)),
+            connections: Arc::new(Semaphore::new(server.max_connections)),
+            handshakes: Arc::new(Semaphore::new(server.max_tls_handshakes)),
+            tcp_keepalive: Duration::from_secs(server.tcp_keepalive_seconds),
             metrics,
         }
+    }
+
+    /// Accepts the next connection, with `TCP_NODELAY` and TCP keepalive set. A peer that
+    /// vanishes without a FIN (a crashed host, a dropped NAT entry) is then noticed by the
+    /// kernel, even on a connection too quiet for HTTP/2 pings to matter.
+    pub(crate) async fn accept(&self, listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
+        let (tcp, peer) = accept(listener).await;
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(self.tcp_keepalive)
+            .with_interval(self.tcp_keepalive);
+        if let Err(err) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
+            debug!(%peer, error = %err, "cannot set TCP keepalive");
+        }
+        (tcp, peer)
     }
 
     /// A permit for one more open connection, or `None` (counted, and a debug log) at the cap.
@@ -182,7 +196,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
 /// Accepts a TCP connection on `listener`, waiting out accept errors (out of file descriptors
 /// and the like) rather than spinning, with `TCP_NODELAY` set: gRPC's small frames must not
 /// wait for Nagle.
-pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
+async fn accept(listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
@@ -208,7 +222,7 @@ pub fn plain_incoming(
     let (ready, incoming) = mpsc::channel(64);
     let accept_loop = tokio::spawn(async move {
         while !ready.is_closed() {
-            let (tcp, peer) = accept(&listener).await;
+            let (tcp, peer) = limits.accept(&listener).await;
             // Over the cap the connection is dropped here, which closes it.
             let Some(permit) = limits.admit_connection(peer) else {
                 continue;

@@ -135,6 +135,14 @@ pub struct ServerSettings {
     /// The most TLS handshakes in progress at once; a connection arriving over it is closed
     /// at once. Ignored without `[server.tls]`.
     pub max_tls_handshakes: usize,
+    /// Idle time before the kernel probes a connection's peer (TCP keepalive), and the interval
+    /// between probes.
+    pub tcp_keepalive_seconds: u64,
+    /// Longest a connection lives; then it is drained (GOAWAY) and the client reconnects.
+    pub max_connection_age_seconds: u64,
+    /// The most health and reflection calls in flight at once (TokenBroker calls have
+    /// `limits.max_concurrent_requests`); one over it is refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_health_and_reflection: usize,
 }
 
 impl Default for ServerSettings {
@@ -154,6 +162,9 @@ impl Default for ServerSettings {
             keepalive_timeout_seconds: 20,
             max_connections: 1024,
             max_tls_handshakes: 64,
+            tcp_keepalive_seconds: 60,
+            max_connection_age_seconds: 3600,
+            max_concurrent_health_and_reflection: 64,
         }
     }
 }
@@ -182,6 +193,15 @@ impl ServerSettings {
             ("keepalive_timeout_seconds", self.keepalive_timeout_seconds),
             ("max_connections", self.max_connections as u64),
             ("max_tls_handshakes", self.max_tls_handshakes as u64),
+            ("tcp_keepalive_seconds", self.tcp_keepalive_seconds),
+            (
+                "max_connection_age_seconds",
+                self.max_connection_age_seconds,
+            ),
+            (
+                "max_concurrent_health_and_reflection",
+                self.max_concurrent_health_and_reflection as u64,
+            ),
         ];
         if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError(format!("server.{name} must be at least 1")));
@@ -190,6 +210,10 @@ impl ServerSettings {
         for (name, value) in [
             ("max_connections", self.max_connections),
             ("max_tls_handshakes", self.max_tls_handshakes),
+            (
+                "max_concurrent_health_and_reflection",
+                self.max_concurrent_health_and_reflection,
+            ),
         ] {
             if value > tokio::sync::Semaphore::MAX_PERMITS {
                 return Err(ConfigError(format!(

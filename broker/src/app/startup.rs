@@ -22,7 +22,7 @@ use crate::{
         audit::AuditLog,
     },
     grpc::{
-        GrpcAdapter, SizeLimited, Traced,
+        GrpcAdapter, InFlightLimit, SizeLimited, Traced,
         metered::{MeteredService, RpcMetrics},
     },
     identity::{
@@ -251,6 +251,7 @@ impl Application {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let limits = &self.server;
         let keepalive = |seconds| Some(Duration::from_secs(seconds));
+        let meta_limit = InFlightLimit::new(limits.max_concurrent_health_and_reflection);
         // tonic leaves hyper's stream limit and its count of locally reset streams unset
         // unless told, so every HTTP/2 limit is set here, explicitly.
         let router = Server::builder()
@@ -259,9 +260,13 @@ impl Application {
             .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
             .http2_keepalive_interval(keepalive(limits.keepalive_interval_seconds))
             .http2_keepalive_timeout(keepalive(limits.keepalive_timeout_seconds))
-            .add_service(health)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+            // A connection lives this long at most, then is drained with GOAWAY: idle
+            // connections cannot be held forever, and clients rebalance across replicas.
+            .max_connection_age(Duration::from_secs(limits.max_connection_age_seconds))
+            .max_connection_age_grace(self.shutdown_grace)
+            .add_service(meta_limit.limit(health))
+            .add_service(meta_limit.limit(reflection_v1))
+            .add_service(meta_limit.limit(reflection_v1alpha))
             .add_service(Traced::new(MeteredService::new(
                 SizeLimited::new(self.adapter, self.max_request_bytes),
                 Arc::clone(&self.rpc_metrics),
@@ -269,11 +274,7 @@ impl Application {
         let stopped = async {
             let _ = stopped.await;
         };
-        let caps = ConnectionLimits::new(
-            limits.max_connections,
-            limits.max_tls_handshakes,
-            Arc::clone(&self.listener_metrics),
-        );
+        let caps = ConnectionLimits::new(limits, Arc::clone(&self.listener_metrics));
         // The accept loop and the TLS file watcher end with this function, however it returns.
         let mut accept_tasks = AbortOnDrop(Vec::new());
         let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =

@@ -40,7 +40,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
-use super::listener::{ConnectionLimits, Incoming, Limited, accept};
+use super::listener::{ConnectionLimits, Incoming, Limited};
 use crate::model::secret::{SecretDigest, sha256};
 
 /// How long one client may take to complete its handshake.
@@ -322,7 +322,7 @@ impl TlsServer {
         let current = Arc::clone(&self.current);
         let accept_loop = tokio::spawn(async move {
             while !ready.is_closed() {
-                let (tcp, peer) = accept(&listener).await;
+                let (tcp, peer) = limits.accept(&listener).await;
                 // Dropping `tcp` closes it; the connection permit is taken first so a closed
                 // connection never holds a handshake permit.
                 let Some(connection) = limits.admit_connection(peer) else {

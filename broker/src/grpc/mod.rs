@@ -374,6 +374,78 @@ where
     }
 }
 
+/// An in-flight limit for the services beside TokenBroker (health, reflection), which
+/// admission control does not see: a call over it is refused at once with
+/// `RESOURCE_EXHAUSTED` rather than queued, so a flood of them cannot pile up work.
+#[derive(Debug, Clone)]
+pub struct InFlightLimit(Arc<tokio::sync::Semaphore>);
+
+impl InFlightLimit {
+    /// At most `max` calls at once, over every service it limits.
+    pub fn new(max: usize) -> Self {
+        Self(Arc::new(tokio::sync::Semaphore::new(max)))
+    }
+
+    /// Puts `service` under the limit.
+    pub fn limit<S>(&self, service: S) -> InFlightLimited<S> {
+        InFlightLimited {
+            inner: service,
+            slots: Arc::clone(&self.0),
+        }
+    }
+}
+
+/// A service under an [`InFlightLimit`]; each call holds a slot until its response ends.
+#[derive(Debug, Clone)]
+pub struct InFlightLimited<S> {
+    inner: S,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl<S: NamedService> NamedService for InFlightLimited<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for InFlightLimited<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(slot) => {
+                let response = self.inner.call(request);
+                Box::pin(async move {
+                    // The slot is held until the response body ends, so a stream (health
+                    // Watch, reflection) holds it for as long as it is open.
+                    Ok(response.await?.map(|body| {
+                        tonic::body::Body::new(http_body_util::BodyExt::map_frame(
+                            body,
+                            move |frame| {
+                                let _held = &slot;
+                                frame
+                            },
+                        ))
+                    }))
+                })
+            }
+            Err(_) => Box::pin(std::future::ready(Ok(Status::resource_exhausted(
+                "too many health and reflection calls in flight",
+            )
+            .into_http()))),
+        }
+    }
+}
+
 impl From<InvalidArgument> for Status {
     fn from(err: InvalidArgument) -> Self {
         BrokerError::from(err).into()
