@@ -600,3 +600,61 @@ async fn check_config_reads_the_tls_files() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn tokenbroker_health_speaks_tls_and_presents_a_client_certificate() {
+    let ca = Ca::new("Test CA");
+    let files = Files::new(&ca.server(), &ca);
+    let broker = TestBroker::spawn_tls(
+        |s| s.server.tls = Some(files.settings(Some(ClientAuth::Required))),
+        presenting(&ca, &ca.client("test-client")),
+    )
+    .await;
+    let client = ca.client("probe");
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_file, cert_file, key_file) = (
+        dir.path().join("ca.crt"),
+        dir.path().join("probe.crt"),
+        dir.path().join("probe.key"),
+    );
+    replace(&ca_file, &ca.pem());
+    replace(&cert_file, &client.cert);
+    replace(&key_file, &client.key);
+    // The broker runs on this test's runtime: the command is awaited, never blocked on.
+    let health = async |extra: &[&std::ffi::OsStr]| {
+        let output =
+            tokio::process::Command::new(tokenbroker_tests::workspace_binary("tokenbroker"))
+                .args([
+                    "health",
+                    "--timeout-ms",
+                    "10000",
+                    "--addr",
+                    &broker.addr.to_string(),
+                ])
+                .args(extra)
+                .output()
+                .await
+                .expect("tokenbroker runs");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = health(&[
+        "--ca-file".as_ref(),
+        ca_file.as_os_str(),
+        "--cert-file".as_ref(),
+        cert_file.as_os_str(),
+        "--key-file".as_ref(),
+        key_file.as_os_str(),
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), "SERVING");
+    // Without the client certificate the handshake fails; in plaintext nothing answers.
+    let (code, _, stderr) = health(&["--ca-file".as_ref(), ca_file.as_os_str()]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    let (code, _, stderr) = health(&[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+}

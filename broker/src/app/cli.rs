@@ -1,10 +1,15 @@
 //! The `tokenbroker` command line: flags, dev mode, and the small key-management helpers.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::warn;
 
 use crate::{
@@ -70,9 +75,21 @@ pub enum Command {
     /// Asks a running broker's grpc.health.v1 service whether it is serving: exits 0 if it
     /// is, 1 if not or if it cannot be reached. For container health checks (no config read).
     Health {
-        /// The broker's plaintext gRPC address.
+        /// The broker's gRPC address.
         #[arg(long, default_value = "127.0.0.1:50051", value_name = "ADDR")]
         addr: SocketAddr,
+        /// Speak TLS, trusting the CA certificates (PEM) in this file; without it, plaintext.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// The name the broker's certificate is checked against (default: the address's IP).
+        #[arg(long, value_name = "NAME", requires = "ca_file")]
+        tls_name: Option<String>,
+        /// For a listener that requires client certificates: this certificate (PEM)...
+        #[arg(long, value_name = "FILE", requires_all = ["ca_file", "key_file"])]
+        cert_file: Option<PathBuf>,
+        /// ...and its private key (PEM).
+        #[arg(long, value_name = "FILE", requires = "cert_file")]
+        key_file: Option<PathBuf>,
         /// The health service name to check: "" (the server), tokenbroker.v1.TokenBroker, or
         /// tokenbroker.v1.TokenBroker/cognito.
         #[arg(long, default_value = "", value_name = "NAME")]
@@ -94,9 +111,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Some(Command::HashKey) => return hash_key(),
         Some(Command::Health {
             addr,
+            ca_file,
+            tls_name,
+            cert_file,
+            key_file,
             service,
             timeout_ms,
-        }) => return health(*addr, service, Duration::from_millis(*timeout_ms)).await,
+        }) => {
+            let identity = cert_file.as_deref().zip(key_file.as_deref());
+            let tls = ca_file
+                .as_deref()
+                .map(|ca| health_tls(*addr, ca, tls_name.as_deref(), identity))
+                .transpose()?;
+            return health(*addr, tls, service, Duration::from_millis(*timeout_ms)).await;
+        }
         _ => {}
     }
     let mut settings = Settings::load_with(args.config.as_deref(), &ProcessEnv, |settings| {
@@ -197,17 +225,48 @@ fn gen_key(name: &str, role: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Calls grpc.health.v1 `Check` once, with the client crate's health check. Built in so that
-/// the runtime image needs no grpc_health_probe (and no shell):
-/// `HEALTHCHECK CMD ["tokenbroker", "health"]`.
-async fn health(addr: SocketAddr, service: &str, timeout: Duration) -> anyhow::Result<()> {
+/// The TLS settings of `tokenbroker health --ca-file`, on the broker's own rustls provider
+/// (aws-lc), so the binary carries one TLS stack.
+fn health_tls(
+    addr: SocketAddr,
+    ca: &Path,
+    name: Option<&str>,
+    identity: Option<(&Path, &Path)>,
+) -> anyhow::Result<ClientTlsConfig> {
+    let read = |path: &Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(ca)?))
+        .domain_name(name.map_or_else(|| addr.ip().to_string(), str::to_owned));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(tls)
+}
+
+/// Calls grpc.health.v1 `Check` once. Built in so that the runtime image needs no
+/// grpc_health_probe (and no shell): `HEALTHCHECK CMD ["tokenbroker", "health"]`. With `tls`,
+/// over TLS (and mTLS when it carries an identity).
+async fn health(
+    addr: SocketAddr,
+    tls: Option<ClientTlsConfig>,
+    service: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     use tokenbroker_client::{Client, ServingStatus};
     let check = async {
-        let client = Client::connect(&format!("http://{addr}"))
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).context("invalid TLS settings")?;
+        }
+        let channel = endpoint
+            .connect()
             .await
-            .with_context(|| format!("cannot reach {addr}"))?
-            .with_timeout(timeout);
-        client
+            .with_context(|| format!("cannot reach {addr}"))?;
+        Client::from_channel(channel)
+            .with_timeout(timeout)
             .check_health(service)
             .await
             .with_context(|| format!("health check of {service:?} failed"))
