@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use tokenbroker::model::clock::Clock as _;
-
 use tokenbroker_client::{ClientErrorKind, pb};
 use tokenbroker_tests::{TestBroker, expose};
 
