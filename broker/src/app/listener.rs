@@ -28,7 +28,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
-use super::settings::ServerSettings;
 use crate::obs::metrics::{Counter, Family, MetricSet, Zeros};
 
 crate::label! {
@@ -76,14 +75,19 @@ pub struct ConnectionLimits {
 }
 
 impl ConnectionLimits {
-    /// At most `server.max_connections` open connections and `server.max_tls_handshakes` TLS
-    /// handshakes in progress, TCP keepalive on each; connections closed at a cap are counted
-    /// in `metrics`.
-    pub fn new(server: &ServerSettings, metrics: Arc<ListenerMetrics>) -> Self {
+    /// At most `max_connections` open connections and `max_handshakes` TLS handshakes in
+    /// progress, TCP keepalive after `tcp_keepalive` of quiet on each; connections closed at a
+    /// cap are counted in `metrics`.
+    pub fn new(
+        max_connections: usize,
+        max_handshakes: usize,
+        tcp_keepalive: Duration,
+        metrics: Arc<ListenerMetrics>,
+    ) -> Self {
         Self {
-            connections: Arc::new(Semaphore::new(server.max_connections)),
-            handshakes: Arc::new(Semaphore::new(server.max_tls_handshakes)),
-            tcp_keepalive: Duration::from_secs(server.tcp_keepalive_seconds),
+            connections: Arc::new(Semaphore::new(max_connections)),
+            handshakes: Arc::new(Semaphore::new(max_handshakes)),
+            tcp_keepalive,
             metrics,
         }
     }

@@ -274,7 +274,12 @@ impl Application {
         let stopped = async {
             let _ = stopped.await;
         };
-        let caps = ConnectionLimits::new(limits, Arc::clone(&self.listener_metrics));
+        let caps = ConnectionLimits::new(
+            limits.max_connections,
+            limits.max_tls_handshakes,
+            Duration::from_secs(limits.tcp_keepalive_seconds),
+            Arc::clone(&self.listener_metrics),
+        );
         // The accept loop and the TLS file watcher end with this function, however it returns.
         let mut accept_tasks = AbortOnDrop(Vec::new());
         let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
