@@ -70,17 +70,24 @@ impl<U: Message + Default + DecodePolicy> Decoder for StrictDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        let Some(known) = U::KNOWN_FIELDS else {
-            return U::decode(buf)
-                .map(Some)
-                .map_err(|err| Status::internal(err.to_string()));
-        };
-        let bytes = buf.copy_to_bytes(buf.remaining());
-        check_fields(&bytes, known, U::NESTED).map_err(Status::invalid_argument)?;
-        U::decode(bytes)
-            .map(Some)
-            .map_err(|err| Status::invalid_argument(format!("malformed request: {err}")))
+        decode(buf).map(Some)
     }
+}
+
+/// Decodes one `U` from `buf` as [`StrictDecoder`] does: a request whose policy lists its
+/// fields is scanned first, and an unknown field or malformed bytes are `INVALID_ARGUMENT`; a
+/// message without a policy (a response) decodes leniently, and malformed bytes are `INTERNAL`.
+///
+/// # Errors
+///
+/// The [`Status`] the server answers for those bytes.
+pub fn decode<U: Message + Default + DecodePolicy>(mut buf: impl Buf) -> Result<U, Status> {
+    let Some(known) = U::KNOWN_FIELDS else {
+        return U::decode(buf).map_err(|err| Status::internal(err.to_string()));
+    };
+    let bytes = buf.copy_to_bytes(buf.remaining());
+    check_fields(&bytes, known, U::NESTED).map_err(Status::invalid_argument)?;
+    U::decode(bytes).map_err(|err| Status::invalid_argument(format!("malformed request: {err}")))
 }
 
 /// Checks that every field in `bytes` is in `known` (recursing into `nested` messages).
