@@ -326,6 +326,14 @@ fn write_escaped(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
             '"' | '+' | ',' | ';' | '<' | '>' | '\\' => write!(f, "\\{c}")?,
             '#' if i == 0 => f.write_str("\\#")?,
             ' ' if i == 0 || i == last => f.write_str("\\ ")?,
+            // The parser drops bare whitespace at either end, so any other whitespace there
+            // (a tab, a no-break space) is written as hex pairs.
+            c if c.is_whitespace() && (i == 0 || i == last) => {
+                let mut buffer = [0; 4];
+                for byte in c.encode_utf8(&mut buffer).bytes() {
+                    write!(f, "\\{byte:02X}")?;
+                }
+            }
             '\0' => f.write_str("\\00")?,
             c => write!(f, "{c}")?,
         }
@@ -514,6 +522,18 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_without_a_subject_matches_no_configured_name() {
+        // Found by the `subject` fuzz target: an empty subject (allowed in X.509 when the
+        // names are in subjectAltName) reads as the empty name, the one name without a string
+        // form. `parse` refuses the empty string, so no `[[cert_callers]]` entry can equal it.
+        let subject =
+            DistinguishedName::from_certificate(&certificate(&der(TAG_SEQUENCE, &[]), true))
+                .unwrap();
+        assert_eq!(subject.to_string(), "");
+        assert!(DistinguishedName::parse(&subject.to_string()).is_err());
+    }
+
+    #[test]
     fn multi_valued_rdns_bmp_strings_and_unknown_types() {
         let name = der(
             TAG_SEQUENCE,
@@ -560,6 +580,22 @@ mod tests {
         assert_eq!(DistinguishedName::parse(&name.to_string()).unwrap(), name);
         let name = DistinguishedName::parse("CN=billing, O=Example Corp").unwrap();
         assert_eq!(name.to_string(), "CN=billing,O=Example Corp");
+    }
+
+    #[test]
+    fn whitespace_at_either_end_of_a_value_round_trips() {
+        // A tab (or any whitespace but a space) at an end of a value used to be written bare,
+        // which the parser drops there: the name read back without it.
+        for text in [
+            r"CN=\09x",
+            r"CN=x\09",
+            r"CN=\C2\A0x\E2\80\83",
+            r"CN=\ \09,O=\0A",
+        ] {
+            let name = DistinguishedName::parse(text).unwrap();
+            let again = DistinguishedName::parse(&name.to_string()).unwrap();
+            assert_eq!(again, name, "{text:?} displays as {name}");
+        }
     }
 
     #[test]
