@@ -525,5 +525,18 @@ fn rejected(err: CognitoError) -> CognitoError {
     err
 }
 
+/// Takes a token apart without verifying it, as the verifier's first step does: returns its
+/// `kid` and claims. Only for the fuzz targets (`fuzz/`, feature `fuzzing`); the verifier is the
+/// API.
+///
+/// # Errors
+///
+/// As the verifier's structure check: a [`Stage::Structure`] or [`Stage::Signature`] error.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn parse_unverified(token: &str) -> Result<(String, CognitoClaims), CognitoError> {
+    jwt::parse(token).map(|parsed| (parsed.kid, parsed.claims))
+}
+
 #[cfg(test)]
 mod tests;

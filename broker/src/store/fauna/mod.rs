@@ -801,6 +801,31 @@ fn unexpected_answer(op: Op, answer: &Answer) -> StoreError {
     )
 }
 
+/// Reads one Fauna answer the way the store does: classifies it by status and body, and when
+/// it is a result, decodes it as each operation would (a minted pair, an outcome, a token, a
+/// page of tokens). Returns the class. Only for the fuzz targets (`fuzz/`, feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn decode_answer(status: u16, body: &[u8]) -> super::metrics::FaunaClass {
+    let class = wire::classify(status, body);
+    let label = class.label();
+    if let Class::Ok { data, .. } = class {
+        drop(minted(Op::IssueByEmail, data.clone()));
+        std::hint::black_box(outcome(&data));
+        if let Ok(doc) = serde_json::from_value::<TokenDoc>(data.clone()) {
+            std::hint::black_box(doc.into_info());
+        }
+        if let Value::Array(docs) = data {
+            for doc in docs {
+                if let Ok(doc) = serde_json::from_value::<TokenDoc>(doc) {
+                    std::hint::black_box(doc.into_record());
+                }
+            }
+        }
+    }
+    label
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
