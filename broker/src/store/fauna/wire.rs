@@ -67,14 +67,26 @@ pub(super) fn untag(value: Value) -> Value {
                         }
                     }
                     "@time" | "@date" | "@mod" => return inner.clone(),
-                    "@doc" | "@ref" | "@object" | "@set" => return untag(inner.clone()),
+                    // `@object` wraps an object whose keys are literal: `{"@object": {"@int":
+                    // "1"}}` is an object with the key `@int`, not the number 1.
+                    "@object" => {
+                        if let Value::Object(fields) = inner {
+                            return untag_fields(fields.clone());
+                        }
+                    }
+                    "@doc" | "@ref" | "@set" => return untag(inner.clone()),
                     _ => {}
                 }
             }
-            Value::Object(map.into_iter().map(|(k, v)| (k, untag(v))).collect())
+            untag_fields(map)
         }
         other => other,
     }
+}
+
+/// Untags the values of an object, keeping its keys as they are.
+fn untag_fields(fields: Map<String, Value>) -> Value {
+    Value::Object(fields.into_iter().map(|(k, v)| (k, untag(v))).collect())
 }
 
 /// How a response from Fauna is to be handled.
@@ -173,6 +185,21 @@ mod tests {
                 "data": { "n": 3, "m": { "@k": "v" } }
             })
         );
+    }
+
+    #[test]
+    fn an_object_wrapper_keeps_its_keys_literal() {
+        // Its content used to be untagged as a whole, so a wrapped object whose one key was a
+        // tag's name (`@int`, `@time`, `@doc`) came back as that tag's value.
+        assert_eq!(
+            untag(json!({ "@object": { "@int": "1" } })),
+            json!({ "@int": "1" })
+        );
+        assert_eq!(
+            untag(json!({ "@object": { "@time": { "@long": "2" }, "k": { "@int": "3" } } })),
+            json!({ "@time": 2, "k": 3 })
+        );
+        assert_eq!(untag(json!({ "@object": "x" })), json!({ "@object": "x" }));
     }
 
     #[test]
