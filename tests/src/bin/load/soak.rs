@@ -296,7 +296,7 @@ pub(crate) fn default_warmup(duration: f64) -> f64 {
 
 /// Runs the soak; the exit code is the verdict.
 pub(crate) async fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
-    if !(args.duration > 0.0) {
+    if !args.duration.is_finite() || args.duration <= 0.0 {
         bail!("--duration must be positive");
     }
     if args.flow_workers == 0 || args.users == 0 {
@@ -533,7 +533,11 @@ impl Flows {
         };
         self.tally.record(Kind::Issue, &Answer::Ok);
 
-        if self.started.fetch_add(1, Ordering::Relaxed) % REPLAY_EVERY == 0 {
+        if self
+            .started
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(REPLAY_EVERY)
+        {
             let answer = match self
                 .client
                 .issue_tokens(with_auth(request, &self.trigger))
@@ -647,7 +651,7 @@ impl Garbage {
                 Answer::of(
                     self.client
                         .revoke(anonymous(RevokeRequest {
-                            target: Some(Target::Token(forged(if turn % 2 == 0 {
+                            target: Some(Target::Token(forged(if turn.is_multiple_of(2) {
                                 "tbr_"
                             } else {
                                 "tba_"
