@@ -97,7 +97,7 @@ pub(crate) struct SoakArgs {
     /// Calls per second with a wrong API key, from 127.0.3.1.
     #[arg(long, default_value_t = 20.0)]
     wrong_key_rate: f64,
-    /// Clock ticks per second of /proc/<pid>/stat (`getconf CLK_TCK`).
+    /// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`).
     #[arg(long, default_value_t = 100)]
     clock_ticks: u64,
     /// API key with role trigger, for the flows' IssueTokens.
