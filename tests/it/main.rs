@@ -23,6 +23,7 @@ mod refresh;
 mod revoke;
 mod secrets;
 mod server;
+mod soak;
 mod tls;
 mod trigger;
 

@@ -1,6 +1,7 @@
-//! `tokenbroker-load`: the load tool behind `scripts/bench`. It serves the do-nothing echo
-//! broker (the ceiling), prefills an embedded store with many tokens, and drives Introspect or
-//! IssueTokens against a target, printing one JSON line of results.
+//! `tokenbroker-load`: the load tool behind `scripts/bench` and `scripts/soak`. It serves the
+//! do-nothing echo broker (the ceiling), prefills an embedded store with many tokens, drives
+//! Introspect or IssueTokens against a target, printing one JSON line of results, and runs the
+//! soak ([`soak`]): mixed load while the broker's process is sampled.
 //!
 //! Why a tool of our own rather than k6, h2load or rlt: it uses the generated tonic client, so
 //! every call goes through the same codec and HTTP/2 stack as real callers (k6 brings its own
@@ -9,6 +10,9 @@
 //! be one more, with its own command line). Latencies are kept as one `u32` of
 //! microseconds per call and sorted at the end: at the few tens of thousands of calls per second
 //! this machine manages, that is a few megabytes, and it avoids a histogram dependency.
+
+mod sampler;
+mod soak;
 
 use std::{
     net::SocketAddr,
@@ -74,6 +78,10 @@ enum Command {
     Prefill(PrefillArgs),
     /// Drives one RPC against a target and prints one JSON line of results.
     Run(RunArgs),
+    /// Mixed load (legit sessions and garbage) against a broker while its process is sampled
+    /// every second; prints a table and a JSON line, and exits non-zero if a call got an
+    /// unexpected answer or RSS or open fds strayed after the warm-up.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -170,7 +178,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("tokenbroker-load: {err:#}");
             ExitCode::FAILURE
@@ -178,12 +186,14 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Echo { listen } => echo(listen).await,
         Command::Prefill(args) => prefill(args).await,
         Command::Run(args) => load(args).await,
+        Command::Soak(args) => return soak::soak(args).await,
     }
+    .map(|()| ExitCode::SUCCESS)
 }
 
 async fn echo(listen: SocketAddr) -> anyhow::Result<()> {
