@@ -118,6 +118,29 @@ fn docker_config_is_valid_and_refuses_a_second_replica() {
     assert_eq!(env["TOKENBROKER_REPLICAS"], "1");
     assert_valid(&check_config(&config, &env), "compose broker");
     assert_valid(&check_config(&config, &BTreeMap::new()), "image alone");
+    // The HTTP listener the image's config enables is published on its port.
+    let table: toml::Table = std::fs::read_to_string(&config).unwrap().parse().unwrap();
+    let http_port = table["http"]["listen"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let published = compose["services"]["broker"]["ports"].as_array().unwrap();
+    assert!(
+        published
+            .iter()
+            .any(|p| p.as_str() == Some(format!("127.0.0.1:{http_port}:{http_port}").as_str())),
+        "{published:?}"
+    );
+    let dockerfile = std::fs::read_to_string(repo("deploy/docker/Dockerfile")).unwrap();
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.starts_with("EXPOSE") && l.split_whitespace().any(|p| p == http_port)),
+        "the image exposes the HTTP port"
+    );
 
     let two = BTreeMap::from([("TOKENBROKER_REPLICAS".to_owned(), "2".to_owned())]);
     let output = check_config(&config, &two);
@@ -171,9 +194,19 @@ fn check_k8s(dir: &str, extra_env: &[(&str, &str)]) -> (Value, BTreeMap<String, 
         "{dir}"
     );
     assert_eq!(
-        service["spec"]["ports"][1]["targetPort"], "metrics",
+        service["spec"]["ports"][2]["targetPort"], "metrics",
         "{dir}"
     );
+    // HTTP: the configured listener is the pod's `http` port and the Service's.
+    let http_port = container["ports"][2]["containerPort"].as_u64().unwrap();
+    assert_eq!(container["ports"][2]["name"], "http", "{dir}");
+    assert_eq!(
+        config["http"]["listen"].as_str().unwrap(),
+        format!("0.0.0.0:{http_port}"),
+        "{dir}"
+    );
+    assert_eq!(service["spec"]["ports"][1]["targetPort"], "http", "{dir}");
+    assert_eq!(service["spec"]["ports"][1]["port"], http_port, "{dir}");
     let annotations = &workload["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/port"], metrics_port.to_string());
     assert_eq!(annotations["prometheus.io/scrape"], "true");

@@ -13,6 +13,8 @@ mod fauna;
 mod flood;
 mod grpcurl;
 mod h2_limits;
+mod http;
+mod http_nginx;
 mod introspect;
 mod issue;
 mod limits;

@@ -25,18 +25,18 @@ use tonic::Code;
 
 /// A certificate and its private key, PEM.
 #[derive(Clone)]
-struct Pair {
-    cert: String,
-    key: String,
+pub(crate) struct Pair {
+    pub(crate) cert: String,
+    pub(crate) key: String,
 }
 
 /// A CA that signs server and client certificates.
-struct Ca {
+pub(crate) struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, name);
@@ -50,12 +50,12 @@ impl Ca {
         Self { issuer }
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.issuer.pem()
     }
 
     /// The broker's certificate, for 127.0.0.1 and localhost.
-    fn server(&self) -> Pair {
+    pub(crate) fn server(&self) -> Pair {
         self.leaf(
             &["127.0.0.1", "localhost"],
             &[(DnType::CommonName, "tokenbroker")],
@@ -64,7 +64,7 @@ impl Ca {
     }
 
     /// A client certificate with subject `CN=cn,O=Example` (DER order: O, then CN).
-    fn client(&self, cn: &str) -> Pair {
+    pub(crate) fn client(&self, cn: &str) -> Pair {
         self.leaf(
             &[],
             &[
@@ -98,7 +98,7 @@ impl Ca {
 }
 
 /// The broker's TLS files in a temporary directory.
-struct Files {
+pub(crate) struct Files {
     dir: TempDir,
     cert: PathBuf,
     key: PathBuf,
@@ -106,7 +106,7 @@ struct Files {
 }
 
 impl Files {
-    fn new(server: &Pair, client_ca: &Ca) -> Self {
+    pub(crate) fn new(server: &Pair, client_ca: &Ca) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let files = Self {
             cert: dir.path().join("tls.crt"),
@@ -125,7 +125,7 @@ impl Files {
         replace(&self.cert, &server.cert);
     }
 
-    fn settings(&self, client_auth: Option<ClientAuth>) -> TlsSettings {
+    pub(crate) fn settings(&self, client_auth: Option<ClientAuth>) -> TlsSettings {
         TlsSettings {
             cert_file: self.cert.clone(),
             key_file: self.key.clone(),
@@ -143,11 +143,11 @@ fn replace(path: &Path, contents: &str) {
     std::fs::rename(&temporary, path).unwrap();
 }
 
-fn trusting(ca: &Ca) -> TlsOptions {
+pub(crate) fn trusting(ca: &Ca) -> TlsOptions {
     TlsOptions::new().with_ca_pem(ca.pem())
 }
 
-fn presenting(ca: &Ca, client: &Pair) -> TlsOptions {
+pub(crate) fn presenting(ca: &Ca, client: &Pair) -> TlsOptions {
     trusting(ca).with_identity_pem(
         client.cert.clone(),
         SecretSlice::from(client.key.clone().into_bytes()),

@@ -4,6 +4,7 @@
 pub mod cognito;
 pub mod echo;
 pub mod fauna;
+pub mod http;
 pub mod otlp;
 
 use std::{
@@ -125,6 +126,8 @@ pub struct TestBroker {
     pub endpoint: String,
     /// The metrics listener's address, when `metrics.listen` was set.
     pub metrics_addr: Option<SocketAddr>,
+    /// The HTTP listener's address, when `http.listen` was set.
+    pub http_addr: Option<SocketAddr>,
     /// The keys it accepts.
     pub keys: Keys,
     /// A client with the admin key.
@@ -203,6 +206,7 @@ impl TestBroker {
             .expect("broker builds");
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
+        let http_addr = app.http_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
@@ -225,6 +229,7 @@ impl TestBroker {
         Self {
             addr,
             metrics_addr,
+            http_addr,
             admin: with(&keys.admin),
             trigger: with(&keys.trigger),
             service: with(&keys.service),
@@ -601,7 +606,8 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 /// Makes sure the command-line tool `name` (grpcurl, jq, cargo-lambda, …) is on `PATH`, running
 /// `scripts/install-tools` once per test process when it is not, so that plain `cargo test`
 /// needs nothing installed by hand, as `scripts/test` does not. `python3-yaml` stands for the
-/// PyYAML module, which the deployment tests read manifests with.
+/// PyYAML module, which the deployment tests read manifests with, and `python3-authlib` for
+/// the authlib and requests modules of the HTTP tests.
 ///
 /// # Panics
 ///
@@ -622,6 +628,12 @@ pub fn require_tool(name: &str) {
 }
 
 fn tool_present(name: &str) -> bool {
+    if name == "python3-authlib" {
+        return std::process::Command::new("python3")
+            .args(["-c", "import authlib, requests"])
+            .output()
+            .is_ok_and(|output| output.status.success());
+    }
     if name == "python3-yaml" {
         return std::process::Command::new("python3")
             .args(["-c", "import yaml"])

@@ -14,6 +14,7 @@ use crate::store::StoreBackend;
 use crate::{
     domain::admission::LimitSettings,
     domain::{TokenSettings, audit::AuditSettings},
+    http::settings::HttpSettings,
     identity::{
         Authenticator,
         auth::{ApiKeyConfig, CertCallerConfig},
@@ -91,6 +92,9 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     /// `[audit]`: where audit events go, and the key that hashes emails in them.
     pub audit: AuditSettings,
+    /// `[http]`: the HTTP listener (RFC 7662, RFC 7009, forward auth); off unless `listen` is
+    /// set.
+    pub http: HttpSettings,
 }
 
 /// How many broker processes may share the store at once; at least 1, and 1 by default.
@@ -299,6 +303,7 @@ impl Settings {
         self.limits.validate().map_err(ConfigError)?;
         self.audit.validate()?;
         self.validate_tls()?;
+        self.validate_http()?;
         self.telemetry.validate()?;
         self.cognito.validate().map_err(ConfigError)
     }
@@ -326,6 +331,21 @@ impl Settings {
             .with_cert_callers(&self.cert_callers)
             .map(drop)
             .map_err(|err| ConfigError(format!("invalid cert_callers: {err}")))
+    }
+
+    /// Checks `[http]`, and that it does not ask for the gRPC listener's address.
+    fn validate_http(&self) -> Result<(), ConfigError> {
+        self.http.validate()?;
+        if let Some(listen) = self.http.listen
+            && listen.port() != 0
+            && (listen == self.server.listen
+                || self.metrics.listen.is_some_and(|metrics| metrics == listen))
+        {
+            return Err(ConfigError(format!(
+                "http.listen {listen} is already the address of server.listen or metrics.listen"
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses several replicas on the embedded store. Its SQLite file belongs to one process:

@@ -1,19 +1,20 @@
-//! Builds the running application: store, service, gRPC server with health and reflection, and
-//! graceful shutdown.
+//! Builds the running application: store, service, gRPC server with health and reflection, the
+//! HTTP listener when `[http]` sets one, and graceful shutdown.
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokenbroker_proto::v1::token_broker_server::TokenBrokerServer;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tonic::transport::Server;
+use tokio_stream::StreamExt as _;
+use tonic::transport::{Server, server::Connected as _};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
 use super::{
     listener::{ConnectionLimits, ListenerMetrics, plain_incoming},
     settings::{ServerSettings, Settings},
-    tls::TlsServer,
+    tls::{HTTP_ALPN, TlsServer},
 };
 use crate::{
     domain::{
@@ -25,6 +26,7 @@ use crate::{
         GrpcAdapter, InFlightLimit, SizeLimited, Traced,
         metered::{MeteredService, RpcMetrics},
     },
+    http::{HttpAdapter, Peer, ServeOptions, observe::HttpMetrics},
     identity::{
         Authenticator,
         cognito::{COGNITO_HEALTH_SERVICE, CognitoMetrics, CognitoVerifier},
@@ -52,6 +54,17 @@ pub struct Application {
     metrics_server: Option<MetricsServer>,
     tls: Option<TlsServer>,
     server: ServerSettings,
+    http: Option<HttpListener>,
+}
+
+/// The HTTP listener (`[http]`), bound, with its routes.
+#[derive(Debug)]
+struct HttpListener {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    router: axum::Router,
+    tls: Option<TlsServer>,
+    header_read_timeout: Duration,
 }
 
 impl Application {
@@ -82,6 +95,7 @@ impl Application {
         let domain_metrics = registry.register(DomainMetrics::default());
         let admission_metrics = registry.register(AdmissionMetrics::default());
         let listener_metrics = registry.register(ListenerMetrics::default());
+        let http_metrics = registry.register(HttpMetrics::default());
         let audit = AuditLog::open(&settings.audit, Arc::clone(&domain_metrics))
             .context("invalid audit settings")?;
         let mut auth = Authenticator::new(&settings.api_keys)
@@ -159,14 +173,46 @@ impl Application {
             broker = broker.with_cognito(Arc::clone(verifier));
         }
         let broker = Arc::new(broker);
+        let auth = Arc::new(auth);
         let limits =
             Arc::new(Limiter::new(settings.limits.clone()).with_metrics(admission_metrics));
-        let adapter = GrpcAdapter::new(
-            broker,
-            Arc::new(auth),
-            Arc::clone(&limits),
-            Duration::from_secs(settings.server.request_timeout_seconds),
-        );
+        let request_timeout = Duration::from_secs(settings.server.request_timeout_seconds);
+        let http = match settings.http.listen {
+            None => None,
+            Some(addr) => {
+                let adapter = HttpAdapter::new(
+                    Arc::clone(&broker),
+                    Arc::clone(&auth),
+                    Arc::clone(&limits),
+                    http_metrics,
+                    request_timeout,
+                    &settings.http,
+                );
+                // The same certificate files and reload as the gRPC listener; ALPN offers
+                // HTTP/1.1 as well.
+                let tls = settings
+                    .server
+                    .tls
+                    .as_ref()
+                    .map(|tls| TlsServer::load_with_alpn(tls, HTTP_ALPN))
+                    .transpose()
+                    .context("invalid server.tls")?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("failed to listen on {addr} (http.listen)"))?;
+                let local_addr = listener.local_addr().context("listener has no address")?;
+                Some(HttpListener {
+                    listener,
+                    local_addr,
+                    router: adapter.router(),
+                    tls,
+                    header_read_timeout: Duration::from_secs(
+                        settings.http.header_read_timeout_seconds,
+                    ),
+                })
+            }
+        };
+        let adapter = GrpcAdapter::new(broker, auth, Arc::clone(&limits), request_timeout);
         let listener = TcpListener::bind(settings.server.listen)
             .await
             .with_context(|| format!("failed to listen on {}", settings.server.listen))?;
@@ -188,6 +234,7 @@ impl Application {
             metrics_server,
             tls,
             server: settings.server,
+            http,
         })
     }
 
@@ -199,6 +246,11 @@ impl Application {
     /// Returns the bound port.
     pub fn port(&self) -> u16 {
         self.local_addr.port()
+    }
+
+    /// Returns the HTTP listener's bound address, if `http.listen` is set.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|http| http.local_addr)
     }
 
     /// Returns the metrics listener's bound address, if `metrics.listen` is set.
@@ -296,6 +348,62 @@ impl Application {
                 }
             };
         let mut server = tokio::spawn(server);
+        let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let http_task = self.http.map(|http| {
+            let caps = ConnectionLimits::new(
+                limits.max_connections,
+                limits.max_tls_handshakes,
+                Duration::from_secs(limits.tcp_keepalive_seconds),
+                Arc::clone(&self.listener_metrics),
+            );
+            let options = ServeOptions {
+                max_concurrent_streams: limits.max_concurrent_streams,
+                max_pending_reset_streams: limits.max_pending_reset_streams,
+                max_local_error_reset_streams: limits.max_local_error_reset_streams,
+                keepalive_interval: Duration::from_secs(limits.keepalive_interval_seconds),
+                keepalive_timeout: Duration::from_secs(limits.keepalive_timeout_seconds),
+                header_read_timeout: http.header_read_timeout,
+                max_connection_age: Duration::from_secs(limits.max_connection_age_seconds),
+                shutdown_grace: self.shutdown_grace,
+            };
+            let stopped = async {
+                let _ = http_stopped.await;
+            };
+            info!(address = %http.local_addr, tls = http.tls.is_some(), "tokenbroker serving http");
+            match &http.tls {
+                None => {
+                    let (incoming, accept) = plain_incoming(http.listener, caps);
+                    accept_tasks.0.push(accept);
+                    let incoming = incoming.map(|io| {
+                        io.map(|io| {
+                            let peer = Peer {
+                                addr: io.connect_info().remote_addr(),
+                                certificate: None,
+                            };
+                            (io, peer)
+                        })
+                    });
+                    tokio::spawn(crate::http::serve(incoming, http.router, options, stopped))
+                }
+                Some(tls) => {
+                    let (incoming, accept) = tls.incoming(http.listener, caps);
+                    accept_tasks.0.extend([accept, tls.spawn_reloader()]);
+                    let incoming = incoming.map(|io| {
+                        io.map(|io| {
+                            let info = io.connect_info();
+                            let peer = Peer {
+                                addr: info.get_ref().remote_addr(),
+                                certificate: info
+                                    .peer_certs()
+                                    .and_then(|certs| certs.first().cloned()),
+                            };
+                            (io, peer)
+                        })
+                    });
+                    tokio::spawn(crate::http::serve(incoming, http.router, options, stopped))
+                }
+            }
+        });
         info!(
             address = %self.local_addr,
             tls = self.tls.is_some(),
@@ -312,6 +420,7 @@ impl Application {
                 info!("shutdown requested; draining in-flight calls");
                 set_not_serving(&reporter).await;
                 let _ = stop.send(());
+                let _ = http_stop.send(());
                 match tokio::time::timeout(self.shutdown_grace, &mut server).await {
                     Ok(result) => result.context("server task failed")?.context("server failed")?,
                     Err(_) => {
@@ -320,6 +429,10 @@ impl Application {
                     }
                 }
             }
+        }
+        if let Some(task) = http_task {
+            // It drains its own connections within the grace period.
+            let _ = tokio::time::timeout(self.shutdown_grace * 2, task).await;
         }
         if let Some(keeper) = cognito_keeper {
             keeper.abort();

@@ -43,6 +43,11 @@ use tracing::{debug, info, warn};
 use super::listener::{ConnectionLimits, Incoming, Limited};
 use crate::model::secret::{SecretDigest, sha256};
 
+/// The gRPC listener's application protocol: HTTP/2 only.
+pub const GRPC_ALPN: &[&[u8]] = &[b"h2"];
+/// The HTTP listener's: HTTP/2, or HTTP/1.1 for a client that offers only that.
+pub const HTTP_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
 /// How long one client may take to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -146,8 +151,12 @@ impl Files {
         sha256(&all)
     }
 
-    /// Parses the files into a server config (ALPN `h2`, TLS 1.2 and 1.3, aws-lc-rs).
-    fn server_config(&self, settings: &TlsSettings) -> anyhow::Result<ServerConfig> {
+    /// Parses the files into a server config (ALPN `alpn`, TLS 1.2 and 1.3, aws-lc-rs).
+    fn server_config(
+        &self,
+        settings: &TlsSettings,
+        alpn: &[&[u8]],
+    ) -> anyhow::Result<ServerConfig> {
         let cert_path = settings.cert_file.display();
         let certs = CertificateDer::pem_slice_iter(&self.cert)
             .collect::<Result<Vec<_>, _>>()
@@ -180,7 +189,7 @@ impl Files {
                 settings.key_file.display()
             )
         })?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(config)
     }
 }
@@ -223,6 +232,7 @@ fn client_verifier(
 /// The listener's TLS: the current server config and the settings to reload it from.
 pub struct TlsServer {
     settings: TlsSettings,
+    alpn: &'static [&'static [u8]],
     current: Arc<RwLock<Arc<ServerConfig>>>,
     fingerprint: SecretDigest,
 }
@@ -244,11 +254,25 @@ impl TlsServer {
     ///
     /// A message naming the file and what is wrong with it; never the key's content.
     pub fn load(settings: &TlsSettings) -> anyhow::Result<Self> {
+        Self::load_with_alpn(settings, GRPC_ALPN)
+    }
+
+    /// Like [`TlsServer::load`], offering the application protocols `alpn` (the HTTP listener:
+    /// [`HTTP_ALPN`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsServer::load`].
+    pub fn load_with_alpn(
+        settings: &TlsSettings,
+        alpn: &'static [&'static [u8]],
+    ) -> anyhow::Result<Self> {
         settings.validate().map_err(anyhow::Error::msg)?;
         let files = Files::read(settings)?;
-        let config = files.server_config(settings)?;
+        let config = files.server_config(settings, alpn)?;
         Ok(Self {
             settings: settings.clone(),
+            alpn,
             current: Arc::new(RwLock::new(Arc::new(config))),
             fingerprint: files.fingerprint(),
         })
@@ -262,6 +286,7 @@ impl TlsServer {
     /// Starts the watcher that reloads the files when their content changes.
     pub fn spawn_reloader(&self) -> JoinHandle<()> {
         let settings = self.settings.clone();
+        let alpn = self.alpn;
         let current = Arc::clone(&self.current);
         let mut fingerprint = self.fingerprint;
         let interval = Duration::from_secs(settings.reload_interval_seconds);
@@ -278,7 +303,7 @@ impl TlsServer {
                         return Ok((seen, None));
                     }
                     files
-                        .server_config(&settings)
+                        .server_config(&settings, alpn)
                         .map(|config| (seen, Some(config)))
                 })
                 .await;

@@ -201,10 +201,20 @@ impl Authenticator {
             let token = SecretString::from(credential.to_owned());
             return Ok(Some(Arc::new(verifier.caller(&token).await?)));
         }
+        self.api_key(credential).map(Some)
+    }
+
+    /// Authenticates a bare API key (no scheme, never a Cognito token): the HTTP adapter's
+    /// Basic credentials and its gateway header.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthError::Unauthenticated`] for a key that is not configured; the message never
+    /// repeats the key.
+    pub fn api_key(&self, key: &str) -> AuthResult<Arc<Caller>> {
         self.keys
-            .get(&sha256(credential.as_bytes()))
+            .get(&sha256(key.as_bytes()))
             .cloned()
-            .map(Some)
             .ok_or(AuthError::Unauthenticated("unknown api key"))
     }
 }
