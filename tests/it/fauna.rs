@@ -8,11 +8,12 @@ use std::{
 
 use secrecy::SecretString;
 use tokenbroker::{
-    app::settings::Settings,
+    app::{Application, settings::Settings},
     model::clock::{Clock, ManualClock, SystemClock},
     store::StoreBackend,
+    store::fauna::queries,
     store::{
-        FaunaSettings, FaunaStore, TokenStore,
+        FaunaSettings, FaunaStore, RotationPolicy, TokenStore,
         testsuite::{StoreHarness, store_test_suite},
     },
 };
@@ -33,6 +34,18 @@ impl StoreHarness for FaunaHarness {
     async fn open(&self, clock: Arc<ManualClock>) -> Arc<dyn TokenStore> {
         let double = FaunaDouble::start(clock).await;
         let store = FaunaStore::new(&store_config(&double, 3)).expect("valid config");
+        // Limits wider than any the suite asks for: the suite's cases pass their own.
+        let day = Duration::from_secs(86_400);
+        store
+            .publish_policy(&RotationPolicy {
+                access_ttl: day,
+                refresh_ttl: 30 * day,
+                grace: day,
+                session_ttl: 365 * day,
+                any_client: true,
+            })
+            .await
+            .expect("the policy is written");
         self.doubles.lock().unwrap().push(double);
         Arc::new(store)
     }
@@ -349,27 +362,191 @@ async fn slow_fauna_answers_within_the_callers_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_server_key_is_internal_not_inactive() {
+async fn a_wrong_server_key_stops_the_start() {
     let double = wall_clock_double().await;
-    let broker = TestBroker::spawn_with({
-        let endpoint = double.endpoint();
-        move |s| {
-            s.store.backend = StoreBackend::Fauna;
-            s.store.fauna.endpoint = endpoint;
-            s.store.fauna.secret = Some(SecretString::from("not-the-server-key"));
-        }
+    let mut settings = Settings::default();
+    settings.server.listen = ([127, 0, 0, 1], 0).into();
+    settings.store.backend = StoreBackend::Fauna;
+    settings.store.fauna.endpoint = double.endpoint();
+    settings.store.fauna.secret = Some(SecretString::from("not-the-server-key"));
+    let err = match Application::build_with_clock(settings, Arc::new(SystemClock)).await {
+        Ok(_) => panic!("a broker whose key Fauna refuses must not start"),
+        Err(err) => format!("{err:#}"),
+    };
+    assert!(
+        err.contains("failed to write the broker policy to fauna")
+            && err.contains("fauna rejected the server key"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not-the-server-key"),
+        "no secret in the error: {err}"
+    );
+    let requests = double.requests();
+    assert_eq!(requests.len(), 1, "a 401 on the server key is not retried");
+    assert_eq!(requests[0].query, Some("publish_policy"));
+}
+
+/// Posts a query straight to the double with `bearer`, as a user holding a Fauna secret could,
+/// and returns the status and the body.
+async fn direct(
+    double: &FaunaDouble,
+    bearer: &str,
+    text: &str,
+    arguments: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/query/1", double.endpoint()))
+        .header("authorization", format!("Bearer {bearer}"))
+        .header("x-format", "tagged")
+        .body(serde_json::json!({ "query": text, "arguments": arguments }).to_string())
+        .send()
+        .await
+        .expect("the double answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON body"))
+}
+
+/// Ten years, in seconds, tagged.
+fn ten_years() -> serde_json::Value {
+    serde_json::json!({ "@long": "315360000" })
+}
+
+/// Seconds from `now` to a tagged `@time`.
+fn seconds_after(now: &serde_json::Value, time: &serde_json::Value) -> i64 {
+    let parse = |v: &serde_json::Value| {
+        time::OffsetDateTime::parse(
+            v["@time"].as_str().expect("a @time"),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("RFC 3339")
+    };
+    (parse(time) - parse(now)).whole_seconds()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_secret_calling_fauna_directly_gets_no_more_than_the_broker_allows() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |s| {
+        s.tokens.access_ttl_seconds = 600;
+        s.tokens.refresh_ttl_seconds = 3600;
+        s.tokens.refresh_grace_seconds = 0;
+        s.tokens.require_client_id = true;
     })
     .await;
-    let err = broker
-        .trigger
-        .issue_tokens(claims_request("key@example.com", ""))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ClientErrorKind::Internal);
-    assert_eq!(err.message(), "internal error");
+    let pair = broker.issue_for_client("direct@example.com", "web").await;
+    let refresh = &expose(&pair.refresh.secret);
+    let call = |client_id: serde_json::Value, attempt: &str| {
+        serde_json::json!({
+            "access_ttl": ten_years(),
+            "refresh_ttl": ten_years(),
+            "grace": ten_years(),
+            "client_id": client_id,
+            "any_client": true,
+            "session_ttl": ten_years(),
+            "attempt": attempt,
+        })
+    };
+
+    // Naming no client does not skip the client check the broker requires.
+    let (status, body) = direct(
+        &double,
+        refresh,
+        queries::ROTATE,
+        call(serde_json::Value::Null, "a"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["outcome"], "wrong_client", "{body}");
+
+    // Ten-year lifetimes are cut to the broker's.
+    let (status, body) = direct(&double, refresh, queries::ROTATE, call("web".into(), "b")).await;
+    assert_eq!(status, 200, "{body}");
+    let rotated = &body["data"];
+    assert_eq!(rotated["outcome"], "rotated", "{body}");
+    let access = seconds_after(&rotated["now"], &rotated["access"]["ttl"]);
+    let refreshed = seconds_after(&rotated["now"], &rotated["refresh"]["ttl"]);
+    assert_eq!(access, 600, "the access lifetime is the broker's: {body}");
     assert_eq!(
-        double.requests().len(),
-        1,
-        "a 401 on the server key is not retried"
+        refreshed, 3600,
+        "the refresh lifetime is the broker's: {body}"
     );
+    let live = SecretString::from(rotated["refresh"]["secret"].as_str().unwrap().to_owned());
+    assert!(broker.is_active(&live).await);
+
+    // A ten-year grace does not let the consumed token displace the live one: it is reuse
+    // (the broker's grace is 0), and the family goes.
+    let (status, body) = direct(&double, refresh, queries::ROTATE, call("web".into(), "c")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["outcome"], "reuse", "{body}");
+    assert!(!broker.is_active(&live).await, "the family was revoked");
+    assert!(!broker.is_active(&pair.access.secret).await);
+}
+
+/// The faults that strike after the transaction committed.
+const COMMITTED: [Fault; 3] = [
+    Fault::CommittedUnavailable,
+    Fault::CommittedLost,
+    Fault::CommittedTimeout,
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_issue_whose_first_attempt_committed_leaves_one_pair() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |s| {
+        s.store.fauna.max_attempts = 3;
+        s.store.fauna.query_timeout_ms = 500;
+    })
+    .await;
+    for fault in COMMITTED {
+        let name = format!("{fault:?}");
+        let before = double.live_token_count();
+        double.inject(fault, 1);
+        let (result, requests, _) = issue_under(&broker, &double, Duration::from_secs(10)).await;
+        assert_eq!(result, Ok(()), "{name}: the retry succeeds");
+        assert_eq!(requests, 2, "{name}: one retry");
+        assert_eq!(
+            double.live_token_count(),
+            before + 2,
+            "{name}: the first attempt's pair, which nobody received, is gone"
+        );
+    }
+    let tokens = broker.all_tokens("fault@example.com").await;
+    assert_eq!(tokens.len(), 2 * COMMITTED.len(), "{tokens:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_rotation_whose_first_attempt_committed_is_not_reuse() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |s| {
+        s.store.fauna.max_attempts = 3;
+        s.store.fauna.query_timeout_ms = 500;
+        s.tokens.refresh_grace_seconds = 0;
+    })
+    .await;
+    for fault in COMMITTED {
+        let name = format!("{fault:?}");
+        let pair = broker.issue(&format!("{name}@example.com")).await;
+        let before = double.live_token_count();
+        double.clear_requests();
+        double.inject(fault, 1);
+        let next = broker
+            .refresh(&pair.refresh.secret)
+            .await
+            .unwrap_or_else(|err| panic!("{name}: the retried rotation succeeds: {err:?}"));
+        assert_eq!(sent(&double), ["rotate", "rotate"], "{name}: one retry");
+        assert_eq!(
+            double.live_token_count(),
+            before + 2,
+            "{name}: one new pair; the first attempt's is gone"
+        );
+        assert!(broker.is_active(&next.refresh.secret).await, "{name}");
+        assert!(broker.is_active(&next.access.secret).await, "{name}");
+        assert!(
+            broker.is_active(&pair.access.secret).await,
+            "{name}: no reuse"
+        );
+        let again = broker.refresh(&next.refresh.secret).await;
+        assert!(again.is_ok(), "{name}: the session goes on: {again:?}");
+    }
 }

@@ -73,8 +73,9 @@ use server::{Shared, accept_loop};
 /// `docs/design.md` "Fauna over HTTP › Keys and roles" describes.
 pub const SERVER_KEY: &str = "secret:server";
 
-/// A failure the double answers with instead of running the request: the retryable classes of
-/// `docs/design.md` "Fauna over HTTP › Responses and errors", and broken answers.
+/// A failure the double answers with: the retryable classes of `docs/design.md` "Fauna over
+/// HTTP › Responses and errors" and broken answers, instead of running the request; and the
+/// commit-then-fail faults (`Slow`, `Committed*`), after running and committing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// 409 `contended_transaction`: Fauna's own contention retries ran out.
@@ -89,6 +90,14 @@ pub enum Fault {
     Unavailable,
     /// The query runs (and commits) at once, but the answer leaves only after the delay.
     Slow(Duration),
+    /// The query runs and commits, then the client gets 503 `time_out` (a coordinator that
+    /// timed out waiting for the commit's acknowledgement).
+    CommittedUnavailable,
+    /// The query runs and commits, then the connection closes with no answer.
+    CommittedLost,
+    /// The query runs and commits, and the answer is held one second past the request's
+    /// `X-Query-Timeout-Ms`: the client times out after the commit.
+    CommittedTimeout,
     /// 200 with an empty body.
     EmptyBody,
     /// 200 with a body cut off in the middle of the JSON.

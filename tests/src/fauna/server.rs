@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    convert::Infallible,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -55,7 +54,7 @@ pub(super) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 async fn serve(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, AnswerLost> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -82,6 +81,23 @@ async fn serve(
             tokio::time::sleep(delay).await;
             reply
         }
+        Some(Fault::CommittedUnavailable) => {
+            drop(shared.process(parts.uri.path(), &parts.headers, &parsed));
+            fault_reply(Fault::CommittedUnavailable, &parts.headers)
+        }
+        Some(Fault::CommittedLost) => {
+            drop(shared.process(parts.uri.path(), &parts.headers, &parsed));
+            // An error from the service makes hyper close the connection unanswered.
+            return Err(AnswerLost);
+        }
+        Some(Fault::CommittedTimeout) => {
+            let reply = shared.process(parts.uri.path(), &parts.headers, &parsed);
+            let within = header(&parts.headers, "x-query-timeout-ms")
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(120_000);
+            tokio::time::sleep(Duration::from_millis(within + 1000)).await;
+            reply
+        }
         Some(fault) => fault_reply(fault, &parts.headers),
     };
     if let Some(recorded) = lock(&shared.requests).get_mut(index) {
@@ -90,6 +106,18 @@ async fn serve(
     tracing::debug!(query = ?query.map(|q| q.0), status = reply.status, "fauna double answered");
     Ok(reply.into_response())
 }
+
+/// The service's error for [`Fault::CommittedLost`]: the connection closes with no answer.
+#[derive(Debug)]
+pub(super) struct AnswerLost;
+
+impl std::fmt::Display for AnswerLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the answer was lost after the commit (injected)")
+    }
+}
+
+impl std::error::Error for AnswerLost {}
 
 /// State shared by the handle and the server task.
 pub(super) struct Shared {

@@ -30,7 +30,37 @@ struct Answer {
     body: Json,
 }
 
+/// The limits [`harness`] publishes: wider than any rotation below asks for, except where a
+/// test shows the clamp.
+const POLICY_ACCESS_TTL: i64 = 3600;
+const POLICY_REFRESH_TTL: i64 = 7 * 86_400;
+const POLICY_GRACE: i64 = 60;
+
+fn policy_args(any_client: bool) -> Json {
+    json!({
+        "access_ttl": int(POLICY_ACCESS_TTL),
+        "refresh_ttl": int(POLICY_REFRESH_TTL),
+        "grace": int(POLICY_GRACE),
+        "session_ttl": int(30 * 86_400),
+        "any_client": any_client,
+    })
+}
+
+/// A double with the broker's policy published, as the broker does at start.
 async fn harness() -> Harness {
+    let h = bare_harness().await;
+    let answer = h
+        .query(SERVER_KEY, queries::PUBLISH_POLICY, policy_args(true))
+        .await;
+    assert_eq!(answer.body["data"], json!(true), "{}", answer.raw);
+    h.double.clear_requests();
+    // The next transaction runs at the clock's time, not one tick after this one.
+    h.clock.advance(Duration::from_secs(1));
+    h
+}
+
+/// A double with nothing in it.
+async fn bare_harness() -> Harness {
     let clock = Arc::new(ManualClock::new());
     let double = FaunaDouble::start(clock.clone()).await;
     Harness {
@@ -50,7 +80,8 @@ fn issue_args(email: &str) -> Json {
         "email": email,
         "cognito_sub": "5f0c1a3e-0000-4000-8000-000000000001",
         "client_id": "app",
-        "nonce": "n1",
+        // A fresh broker call each time: the same nonce is a retry of one call.
+        "nonce": format!("{:016x}", rand::random::<u64>()),
         "access_ttl": int(900),
         "refresh_ttl": int(86_400),
         "session_ttl": int(30 * 86_400),
@@ -66,6 +97,8 @@ fn rotate_args(grace: i64, client_id: Option<&str>) -> Json {
         "client_id": client_id,
         "any_client": true,
         "session_ttl": int(30 * 86_400),
+        // A fresh broker call each time.
+        "attempt": format!("{:032x}", rand::random::<u128>()),
     })
 }
 
@@ -478,7 +511,8 @@ async fn issued_tokens_authenticate_until_their_ttl() {
     let data = h.issue("ttl@example.com").await;
     let account = s(&data["account"]);
     assert!(account.len() == 18 && account.bytes().all(|b| b.is_ascii_digit()));
-    assert_eq!(data["family"], format!("fam_{account}_n1"));
+    let family = s(&data["family"]);
+    assert!(family.starts_with(&format!("fam_{account}_")) && family.len() == 18 + 5 + 16);
     assert!(data["now"]["@time"].is_string());
     let refresh = s(&data["refresh"]["secret"]).to_owned();
     let access = s(&data["access"]["secret"]).to_owned();
