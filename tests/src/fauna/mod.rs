@@ -30,6 +30,9 @@
 //!   validated and recorded, nothing more;
 //! - contention: requests are serialised, so there is none (and `contention_retries` is 0) unless
 //!   injected; the query timeout is never reached unless injected;
+//! - `BrokerPolicy` and `RotationAttempt` are modelled as the schema's functions use them (one
+//!   policy document, one attempt per rotated token, gone at that token's ttl), not as
+//!   collections any query could read;
 //! - roles beyond what the broker needs: a token may run `Query.token()`,
 //!   `revokeCurrentToken` (access and refresh tokens) and `rotateRefreshToken` (refresh tokens);
 //!   everything else is `permission_denied` (the real baseline would also let a token read and
@@ -125,7 +128,8 @@ pub struct Recorded {
     pub query: Option<&'static str>,
     /// What the bearer was.
     pub bearer: Bearer,
-    /// The answer's HTTP status; `None` while the request is still being answered.
+    /// The answer's HTTP status; `None` while the request is still being answered, or when
+    /// its answer was lost ([`Fault::CommittedLost`]).
     pub status: Option<u16>,
     /// The injected fault the request got, if any.
     pub fault: Option<Fault>,
