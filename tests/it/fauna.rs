@@ -550,3 +550,35 @@ async fn a_retried_rotation_whose_first_attempt_committed_is_not_reuse() {
         assert!(again.is_ok(), "{name}: the session goes on: {again:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_first_sign_in_is_retried_not_internal() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |s| s.store.fauna.max_attempts = 3).await;
+
+    // Fauna's own retries ran out: 409, retried by the store, then UNAVAILABLE.
+    double.inject(Fault::Contended, 3);
+    let (result, requests, _) = issue_under(&broker, &double, Duration::from_secs(10)).await;
+    assert_eq!(result, Err(ClientErrorKind::Unavailable));
+    assert_eq!(requests, 3);
+
+    // Another sign-in of the same email created the account first: the unique email fails
+    // this one, and issuing again finds the winner's account.
+    double.inject(Fault::EmailTaken, 1);
+    let (result, requests, _) = issue_under(&broker, &double, Duration::from_secs(10)).await;
+    assert_eq!(result, Ok(()));
+    assert_eq!(requests, 2, "one more issue");
+    assert_eq!(double.account_count(), 1, "the winner's account");
+    assert_eq!(broker.all_tokens("fault@example.com").await.len(), 2);
+
+    // Conflicting every time: UNAVAILABLE, never INTERNAL.
+    let broker = fauna_broker(&double, |_| {}).await;
+    double.inject(Fault::EmailTaken, 2);
+    let result = broker
+        .trigger
+        .issue_tokens(claims_request("again@example.com", ""))
+        .await
+        .map(drop)
+        .map_err(|err| err.kind());
+    assert_eq!(result, Err(ClientErrorKind::Unavailable));
+}

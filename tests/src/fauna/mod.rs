@@ -101,6 +101,10 @@ pub enum Fault {
     /// The query runs and commits, and the answer is held one second past the request's
     /// `X-Query-Timeout-Ms`: the client times out after the commit.
     CommittedTimeout,
+    /// A concurrent first sign-in of the request's `email` commits its account just before the
+    /// request runs on the older snapshot: `Account.create` fails with 400
+    /// `constraint_failure` on the unique email, as when Fauna's optimistic check catches it.
+    EmailTaken,
     /// 200 with an empty body.
     EmptyBody,
     /// 200 with a body cut off in the middle of the JSON.

@@ -98,6 +98,23 @@ async fn serve(
             tokio::time::sleep(Duration::from_millis(within + 1000)).await;
             reply
         }
+        Some(Fault::EmailTaken) => {
+            // A concurrent sign-in of the same email commits first; this request read the
+            // snapshot before it, so its `Account.create` meets the unique constraint.
+            let email = parsed.as_ref().ok().and_then(|b| {
+                b.arguments
+                    .as_ref()?
+                    .get("email")?
+                    .as_str()
+                    .map(str::to_owned)
+            });
+            if let Some(email) = &email {
+                let mut db = lock(&shared.db);
+                let now = db.tick(shared.clock.now().0);
+                drop(db.create_account(email, None, i128::from(now) * 1000));
+            }
+            shared.process_with(parts.uri.path(), &parts.headers, &parsed, email)
+        }
         Some(fault) => fault_reply(fault, &parts.headers),
     };
     if let Some(recorded) = lock(&shared.requests).get_mut(index) {
@@ -257,11 +274,22 @@ impl Shared {
         headers: &HeaderMap,
         body: &Result<RequestBody, String>,
     ) -> Reply {
+        self.process_with(path, headers, body, None)
+    }
+
+    /// Answers a request whose snapshot predates the account of `stale_email`, if any.
+    fn process_with(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        body: &Result<RequestBody, String>,
+        stale_email: Option<String>,
+    ) -> Reply {
         if path != "/query/1" {
             // The real server hands every other path to the v4 router, which is not modelled.
             return protocol_error(404, "not_found", "Not found", None);
         }
-        match self.try_process(headers, body) {
+        match self.try_process(headers, body, stale_email) {
             Ok(reply) | Err(reply) => reply,
         }
     }
@@ -270,6 +298,7 @@ impl Shared {
         &self,
         headers: &HeaderMap,
         body: &Result<RequestBody, String>,
+        stale_email: Option<String>,
     ) -> Result<Reply, Reply> {
         let started = Instant::now();
         // `FQL2Endpoint.getRequestInfo` (RequestParams), in its order.
@@ -335,6 +364,7 @@ impl Shared {
             now: i128::from(now_micros) * 1000,
             database_id: self.database_id,
             stats: Stats::default(),
+            stale_email,
         };
         let tags = tags.as_deref();
 

@@ -1050,3 +1050,199 @@ async fn debug_output_shows_no_secret() {
     assert!(!shown.contains(SERVER_KEY), "{shown}");
     assert!(shown.starts_with("FaunaDouble"));
 }
+
+#[tokio::test]
+async fn committed_faults_commit_then_fail() {
+    let h = harness().await;
+    let body =
+        json!({ "query": queries::ISSUE_BY_EMAIL, "arguments": issue_args("c@example.com") })
+            .to_string();
+    let send = |timeout: Duration| {
+        h.http
+            .post(format!("{}/query/1", h.double.endpoint()))
+            .header("authorization", format!("Bearer {SERVER_KEY}"))
+            .header("x-format", "tagged")
+            .header("x-query-timeout-ms", "200")
+            .timeout(timeout)
+            .body(body.clone())
+            .send()
+    };
+
+    h.double.inject(Fault::CommittedUnavailable, 1);
+    let response = send(Duration::from_secs(10)).await.expect("an answer");
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response.json::<Json>().await.expect("JSON"),
+        json!({ "error": { "code": "time_out", "message": "Read timed out" } })
+    );
+    assert_eq!(h.double.live_token_count(), 2, "the pair was committed");
+    assert_eq!(h.double.account_count(), 1);
+
+    // The same call again (its nonce): the committed pair is replaced, not doubled.
+    h.double.inject(Fault::CommittedLost, 1);
+    let lost = send(Duration::from_secs(10)).await;
+    assert!(lost.is_err(), "no answer: {lost:?}");
+    assert_eq!(
+        h.double.live_token_count(),
+        2,
+        "committed, and still one pair"
+    );
+    assert_eq!(h.double.requests().last().and_then(|r| r.status), None);
+
+    // Held past the query timeout: the client gives up first.
+    h.double.inject(Fault::CommittedTimeout, 1);
+    let timed_out = send(Duration::from_millis(600)).await;
+    assert!(
+        timed_out.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "{timed_out:?}"
+    );
+    assert_eq!(h.double.live_token_count(), 2);
+    assert_eq!(h.double.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn email_taken_is_the_unique_constraint_of_a_concurrent_create() {
+    let h = harness().await;
+    h.double.inject(Fault::EmailTaken, 1);
+    let answer = h
+        .query(
+            SERVER_KEY,
+            queries::ISSUE_BY_EMAIL,
+            issue_args("race@example.com"),
+        )
+        .await;
+    assert_query_error(&answer, "constraint_failure", "Failed unique constraint.");
+    assert_eq!(
+        answer.body["error"]["constraint_failures"],
+        json!([{ "paths": [["email"]], "message": "Failed unique constraint" }])
+    );
+    assert_eq!(h.double.account_count(), 1, "the concurrent winner's");
+    assert_eq!(h.double.live_token_count(), 0, "the loser wrote nothing");
+    let data = h.issue("race@example.com").await;
+    assert_eq!(
+        h.double.account_count(),
+        1,
+        "issuing again finds it: {data}"
+    );
+}
+
+#[tokio::test]
+async fn rotation_is_held_to_the_published_policy() {
+    let h = bare_harness().await;
+    let data = h.issue("policy@example.com").await;
+    let refresh = s(&data["refresh"]["secret"]).to_owned();
+    // No policy: nothing rotates.
+    let answer = h
+        .query(&refresh, queries::ROTATE, rotate_args(10, None))
+        .await;
+    assert_eq!(
+        answer.body["data"],
+        json!({ "outcome": "no_policy" }),
+        "{}",
+        answer.raw
+    );
+
+    // A policy that requires the client: naming none does not skip the check.
+    let answer = h
+        .query(SERVER_KEY, queries::PUBLISH_POLICY, policy_args(false))
+        .await;
+    assert_eq!(answer.body["data"], json!(true), "{}", answer.raw);
+    let answer = h
+        .query(&refresh, queries::ROTATE, rotate_args(10, None))
+        .await;
+    assert_eq!(
+        answer.body["data"],
+        json!({ "outcome": "wrong_client" }),
+        "{}",
+        answer.raw
+    );
+    let revoke = h
+        .query(
+            &refresh,
+            queries::REVOKE_SECRET,
+            json!({ "client_id": null, "any_client": true }),
+        )
+        .await;
+    assert_eq!(
+        revoke.body["data"],
+        json!({ "outcome": "wrong_client" }),
+        "{}",
+        revoke.raw
+    );
+
+    // Lifetimes past the policy are cut to it.
+    let mut args = rotate_args(10, Some("app"));
+    for key in ["access_ttl", "refresh_ttl", "grace", "session_ttl"] {
+        args[key] = int(315_360_000);
+    }
+    let answer = h.query(&refresh, queries::ROTATE, args.clone()).await;
+    let rotated = &answer.body["data"];
+    assert_eq!(rotated["outcome"], "rotated", "{}", answer.raw);
+    let ttl = |v: &Json| {
+        time::OffsetDateTime::parse(
+            s(&v["@time"]),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("a time")
+        .unix_timestamp_nanos()
+    };
+    let second = 1_000_000_000;
+    let now = ttl(&rotated["now"]);
+    assert_eq!(
+        ttl(&rotated["access"]["ttl"]),
+        now + i128::from(POLICY_ACCESS_TTL) * second
+    );
+    assert_eq!(
+        ttl(&rotated["refresh"]["ttl"]),
+        now + i128::from(POLICY_REFRESH_TTL) * second
+    );
+
+    // Past the policy's grace, a ten-year grace is still reuse.
+    h.clock.advance(Duration::from_secs(
+        u64::try_from(POLICY_GRACE).unwrap() + 1,
+    ));
+    args["attempt"] = json!("another call");
+    let answer = h.query(&refresh, queries::ROTATE, args).await;
+    assert_eq!(answer.body["data"]["outcome"], "reuse", "{}", answer.raw);
+    assert_eq!(h.double.live_token_count(), 0);
+}
+
+#[tokio::test]
+async fn the_same_attempt_replaces_its_own_rotation() {
+    let h = harness().await;
+    let data = h.issue("attempt@example.com").await;
+    let refresh = s(&data["refresh"]["secret"]).to_owned();
+    let mut args = rotate_args(0, None);
+    let first = h.query(&refresh, queries::ROTATE, args.clone()).await;
+    assert_eq!(first.body["data"]["outcome"], "rotated", "{}", first.raw);
+    h.clock.advance(Duration::from_secs(5));
+    // The same call again, past grace 0: its own commit, not reuse.
+    let again = h.query(&refresh, queries::ROTATE, args.clone()).await;
+    assert_eq!(again.body["data"]["outcome"], "rotated", "{}", again.raw);
+    for minted in ["refresh", "access"] {
+        assert!(
+            !h.active(s(&first.body["data"][minted]["secret"])).await,
+            "{minted}"
+        );
+        assert!(
+            h.active(s(&again.body["data"][minted]["secret"])).await,
+            "{minted}"
+        );
+    }
+    assert_eq!(
+        h.double.live_token_count(),
+        4,
+        "the first access, the consumed, one pair"
+    );
+    // Once the successor is used, the same nonce is no longer a retry: reuse.
+    let next = s(&again.body["data"]["refresh"]["secret"]).to_owned();
+    let used = h.query(&next, queries::ROTATE, rotate_args(0, None)).await;
+    assert_eq!(used.body["data"]["outcome"], "rotated", "{}", used.raw);
+    let replayed = h.query(&refresh, queries::ROTATE, args.clone()).await;
+    assert_eq!(
+        replayed.body["data"]["outcome"], "reuse",
+        "{}",
+        replayed.raw
+    );
+    assert_eq!(h.double.live_token_count(), 0);
+}

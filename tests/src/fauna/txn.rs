@@ -126,6 +126,9 @@ pub(super) struct Txn<'a> {
     pub(super) now: i128,
     pub(super) database_id: i64,
     pub(super) stats: Stats,
+    /// An email whose account this transaction's snapshot does not see yet: a concurrent
+    /// transaction created it ([`super::Fault::EmailTaken`]).
+    pub(super) stale_email: Option<String>,
 }
 
 impl Txn<'_> {
@@ -190,6 +193,7 @@ impl Txn<'_> {
     fn account_by_email(&mut self, email: &Value) -> Option<String> {
         self.stats.reads += 1;
         match email {
+            Value::Str(email) if self.stale_email.as_ref() == Some(email) => None,
             Value::Str(email) => self.db.by_email.get(email).cloned(),
             _ => None,
         }

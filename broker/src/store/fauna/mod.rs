@@ -470,15 +470,32 @@ impl TokenStore for FaunaStore {
                     // The cached account is gone (deleted by an operator): look it up again.
                     Answer::QueryError(code) if code == "document_not_found" => {
                         warn!(account_id = %account, "cached account not found in fauna");
-                        self.mint(Op::IssueByEmail, arguments).await?
+                        self.mint(Op::IssueByEmail, arguments.clone()).await?
                     }
                     other => other,
                 }
             }
-            None => self.mint(Op::IssueByEmail, arguments).await?,
+            None => self.mint(Op::IssueByEmail, arguments.clone()).await?,
+        };
+        let answer = match answer {
+            // A concurrent first sign-in of this email created the account after this
+            // transaction's snapshot; it committed, so issuing again finds it.
+            Answer::QueryError(code) if code == "constraint_failure" => {
+                debug!("the account was created concurrently; issuing again");
+                self.mint(Op::IssueByEmail, arguments).await?
+            }
+            other => other,
         };
         match answer {
             Answer::Data(value) => minted(Op::IssueByEmail, value),
+            Answer::QueryError(code) if code == "constraint_failure" => {
+                warn!("fauna's unique email kept conflicting");
+                Err(StoreError::new(
+                    StoreErrorKind::Unavailable,
+                    "fauna: the account's email kept conflicting",
+                    None,
+                ))
+            }
             other => Err(unexpected_answer(Op::IssueByEmail, &other)),
         }
     }
