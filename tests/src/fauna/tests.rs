@@ -1212,7 +1212,7 @@ async fn the_same_attempt_replaces_its_own_rotation() {
     let h = harness().await;
     let data = h.issue("attempt@example.com").await;
     let refresh = s(&data["refresh"]["secret"]).to_owned();
-    let mut args = rotate_args(0, None);
+    let args = rotate_args(0, None);
     let first = h.query(&refresh, queries::ROTATE, args.clone()).await;
     assert_eq!(first.body["data"]["outcome"], "rotated", "{}", first.raw);
     h.clock.advance(Duration::from_secs(5));
