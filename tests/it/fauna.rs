@@ -582,3 +582,124 @@ async fn a_concurrent_first_sign_in_is_retried_not_internal() {
         .map_err(|err| err.kind());
     assert_eq!(result, Err(ClientErrorKind::Unavailable));
 }
+
+/// The RPCs that reach Fauna, for the fault table.
+#[derive(Debug, Clone, Copy)]
+enum Rpc {
+    Issue,
+    Refresh,
+    Introspect,
+    RevokeSecret,
+    RevokeTokenId,
+    RevokeFamily,
+    ListTokens,
+}
+
+/// Runs `rpc` on a fresh pair of `email` and returns its outcome and the Fauna requests it
+/// sent (the set-up's are not counted).
+async fn run_rpc(
+    broker: &TestBroker,
+    double: &FaunaDouble,
+    rpc: Rpc,
+    email: &str,
+    fault: Fault,
+    times: u32,
+) -> (Result<(), ClientErrorKind>, usize) {
+    use pb::revoke_request::Target;
+    let pair = broker.issue(email).await;
+    double.clear_requests();
+    double.inject(fault, times);
+    let revoke = |target| pb::RevokeRequest {
+        target: Some(target),
+        ..Default::default()
+    };
+    let result = match rpc {
+        Rpc::Issue => broker
+            .trigger
+            .issue_tokens(claims_request(email, ""))
+            .await
+            .map(drop),
+        Rpc::Refresh => broker.refresh(&pair.refresh.secret).await.map(drop),
+        Rpc::Introspect => broker
+            .service
+            .introspect_secret(&pair.access.secret)
+            .await
+            .map(drop),
+        Rpc::RevokeSecret => broker
+            .anonymous
+            .revoke(revoke(Target::Token(
+                expose(&pair.refresh.secret).to_owned(),
+            )))
+            .await
+            .map(drop),
+        Rpc::RevokeTokenId => broker
+            .admin
+            .revoke(revoke(Target::TokenId(pair.access.token_id.clone())))
+            .await
+            .map(drop),
+        Rpc::RevokeFamily => broker
+            .admin
+            .revoke(revoke(Target::FamilyId(pair.family_id.clone())))
+            .await
+            .map(drop),
+        Rpc::ListTokens => broker
+            .admin
+            .list_tokens(pb::ListTokensRequest {
+                account: Some(pb::list_tokens_request::Account::Email(email.to_owned())),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+    };
+    (result.map_err(|err| err.kind()), double.requests().len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_class_on_every_rpc() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |s| {
+        s.store.fauna.max_attempts = 3;
+        s.store.fauna.query_timeout_ms = 500;
+        s.tokens.refresh_grace_seconds = 0;
+    })
+    .await;
+    let rpcs = [
+        Rpc::Issue,
+        Rpc::Refresh,
+        Rpc::Introspect,
+        Rpc::RevokeSecret,
+        Rpc::RevokeTokenId,
+        Rpc::RevokeFamily,
+        Rpc::ListTokens,
+    ];
+    for rpc in rpcs {
+        let email = format!("{rpc:?}@example.com").to_lowercase();
+        for fault in RETRYABLE.into_iter().chain(COMMITTED) {
+            let (result, requests) = run_rpc(&broker, &double, rpc, &email, fault, 1).await;
+            assert_eq!(
+                result,
+                Ok(()),
+                "{rpc:?} after {fault:?}: the retry succeeds"
+            );
+            assert_eq!(requests, 2, "{rpc:?} after {fault:?}: one retry");
+        }
+        for fault in RETRYABLE {
+            let (result, requests) = run_rpc(&broker, &double, rpc, &email, fault, 3).await;
+            assert_eq!(
+                result,
+                Err(ClientErrorKind::Unavailable),
+                "{rpc:?} after {fault:?} thrice"
+            );
+            assert_eq!(requests, 3, "{rpc:?} after {fault:?} thrice");
+        }
+        for fault in [Fault::EmptyBody, Fault::MalformedBody] {
+            let (result, requests) = run_rpc(&broker, &double, rpc, &email, fault, 1).await;
+            assert_eq!(
+                result,
+                Err(ClientErrorKind::Unavailable),
+                "{rpc:?} after {fault:?}"
+            );
+            assert_eq!(requests, 1, "{rpc:?} after {fault:?}: no retry");
+        }
+    }
+}
