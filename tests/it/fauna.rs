@@ -88,12 +88,16 @@ async fn wall_clock_double() -> FaunaDouble {
     FaunaDouble::start(clock).await
 }
 
-/// How many requests the double received for each query name since the last clear.
+/// How many requests the double received for each query name since the last clear. Each
+/// came in the drivers' template form.
 fn sent(double: &FaunaDouble) -> Vec<String> {
     let names = double
         .requests()
         .into_iter()
-        .map(|r| r.query.unwrap_or("unknown").to_owned())
+        .map(|r| {
+            assert!(r.template, "the template form {{\"fql\": [...]}}: {r:?}");
+            r.query.unwrap_or("unknown").to_owned()
+        })
         .collect();
     double.clear_requests();
     names
@@ -702,4 +706,35 @@ async fn every_fault_class_on_every_rpc() {
             assert_eq!(requests, 1, "{rpc:?} after {fault:?}: no retry");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_secret_is_inactive_on_a_node_that_still_caches_it() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |_| {}).await;
+    let pair = broker.issue("cached@example.com").await;
+    let revoke = |secret: &SecretString| pb::RevokeRequest {
+        target: Some(pb::revoke_request::Target::Token(expose(secret).to_owned())),
+        ..Default::default()
+    };
+    broker
+        .anonymous
+        .revoke(revoke(&pair.refresh.secret))
+        .await
+        .expect("revoked");
+
+    // The node still authenticates the deleted secrets, but what it reads is the database.
+    for secret in [&pair.access.secret, &pair.refresh.secret] {
+        double.inject(Fault::StaleKeyCache, 1);
+        let info = broker.service.introspect_secret(secret).await.unwrap();
+        assert!(!info.active, "revoked before the call began");
+        assert_eq!(double.requests().last().and_then(|r| r.status), Some(200));
+    }
+    double.inject(Fault::StaleKeyCache, 1);
+    let refreshed = broker.refresh(&pair.refresh.secret).await;
+    assert_eq!(
+        refreshed.map(drop).map_err(|e| e.kind()),
+        Err(ClientErrorKind::Unauthenticated),
+        "a revoked refresh secret does not rotate there either"
+    );
 }

@@ -100,6 +100,9 @@ pub(super) struct Db {
     pub(super) tokens: BTreeMap<String, TokenDoc>,
     /// `Token.byDocument`: token ids per account id.
     pub(super) by_document: HashMap<String, BTreeSet<String>>,
+    /// Deleted tokens with their deletion time, for a node's key cache
+    /// ([`super::Fault::StaleKeyCache`]).
+    pub(super) recently_deleted: HashMap<String, (TokenDoc, i128)>,
     /// `BrokerPolicy.byId("1")`.
     pub(super) policy: Option<Policy>,
     /// `RotationAttempt` documents, by id (the rotated token's id).

@@ -105,6 +105,10 @@ pub enum Fault {
     /// request runs on the older snapshot: `Account.create` fails with 400
     /// `constraint_failure` on the unique email, as when Fauna's optimistic check catches it.
     EmailTaken,
+    /// The request reaches a node whose key cache still holds every token deleted in the last
+    /// 60 s: such a secret authenticates, and `Query.token()` is the cached copy; reads of the
+    /// database see it gone.
+    StaleKeyCache,
     /// 200 with an empty body.
     EmptyBody,
     /// 200 with a body cut off in the middle of the JSON.
@@ -130,6 +134,8 @@ pub enum Bearer {
 pub struct Recorded {
     /// The query's name in [`KNOWN_QUERIES`], or `None` for any other text or no query.
     pub query: Option<&'static str>,
+    /// Whether the query came in the template form `{"fql": [...]}` the drivers send.
+    pub template: bool,
     /// What the bearer was.
     pub bearer: Bearer,
     /// The answer's HTTP status; `None` while the request is still being answered, or when

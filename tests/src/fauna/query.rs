@@ -38,7 +38,7 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
     ),
     (
         "introspect",
-        "6e30b3a04a69703f3d3f709b4c3e57122237eba70c7788dfff42221650454672",
+        "02cc22e2f5eec9d81b5bc298dd6211ee07cf8a7116d2348776b88bc7f26a855d",
     ),
     (
         "revoke_secret",
@@ -139,7 +139,7 @@ impl Query {
                 "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt)"
             }
             Self::RevokeSecret => "revokeCurrentToken(client_id, any_client)",
-            Self::Introspect => "Query.token()",
+            Self::Introspect => "Token.byId(caller!.id)",
             Self::RevokeToken => "Token.byId(token_id)",
             Self::PublishPolicy => "BrokerPolicy.byId(\"1\")",
             Self::OriginalLookup => "Account.byEmail(email)",

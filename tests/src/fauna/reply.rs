@@ -101,7 +101,11 @@ pub(super) fn fault_reply(fault: Fault, headers: &HeaderMap) -> Reply {
             unauthorized: false,
         },
         Fault::CommittedUnavailable => protocol_error(503, "time_out", "Read timed out", None),
-        Fault::Slow(_) | Fault::CommittedLost | Fault::CommittedTimeout | Fault::EmailTaken => {
+        Fault::Slow(_)
+        | Fault::CommittedLost
+        | Fault::CommittedTimeout
+        | Fault::EmailTaken
+        | Fault::StaleKeyCache => {
             unreachable!("the query runs first")
         }
     }

@@ -69,7 +69,8 @@ async fn serve(
         _ => None,
     };
     let fault = lock(&shared.faults).pop_front();
-    let index = shared.record(&parts.headers, query, fault);
+    let template = parsed.as_ref().is_ok_and(|b| b.template);
+    let index = shared.record(&parts.headers, query, template, fault);
     let latency = *lock(&shared.latency);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -113,7 +114,10 @@ async fn serve(
                 let now = db.tick(shared.clock.now().0);
                 drop(db.create_account(email, None, i128::from(now) * 1000));
             }
-            shared.process_with(parts.uri.path(), &parts.headers, &parsed, email)
+            shared.process_with(parts.uri.path(), &parts.headers, &parsed, email, false)
+        }
+        Some(Fault::StaleKeyCache) => {
+            shared.process_with(parts.uri.path(), &parts.headers, &parsed, None, true)
         }
         Some(fault) => fault_reply(fault, &parts.headers),
     };
@@ -169,6 +173,8 @@ fn invalid_header(name: &str, error: &str) -> Reply {
 struct RequestBody {
     /// The query text; `None` for a template with values, which the double cannot run.
     text: Option<String>,
+    /// Whether `query` came in the template form `{"fql": [...]}`.
+    template: bool,
     arguments: Option<Map<String, Json>>,
 }
 
@@ -191,9 +197,9 @@ fn parse_body(body: &[u8]) -> Result<RequestBody, String> {
     let Json::Object(mut fields) = json else {
         return Err(invalid());
     };
-    let text = match fields.remove("query") {
-        Some(Json::String(text)) => Some(text),
-        Some(Json::Object(template)) => template_text(&template).ok_or_else(invalid)?,
+    let (text, template) = match fields.remove("query") {
+        Some(Json::String(text)) => (Some(text), false),
+        Some(Json::Object(template)) => (template_text(&template).ok_or_else(invalid)?, true),
         _ => return Err(invalid()),
     };
     let arguments = match fields.remove("arguments") {
@@ -201,7 +207,11 @@ fn parse_body(body: &[u8]) -> Result<RequestBody, String> {
         Some(Json::Object(arguments)) => Some(arguments),
         Some(_) => return Err(invalid()),
     };
-    Ok(RequestBody { text, arguments })
+    Ok(RequestBody {
+        text,
+        template,
+        arguments,
+    })
 }
 
 /// Flattens a template query `{"fql": [...]}` made only of text (nested queries are wrapped in
@@ -242,6 +252,7 @@ impl Shared {
         &self,
         headers: &HeaderMap,
         query: Option<(&'static str, Query)>,
+        template: bool,
         fault: Option<Fault>,
     ) -> usize {
         let bearer = match credential(headers) {
@@ -253,6 +264,7 @@ impl Shared {
         let mut requests = lock(&self.requests);
         requests.push(Recorded {
             query: query.map(|(name, _)| name),
+            template,
             bearer,
             status: None,
             fault,
@@ -274,22 +286,24 @@ impl Shared {
         headers: &HeaderMap,
         body: &Result<RequestBody, String>,
     ) -> Reply {
-        self.process_with(path, headers, body, None)
+        self.process_with(path, headers, body, None, false)
     }
 
-    /// Answers a request whose snapshot predates the account of `stale_email`, if any.
+    /// Answers a request whose snapshot predates the account of `stale_email`, if any, on a
+    /// node with a stale key cache if `stale_key_cache`.
     fn process_with(
         &self,
         path: &str,
         headers: &HeaderMap,
         body: &Result<RequestBody, String>,
         stale_email: Option<String>,
+        stale_key_cache: bool,
     ) -> Reply {
         if path != "/query/1" {
             // The real server hands every other path to the v4 router, which is not modelled.
             return protocol_error(404, "not_found", "Not found", None);
         }
-        match self.try_process(headers, body, stale_email) {
+        match self.try_process(headers, body, stale_email, stale_key_cache) {
             Ok(reply) | Err(reply) => reply,
         }
     }
@@ -299,6 +313,7 @@ impl Shared {
         headers: &HeaderMap,
         body: &Result<RequestBody, String>,
         stale_email: Option<String>,
+        stale_key_cache: bool,
     ) -> Result<Reply, Reply> {
         let started = Instant::now();
         // `FQL2Endpoint.getRequestInfo` (RequestParams), in its order.
@@ -365,6 +380,7 @@ impl Shared {
             database_id: self.database_id,
             stats: Stats::default(),
             stale_email,
+            stale_key_cache,
         };
         let tags = tags.as_deref();
 

@@ -1246,3 +1246,37 @@ async fn the_same_attempt_replaces_its_own_rotation() {
     );
     assert_eq!(h.double.live_token_count(), 0);
 }
+
+#[tokio::test]
+async fn a_stale_key_cache_authenticates_deleted_tokens_for_sixty_seconds() {
+    let h = harness().await;
+    let data = h.issue("stale@example.com").await;
+    let access = s(&data["access"]["secret"]).to_owned();
+    let answer = h
+        .query(
+            SERVER_KEY,
+            queries::REVOKE_TOKEN,
+            json!({ "token_id": data["access"]["id"] }),
+        )
+        .await;
+    assert_eq!(answer.body["data"], int(1), "{}", answer.raw);
+    assert!(!h.active(&access).await, "the deleting node refuses it");
+
+    h.double.inject(Fault::StaleKeyCache, 1);
+    let answer = h.query(&access, queries::INTROSPECT, json!({})).await;
+    assert_eq!(
+        answer.status, 200,
+        "a cached token authenticates: {}",
+        answer.raw
+    );
+    assert_eq!(answer.body["data"], Json::Null, "but its document is gone");
+
+    h.clock.advance(Duration::from_secs(61));
+    h.double.inject(Fault::StaleKeyCache, 1);
+    let answer = h.query(&access, queries::INTROSPECT, json!({})).await;
+    assert_eq!(
+        answer.status, 401,
+        "the cache entry has expired: {}",
+        answer.raw
+    );
+}

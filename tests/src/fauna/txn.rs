@@ -18,8 +18,8 @@ use super::{
 #[derive(Debug, Clone)]
 pub(super) enum Caller {
     Key,
-    /// A token, by id.
-    Token(String),
+    /// A token, as authentication found it (`Query.token()`, possibly a node's cached copy).
+    Token(Box<TokenDoc>),
 }
 
 /// A query's arguments, by name.
@@ -129,6 +129,9 @@ pub(super) struct Txn<'a> {
     /// An email whose account this transaction's snapshot does not see yet: a concurrent
     /// transaction created it ([`super::Fault::EmailTaken`]).
     pub(super) stale_email: Option<String>,
+    /// Whether authentication also accepts tokens deleted in the last 60 s, as a node's key
+    /// cache would ([`super::Fault::StaleKeyCache`]).
+    pub(super) stale_key_cache: bool,
 }
 
 impl Txn<'_> {
@@ -146,9 +149,19 @@ impl Txn<'_> {
         if database != self.database_id {
             return None;
         }
-        let token = self.read_token(&id.to_string())?;
+        let cached = || {
+            let (token, deleted_at) = self.db.recently_deleted.get(&id.to_string())?;
+            (self.stale_key_cache
+                && self.now - deleted_at < 60_000_000_000
+                && token.live_at(self.now))
+            .then(|| token.clone())
+        };
+        let token = match cached() {
+            Some(token) => token,
+            None => self.read_token(&id.to_string())?,
+        };
         let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-        (hash == token.secret_hash).then_some(Caller::Token(token.id))
+        (hash == token.secret_hash).then(|| Caller::Token(Box::new(token)))
     }
 
     /// `Token.byId(id)`: the token if it exists and has not expired.
@@ -226,6 +239,9 @@ impl Txn<'_> {
     fn delete_token(&mut self, id: &str) {
         if let Some(token) = self.db.tokens.remove(id) {
             self.stats.writes += 1;
+            self.db
+                .recently_deleted
+                .insert(id.to_owned(), (token.clone(), self.now));
             if let Some(ids) = self.db.by_document.get_mut(&token.document) {
                 ids.remove(id);
             }
@@ -292,11 +308,13 @@ impl Txn<'_> {
         caller: &Caller,
         args: &Args<'_>,
     ) -> Result<Value, Failure> {
+        // The roles judge the authenticated token; the queries and functions read the stored
+        // document (`Token.byId(Query.token()!.id)`), which a cached copy may outlive.
         let token = match caller {
             Caller::Key => None,
-            Caller::Token(id) => self.read_token(id),
+            Caller::Token(cached) => self.read_token(&cached.id),
         };
-        if let Some(token) = &token {
+        if let Caller::Token(token) = caller {
             let kind = token.data("kind");
             let allowed = match query {
                 Query::Introspect => true,

@@ -377,6 +377,10 @@ impl FaunaStore {
         if last > 0 {
             headers.insert("x-last-txn-ts", HeaderValue::from(last));
         }
+        if name == Op::Introspect.query().0 {
+            // A read that must see every revocation committed before it (`queries::INTROSPECT`).
+            headers.insert("x-linearized", HeaderValue::from_static("true"));
+        }
         headers.insert(
             "x-query-tags",
             HeaderValue::from_str(&format!("rpc={name}")).expect("query names are ascii"),

@@ -90,8 +90,17 @@ pub const ISSUE_FOR_ACCOUNT: &str =
 /// that were not consumed), or `{ outcome: "no_policy" }` (no policy was published).
 pub const ROTATE: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt)";
 
-/// The bearer token's own document (bearer: the secret), or null for a key.
-pub const INTROSPECT: &str = "Query.token()";
+/// The bearer token's own document, read from the database (bearer: the secret), or null for a
+/// key or a token whose document is gone.
+///
+/// `Query.token()` is the token as authentication found it, which a node may have taken from
+/// its key cache (up to 60 s old, so a just-deleted token still authenticates there); the
+/// `Token.byId` read is of the document itself. Sent with `X-Linearized: true`, so the read is
+/// of the latest committed state, whichever node serves it: a token revoked before the call
+/// began is never reported active.
+pub const INTROSPECT: &str = r#"let caller = Query.token()
+let token = if (caller == null) null else Token.byId(caller!.id)
+if (token == null) null else token"#;
 
 /// Revokes the bearer token; a refresh token takes its family with it (bearer: the secret).
 ///
