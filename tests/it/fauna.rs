@@ -8,11 +8,12 @@ use std::{
 
 use secrecy::SecretString;
 use tokenbroker::{
-    app::settings::Settings,
+    app::{Application, settings::Settings},
     model::clock::{Clock, ManualClock, SystemClock},
     store::StoreBackend,
+    store::fauna::queries,
     store::{
-        FaunaSettings, FaunaStore, TokenStore,
+        FaunaSettings, FaunaStore, RotationPolicy, TokenStore,
         testsuite::{StoreHarness, store_test_suite},
     },
 };
@@ -33,6 +34,18 @@ impl StoreHarness for FaunaHarness {
     async fn open(&self, clock: Arc<ManualClock>) -> Arc<dyn TokenStore> {
         let double = FaunaDouble::start(clock).await;
         let store = FaunaStore::new(&store_config(&double, 3)).expect("valid config");
+        // Limits wider than any the suite asks for: the suite's cases pass their own.
+        let day = Duration::from_secs(86_400);
+        store
+            .publish_policy(&RotationPolicy {
+                access_ttl: day,
+                refresh_ttl: 30 * day,
+                grace: day,
+                session_ttl: 365 * day,
+                any_client: true,
+            })
+            .await
+            .expect("the policy is written");
         self.doubles.lock().unwrap().push(double);
         Arc::new(store)
     }
@@ -75,12 +88,16 @@ async fn wall_clock_double() -> FaunaDouble {
     FaunaDouble::start(clock).await
 }
 
-/// How many requests the double received for each query name since the last clear.
+/// How many requests the double received for each query name since the last clear. Each
+/// came in the drivers' template form.
 fn sent(double: &FaunaDouble) -> Vec<String> {
     let names = double
         .requests()
         .into_iter()
-        .map(|r| r.query.unwrap_or("unknown").to_owned())
+        .map(|r| {
+            assert!(r.template, "the template form {{\"fql\": [...]}}: {r:?}");
+            r.query.unwrap_or("unknown").to_owned()
+        })
         .collect();
     double.clear_requests();
     names
@@ -349,27 +366,375 @@ async fn slow_fauna_answers_within_the_callers_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_server_key_is_internal_not_inactive() {
+async fn a_wrong_server_key_stops_the_start() {
     let double = wall_clock_double().await;
-    let broker = TestBroker::spawn_with({
-        let endpoint = double.endpoint();
-        move |s| {
-            s.store.backend = StoreBackend::Fauna;
-            s.store.fauna.endpoint = endpoint;
-            s.store.fauna.secret = Some(SecretString::from("not-the-server-key"));
-        }
+    let mut settings = Settings::default();
+    settings.server.listen = ([127, 0, 0, 1], 0).into();
+    settings.store.backend = StoreBackend::Fauna;
+    settings.store.fauna.endpoint = double.endpoint();
+    settings.store.fauna.secret = Some(SecretString::from("not-the-server-key"));
+    let err = match Application::build_with_clock(settings, Arc::new(SystemClock)).await {
+        Ok(_) => panic!("a broker whose key Fauna refuses must not start"),
+        Err(err) => format!("{err:#}"),
+    };
+    assert!(
+        err.contains("failed to write the broker policy to fauna")
+            && err.contains("fauna rejected the server key"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not-the-server-key"),
+        "no secret in the error: {err}"
+    );
+    let requests = double.requests();
+    assert_eq!(requests.len(), 1, "a 401 on the server key is not retried");
+    assert_eq!(requests[0].query, Some("publish_policy"));
+}
+
+/// Posts a query straight to the double with `bearer`, as a user holding a Fauna secret could,
+/// and returns the status and the body.
+async fn direct(
+    double: &FaunaDouble,
+    bearer: &str,
+    text: &str,
+    arguments: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/query/1", double.endpoint()))
+        .header("authorization", format!("Bearer {bearer}"))
+        .header("x-format", "tagged")
+        .body(serde_json::json!({ "query": text, "arguments": arguments }).to_string())
+        .send()
+        .await
+        .expect("the double answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON body"))
+}
+
+/// Ten years, in seconds, tagged.
+fn ten_years() -> serde_json::Value {
+    serde_json::json!({ "@long": "315360000" })
+}
+
+/// Seconds from `now` to a tagged `@time`.
+fn seconds_after(now: &serde_json::Value, time: &serde_json::Value) -> i64 {
+    let parse = |v: &serde_json::Value| {
+        time::OffsetDateTime::parse(
+            v["@time"].as_str().expect("a @time"),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("RFC 3339")
+    };
+    (parse(time) - parse(now)).whole_seconds()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_secret_calling_fauna_directly_gets_no_more_than_the_broker_allows() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |s| {
+        s.tokens.access_ttl_seconds = 600;
+        s.tokens.refresh_ttl_seconds = 3600;
+        s.tokens.refresh_grace_seconds = 0;
+        s.tokens.require_client_id = true;
     })
     .await;
-    let err = broker
-        .trigger
-        .issue_tokens(claims_request("key@example.com", ""))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ClientErrorKind::Internal);
-    assert_eq!(err.message(), "internal error");
+    let pair = broker.issue_for_client("direct@example.com", "web").await;
+    let refresh = &expose(&pair.refresh.secret);
+    let call = |client_id: serde_json::Value, attempt: &str| {
+        serde_json::json!({
+            "access_ttl": ten_years(),
+            "refresh_ttl": ten_years(),
+            "grace": ten_years(),
+            "client_id": client_id,
+            "any_client": true,
+            "session_ttl": ten_years(),
+            "attempt": attempt,
+        })
+    };
+
+    // Naming no client does not skip the client check the broker requires.
+    let (status, body) = direct(
+        &double,
+        refresh,
+        queries::ROTATE,
+        call(serde_json::Value::Null, "a"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["outcome"], "wrong_client", "{body}");
+
+    // Ten-year lifetimes are cut to the broker's.
+    let (status, body) = direct(&double, refresh, queries::ROTATE, call("web".into(), "b")).await;
+    assert_eq!(status, 200, "{body}");
+    let rotated = &body["data"];
+    assert_eq!(rotated["outcome"], "rotated", "{body}");
+    let access = seconds_after(&rotated["now"], &rotated["access"]["ttl"]);
+    let refreshed = seconds_after(&rotated["now"], &rotated["refresh"]["ttl"]);
+    assert_eq!(access, 600, "the access lifetime is the broker's: {body}");
     assert_eq!(
-        double.requests().len(),
-        1,
-        "a 401 on the server key is not retried"
+        refreshed, 3600,
+        "the refresh lifetime is the broker's: {body}"
+    );
+    let live = SecretString::from(rotated["refresh"]["secret"].as_str().unwrap().to_owned());
+    assert!(broker.is_active(&live).await);
+
+    // A ten-year grace does not let the consumed token displace the live one: it is reuse
+    // (the broker's grace is 0), and the family goes.
+    let (status, body) = direct(&double, refresh, queries::ROTATE, call("web".into(), "c")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["outcome"], "reuse", "{body}");
+    assert!(!broker.is_active(&live).await, "the family was revoked");
+    assert!(!broker.is_active(&pair.access.secret).await);
+}
+
+/// The faults that strike after the transaction committed.
+const COMMITTED: [Fault; 3] = [
+    Fault::CommittedUnavailable,
+    Fault::CommittedLost,
+    Fault::CommittedTimeout,
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_issue_whose_first_attempt_committed_leaves_one_pair() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |s| {
+        s.store.fauna.max_attempts = 3;
+        s.store.fauna.query_timeout_ms = 500;
+    })
+    .await;
+    for fault in COMMITTED {
+        let name = format!("{fault:?}");
+        let before = double.live_token_count();
+        double.inject(fault, 1);
+        let (result, requests, _) = issue_under(&broker, &double, Duration::from_secs(10)).await;
+        assert_eq!(result, Ok(()), "{name}: the retry succeeds");
+        assert_eq!(requests, 2, "{name}: one retry");
+        assert_eq!(
+            double.live_token_count(),
+            before + 2,
+            "{name}: the first attempt's pair, which nobody received, is gone"
+        );
+    }
+    let tokens = broker.all_tokens("fault@example.com").await;
+    assert_eq!(tokens.len(), 2 * COMMITTED.len(), "{tokens:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_rotation_whose_first_attempt_committed_is_not_reuse() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |s| {
+        s.store.fauna.max_attempts = 3;
+        s.store.fauna.query_timeout_ms = 500;
+        s.tokens.refresh_grace_seconds = 0;
+    })
+    .await;
+    for fault in COMMITTED {
+        let name = format!("{fault:?}");
+        let pair = broker.issue(&format!("{name}@example.com")).await;
+        let before = double.live_token_count();
+        double.clear_requests();
+        double.inject(fault, 1);
+        let next = broker
+            .refresh(&pair.refresh.secret)
+            .await
+            .unwrap_or_else(|err| panic!("{name}: the retried rotation succeeds: {err:?}"));
+        assert_eq!(sent(&double), ["rotate", "rotate"], "{name}: one retry");
+        assert_eq!(
+            double.live_token_count(),
+            before + 2,
+            "{name}: one new pair; the first attempt's is gone"
+        );
+        assert!(broker.is_active(&next.refresh.secret).await, "{name}");
+        assert!(broker.is_active(&next.access.secret).await, "{name}");
+        assert!(
+            broker.is_active(&pair.access.secret).await,
+            "{name}: no reuse"
+        );
+        let again = broker.refresh(&next.refresh.secret).await;
+        assert!(again.is_ok(), "{name}: the session goes on: {again:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_first_sign_in_is_retried_not_internal() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |s| s.store.fauna.max_attempts = 3).await;
+
+    // Fauna's own retries ran out: 409, retried by the store, then UNAVAILABLE.
+    double.inject(Fault::Contended, 3);
+    let (result, requests, _) = issue_under(&broker, &double, Duration::from_secs(10)).await;
+    assert_eq!(result, Err(ClientErrorKind::Unavailable));
+    assert_eq!(requests, 3);
+
+    // Another sign-in of the same email created the account first: the unique email fails
+    // this one, and issuing again finds the winner's account.
+    double.inject(Fault::EmailTaken, 1);
+    let (result, requests, _) = issue_under(&broker, &double, Duration::from_secs(10)).await;
+    assert_eq!(result, Ok(()));
+    assert_eq!(requests, 2, "one more issue");
+    assert_eq!(double.account_count(), 1, "the winner's account");
+    assert_eq!(broker.all_tokens("fault@example.com").await.len(), 2);
+
+    // Conflicting every time: UNAVAILABLE, never INTERNAL.
+    let broker = fauna_broker(&double, |_| {}).await;
+    double.inject(Fault::EmailTaken, 2);
+    let result = broker
+        .trigger
+        .issue_tokens(claims_request("again@example.com", ""))
+        .await
+        .map(drop)
+        .map_err(|err| err.kind());
+    assert_eq!(result, Err(ClientErrorKind::Unavailable));
+}
+
+/// The RPCs that reach Fauna, for the fault table.
+#[derive(Debug, Clone, Copy)]
+enum Rpc {
+    Issue,
+    Refresh,
+    Introspect,
+    RevokeSecret,
+    RevokeTokenId,
+    RevokeFamily,
+    ListTokens,
+}
+
+/// Runs `rpc` on a fresh pair of `email` and returns its outcome and the Fauna requests it
+/// sent (the set-up's are not counted).
+async fn run_rpc(
+    broker: &TestBroker,
+    double: &FaunaDouble,
+    rpc: Rpc,
+    email: &str,
+    fault: Fault,
+    times: u32,
+) -> (Result<(), ClientErrorKind>, usize) {
+    use pb::revoke_request::Target;
+    let pair = broker.issue(email).await;
+    double.clear_requests();
+    double.inject(fault, times);
+    let revoke = |target| pb::RevokeRequest {
+        target: Some(target),
+        ..Default::default()
+    };
+    let result = match rpc {
+        Rpc::Issue => broker
+            .trigger
+            .issue_tokens(claims_request(email, ""))
+            .await
+            .map(drop),
+        Rpc::Refresh => broker.refresh(&pair.refresh.secret).await.map(drop),
+        Rpc::Introspect => broker
+            .service
+            .introspect_secret(&pair.access.secret)
+            .await
+            .map(drop),
+        Rpc::RevokeSecret => broker
+            .anonymous
+            .revoke(revoke(Target::Token(
+                expose(&pair.refresh.secret).to_owned(),
+            )))
+            .await
+            .map(drop),
+        Rpc::RevokeTokenId => broker
+            .admin
+            .revoke(revoke(Target::TokenId(pair.access.token_id.clone())))
+            .await
+            .map(drop),
+        Rpc::RevokeFamily => broker
+            .admin
+            .revoke(revoke(Target::FamilyId(pair.family_id.clone())))
+            .await
+            .map(drop),
+        Rpc::ListTokens => broker
+            .admin
+            .list_tokens(pb::ListTokensRequest {
+                account: Some(pb::list_tokens_request::Account::Email(email.to_owned())),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+    };
+    (result.map_err(|err| err.kind()), double.requests().len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_class_on_every_rpc() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |s| {
+        s.store.fauna.max_attempts = 3;
+        s.store.fauna.query_timeout_ms = 500;
+        s.tokens.refresh_grace_seconds = 0;
+    })
+    .await;
+    let rpcs = [
+        Rpc::Issue,
+        Rpc::Refresh,
+        Rpc::Introspect,
+        Rpc::RevokeSecret,
+        Rpc::RevokeTokenId,
+        Rpc::RevokeFamily,
+        Rpc::ListTokens,
+    ];
+    for rpc in rpcs {
+        let email = format!("{rpc:?}@example.com").to_lowercase();
+        for fault in RETRYABLE.into_iter().chain(COMMITTED) {
+            let (result, requests) = run_rpc(&broker, &double, rpc, &email, fault, 1).await;
+            assert_eq!(
+                result,
+                Ok(()),
+                "{rpc:?} after {fault:?}: the retry succeeds"
+            );
+            assert_eq!(requests, 2, "{rpc:?} after {fault:?}: one retry");
+        }
+        for fault in RETRYABLE {
+            let (result, requests) = run_rpc(&broker, &double, rpc, &email, fault, 3).await;
+            assert_eq!(
+                result,
+                Err(ClientErrorKind::Unavailable),
+                "{rpc:?} after {fault:?} thrice"
+            );
+            assert_eq!(requests, 3, "{rpc:?} after {fault:?} thrice");
+        }
+        for fault in [Fault::EmptyBody, Fault::MalformedBody] {
+            let (result, requests) = run_rpc(&broker, &double, rpc, &email, fault, 1).await;
+            assert_eq!(
+                result,
+                Err(ClientErrorKind::Unavailable),
+                "{rpc:?} after {fault:?}"
+            );
+            assert_eq!(requests, 1, "{rpc:?} after {fault:?}: no retry");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_secret_is_inactive_on_a_node_that_still_caches_it() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |_| {}).await;
+    let pair = broker.issue("cached@example.com").await;
+    let revoke = |secret: &SecretString| pb::RevokeRequest {
+        target: Some(pb::revoke_request::Target::Token(expose(secret).to_owned())),
+        ..Default::default()
+    };
+    broker
+        .anonymous
+        .revoke(revoke(&pair.refresh.secret))
+        .await
+        .expect("revoked");
+
+    // The node still authenticates the deleted secrets, but what it reads is the database.
+    for secret in [&pair.access.secret, &pair.refresh.secret] {
+        double.inject(Fault::StaleKeyCache, 1);
+        let info = broker.service.introspect_secret(secret).await.unwrap();
+        assert!(!info.active, "revoked before the call began");
+        assert_eq!(double.requests().last().and_then(|r| r.status), Some(200));
+    }
+    double.inject(Fault::StaleKeyCache, 1);
+    let refreshed = broker.refresh(&pair.refresh.secret).await;
+    assert_eq!(
+        refreshed.map(drop).map_err(|e| e.kind()),
+        Err(ClientErrorKind::Unauthenticated),
+        "a revoked refresh secret does not rotate there either"
     );
 }

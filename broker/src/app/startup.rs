@@ -34,8 +34,8 @@ use crate::{
     model::clock::{Clock, SystemClock},
     obs::metrics::{MetricsServer, Registry},
     store::{
-        CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaStore, ObservedStore, StoreBackend,
-        StoreMetrics, TokenStore,
+        CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaStore, ObservedStore, RotationPolicy,
+        StoreBackend, StoreMetrics, TokenStore,
     },
 };
 
@@ -156,6 +156,18 @@ impl Application {
                 let store = FaunaStore::new(fauna)
                     .context("failed to set up the fauna store")?
                     .with_metrics(Arc::clone(&store_metrics));
+                // The limits the schema's functions hold refresh secrets to (RefreshTokens' own).
+                let tokens = &settings.tokens;
+                store
+                    .publish_policy(&RotationPolicy {
+                        access_ttl: tokens.access_ttl(),
+                        refresh_ttl: tokens.refresh_ttl(),
+                        grace: Duration::from_secs(tokens.refresh_grace_seconds),
+                        session_ttl: tokens.max_session(),
+                        any_client: !tokens.require_client_id,
+                    })
+                    .await
+                    .context("failed to write the broker policy to fauna")?;
                 info!(endpoint = %fauna.endpoint, "fauna store configured");
                 Arc::new(
                     CachedStore::new(

@@ -66,6 +66,7 @@ crate::label! {
         RevokeAccount = "revoke_account",
         AccountByEmail = "account_by_email",
         ListTokens = "list_tokens",
+        PublishPolicy = "publish_policy",
     }
 }
 

@@ -18,7 +18,7 @@ use secrecy::SecretString;
 
 pub use cached::CachedStore;
 pub use embedded::{Durability, EmbeddedStore, EmbeddedStoreConfig};
-pub use fauna::FaunaStore;
+pub use fauna::{FaunaStore, RotationPolicy};
 pub use metrics::StoreMetrics;
 pub use observed::ObservedStore;
 pub use settings::{EmbeddedSettings, FaunaSettings, StoreBackend, StoreSettings};

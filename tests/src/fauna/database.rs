@@ -71,7 +71,26 @@ impl TokenDoc {
     }
 }
 
-/// The database: one `Account` collection with a unique email, and the `Token` collection.
+/// The `BrokerPolicy` document (`deploy/fauna/schema.fsl`): the broker's limits, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Policy {
+    pub(super) access_ttl: i64,
+    pub(super) refresh_ttl: i64,
+    pub(super) grace: i64,
+    pub(super) session_ttl: i64,
+    pub(super) any_client: bool,
+}
+
+/// A `RotationAttempt` document: the nonce of the call that last rotated a token, until the
+/// token's ttl.
+#[derive(Debug, Clone)]
+pub(super) struct Attempt {
+    pub(super) attempt: String,
+    pub(super) ttl: Option<i128>,
+}
+
+/// The database: one `Account` collection with a unique email, the `Token` collection, the
+/// `BrokerPolicy` document and the `RotationAttempt` collection.
 #[derive(Debug, Default)]
 pub(super) struct Db {
     last_txn_micros: i64,
@@ -81,6 +100,13 @@ pub(super) struct Db {
     pub(super) tokens: BTreeMap<String, TokenDoc>,
     /// `Token.byDocument`: token ids per account id.
     pub(super) by_document: HashMap<String, BTreeSet<String>>,
+    /// Deleted tokens with their deletion time, for a node's key cache
+    /// ([`super::Fault::StaleKeyCache`]).
+    pub(super) recently_deleted: HashMap<String, (TokenDoc, i128)>,
+    /// `BrokerPolicy.byId("1")`.
+    pub(super) policy: Option<Policy>,
+    /// `RotationAttempt` documents, by id (the rotated token's id).
+    pub(super) attempts: HashMap<String, Attempt>,
 }
 
 /// 2020-01-01T00:00:00Z in microseconds; ids count from here.

@@ -30,6 +30,9 @@
 //!   validated and recorded, nothing more;
 //! - contention: requests are serialised, so there is none (and `contention_retries` is 0) unless
 //!   injected; the query timeout is never reached unless injected;
+//! - `BrokerPolicy` and `RotationAttempt` are modelled as the schema's functions use them (one
+//!   policy document, one attempt per rotated token, gone at that token's ttl), not as
+//!   collections any query could read;
 //! - roles beyond what the broker needs: a token may run `Query.token()`,
 //!   `revokeCurrentToken` (access and refresh tokens) and `rotateRefreshToken` (refresh tokens);
 //!   everything else is `permission_denied` (the real baseline would also let a token read and
@@ -73,8 +76,9 @@ use server::{Shared, accept_loop};
 /// `docs/design.md` "Fauna over HTTP › Keys and roles" describes.
 pub const SERVER_KEY: &str = "secret:server";
 
-/// A failure the double answers with instead of running the request: the retryable classes of
-/// `docs/design.md` "Fauna over HTTP › Responses and errors", and broken answers.
+/// A failure the double answers with: the retryable classes of `docs/design.md` "Fauna over
+/// HTTP › Responses and errors" and broken answers, instead of running the request; and the
+/// commit-then-fail faults (`Slow`, `Committed*`), after running and committing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// 409 `contended_transaction`: Fauna's own contention retries ran out.
@@ -89,6 +93,22 @@ pub enum Fault {
     Unavailable,
     /// The query runs (and commits) at once, but the answer leaves only after the delay.
     Slow(Duration),
+    /// The query runs and commits, then the client gets 503 `time_out` (a coordinator that
+    /// timed out waiting for the commit's acknowledgement).
+    CommittedUnavailable,
+    /// The query runs and commits, then the connection closes with no answer.
+    CommittedLost,
+    /// The query runs and commits, and the answer is held one second past the request's
+    /// `X-Query-Timeout-Ms`: the client times out after the commit.
+    CommittedTimeout,
+    /// A concurrent first sign-in of the request's `email` commits its account just before the
+    /// request runs on the older snapshot: `Account.create` fails with 400
+    /// `constraint_failure` on the unique email, as when Fauna's optimistic check catches it.
+    EmailTaken,
+    /// The request reaches a node whose key cache still holds every token deleted in the last
+    /// 60 s: such a secret authenticates, and `Query.token()` is the cached copy; reads of the
+    /// database see it gone.
+    StaleKeyCache,
     /// 200 with an empty body.
     EmptyBody,
     /// 200 with a body cut off in the middle of the JSON.
@@ -114,9 +134,12 @@ pub enum Bearer {
 pub struct Recorded {
     /// The query's name in [`KNOWN_QUERIES`], or `None` for any other text or no query.
     pub query: Option<&'static str>,
+    /// Whether the query came in the template form `{"fql": [...]}` the drivers send.
+    pub template: bool,
     /// What the bearer was.
     pub bearer: Bearer,
-    /// The answer's HTTP status; `None` while the request is still being answered.
+    /// The answer's HTTP status; `None` while the request is still being answered, or when
+    /// its answer was lost ([`Fault::CommittedLost`]).
     pub status: Option<u16>,
     /// The injected fault the request got, if any.
     pub fault: Option<Fault>,

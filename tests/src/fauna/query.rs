@@ -26,19 +26,19 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
     ),
     (
         "issue_by_email",
-        "b4f6c176186ff6e5fac79dd0e8e116f1b21de63b77e61aecb79e6a2e5fccbd19",
+        "cb075780ba88a56a131060b89acfbacb29cc867146f4f39da0fbf59db7a57ff7",
     ),
     (
         "issue_for_account",
-        "6ab308c4c1a46a78a68743d1b57856dc0695b7c001886a940efc5f51832c70c7",
+        "d92686f1e95b0f2c8c51dd49935cb04d53fc39a7e78be21652c6a455b7c8d495",
     ),
     (
         "rotate",
-        "d046d76704b8c4ee8c35b54205745e8d99faf32b27d076c8271ff99c861acf3d",
+        "bbeaefea77b5c00c2cf05122acdb7805d02598b513d81b6ea1bcb3fb0763cdf8",
     ),
     (
         "introspect",
-        "6e30b3a04a69703f3d3f709b4c3e57122237eba70c7788dfff42221650454672",
+        "02cc22e2f5eec9d81b5bc298dd6211ee07cf8a7116d2348776b88bc7f26a855d",
     ),
     (
         "revoke_secret",
@@ -63,6 +63,10 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
     (
         "list_tokens",
         "478b2cdf31fb58f81f7ff65240d4c3c5d2d08212d5463db72bf3e8b0d6ef48ec",
+    ),
+    (
+        "publish_policy",
+        "56f1480f61c09b32767c16e61e952cdee03a9a09e8e3e53cdda0381580559193",
     ),
 ];
 
@@ -95,6 +99,7 @@ pub(super) enum Query {
     RevokeAccount,
     AccountByEmail,
     ListTokens,
+    PublishPolicy,
     OriginalLookup,
     OriginalRegister,
     OriginalCreateRefresh,
@@ -114,6 +119,7 @@ impl Query {
             "revoke_account" => Self::RevokeAccount,
             "account_by_email" => Self::AccountByEmail,
             "list_tokens" => Self::ListTokens,
+            "publish_policy" => Self::PublishPolicy,
             "original_lookup" => Self::OriginalLookup,
             "original_register" => Self::OriginalRegister,
             "original_create_refresh" => Self::OriginalCreateRefresh,
@@ -130,11 +136,12 @@ impl Query {
                 "Account.byId(account_id)"
             }
             Self::Rotate => {
-                "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl)"
+                "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt)"
             }
             Self::RevokeSecret => "revokeCurrentToken(client_id, any_client)",
-            Self::Introspect => "Query.token()",
+            Self::Introspect => "Token.byId(caller!.id)",
             Self::RevokeToken => "Token.byId(token_id)",
+            Self::PublishPolicy => "BrokerPolicy.byId(\"1\")",
             Self::OriginalLookup => "Account.byEmail(email)",
             Self::OriginalRegister => "Account.create(",
             Self::OriginalCreateRefresh | Self::OriginalCreateAccess => "Token.create(",

@@ -100,7 +100,14 @@ pub(super) fn fault_reply(fault: Fault, headers: &HeaderMap) -> Reply {
             body: br#"{"data":{"account":"41265432198765"#.to_vec(),
             unauthorized: false,
         },
-        Fault::Slow(_) => unreachable!("a slow answer runs the query"),
+        Fault::CommittedUnavailable => protocol_error(503, "time_out", "Read timed out", None),
+        Fault::Slow(_)
+        | Fault::CommittedLost
+        | Fault::CommittedTimeout
+        | Fault::EmailTaken
+        | Fault::StaleKeyCache => {
+            unreachable!("the query runs first")
+        }
     }
 }
 

@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    convert::Infallible,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -55,7 +54,7 @@ pub(super) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 async fn serve(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, AnswerLost> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -70,7 +69,8 @@ async fn serve(
         _ => None,
     };
     let fault = lock(&shared.faults).pop_front();
-    let index = shared.record(&parts.headers, query, fault);
+    let template = parsed.as_ref().is_ok_and(|b| b.template);
+    let index = shared.record(&parts.headers, query, template, fault);
     let latency = *lock(&shared.latency);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -82,6 +82,43 @@ async fn serve(
             tokio::time::sleep(delay).await;
             reply
         }
+        Some(Fault::CommittedUnavailable) => {
+            drop(shared.process(parts.uri.path(), &parts.headers, &parsed));
+            fault_reply(Fault::CommittedUnavailable, &parts.headers)
+        }
+        Some(Fault::CommittedLost) => {
+            drop(shared.process(parts.uri.path(), &parts.headers, &parsed));
+            // An error from the service makes hyper close the connection unanswered.
+            return Err(AnswerLost);
+        }
+        Some(Fault::CommittedTimeout) => {
+            let reply = shared.process(parts.uri.path(), &parts.headers, &parsed);
+            let within = header(&parts.headers, "x-query-timeout-ms")
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(120_000);
+            tokio::time::sleep(Duration::from_millis(within + 1000)).await;
+            reply
+        }
+        Some(Fault::EmailTaken) => {
+            // A concurrent sign-in of the same email commits first; this request read the
+            // snapshot before it, so its `Account.create` meets the unique constraint.
+            let email = parsed.as_ref().ok().and_then(|b| {
+                b.arguments
+                    .as_ref()?
+                    .get("email")?
+                    .as_str()
+                    .map(str::to_owned)
+            });
+            if let Some(email) = &email {
+                let mut db = lock(&shared.db);
+                let now = db.tick(shared.clock.now().0);
+                drop(db.create_account(email, None, i128::from(now) * 1000));
+            }
+            shared.process_with(parts.uri.path(), &parts.headers, &parsed, email, false)
+        }
+        Some(Fault::StaleKeyCache) => {
+            shared.process_with(parts.uri.path(), &parts.headers, &parsed, None, true)
+        }
         Some(fault) => fault_reply(fault, &parts.headers),
     };
     if let Some(recorded) = lock(&shared.requests).get_mut(index) {
@@ -90,6 +127,18 @@ async fn serve(
     tracing::debug!(query = ?query.map(|q| q.0), status = reply.status, "fauna double answered");
     Ok(reply.into_response())
 }
+
+/// The service's error for [`Fault::CommittedLost`]: the connection closes with no answer.
+#[derive(Debug)]
+pub(super) struct AnswerLost;
+
+impl std::fmt::Display for AnswerLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the answer was lost after the commit (injected)")
+    }
+}
+
+impl std::error::Error for AnswerLost {}
 
 /// State shared by the handle and the server task.
 pub(super) struct Shared {
@@ -124,6 +173,8 @@ fn invalid_header(name: &str, error: &str) -> Reply {
 struct RequestBody {
     /// The query text; `None` for a template with values, which the double cannot run.
     text: Option<String>,
+    /// Whether `query` came in the template form `{"fql": [...]}`.
+    template: bool,
     arguments: Option<Map<String, Json>>,
 }
 
@@ -146,9 +197,9 @@ fn parse_body(body: &[u8]) -> Result<RequestBody, String> {
     let Json::Object(mut fields) = json else {
         return Err(invalid());
     };
-    let text = match fields.remove("query") {
-        Some(Json::String(text)) => Some(text),
-        Some(Json::Object(template)) => template_text(&template).ok_or_else(invalid)?,
+    let (text, template) = match fields.remove("query") {
+        Some(Json::String(text)) => (Some(text), false),
+        Some(Json::Object(template)) => (template_text(&template).ok_or_else(invalid)?, true),
         _ => return Err(invalid()),
     };
     let arguments = match fields.remove("arguments") {
@@ -156,7 +207,11 @@ fn parse_body(body: &[u8]) -> Result<RequestBody, String> {
         Some(Json::Object(arguments)) => Some(arguments),
         Some(_) => return Err(invalid()),
     };
-    Ok(RequestBody { text, arguments })
+    Ok(RequestBody {
+        text,
+        template,
+        arguments,
+    })
 }
 
 /// Flattens a template query `{"fql": [...]}` made only of text (nested queries are wrapped in
@@ -197,6 +252,7 @@ impl Shared {
         &self,
         headers: &HeaderMap,
         query: Option<(&'static str, Query)>,
+        template: bool,
         fault: Option<Fault>,
     ) -> usize {
         let bearer = match credential(headers) {
@@ -208,6 +264,7 @@ impl Shared {
         let mut requests = lock(&self.requests);
         requests.push(Recorded {
             query: query.map(|(name, _)| name),
+            template,
             bearer,
             status: None,
             fault,
@@ -229,11 +286,24 @@ impl Shared {
         headers: &HeaderMap,
         body: &Result<RequestBody, String>,
     ) -> Reply {
+        self.process_with(path, headers, body, None, false)
+    }
+
+    /// Answers a request whose snapshot predates the account of `stale_email`, if any, on a
+    /// node with a stale key cache if `stale_key_cache`.
+    fn process_with(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        body: &Result<RequestBody, String>,
+        stale_email: Option<String>,
+        stale_key_cache: bool,
+    ) -> Reply {
         if path != "/query/1" {
             // The real server hands every other path to the v4 router, which is not modelled.
             return protocol_error(404, "not_found", "Not found", None);
         }
-        match self.try_process(headers, body) {
+        match self.try_process(headers, body, stale_email, stale_key_cache) {
             Ok(reply) | Err(reply) => reply,
         }
     }
@@ -242,6 +312,8 @@ impl Shared {
         &self,
         headers: &HeaderMap,
         body: &Result<RequestBody, String>,
+        stale_email: Option<String>,
+        stale_key_cache: bool,
     ) -> Result<Reply, Reply> {
         let started = Instant::now();
         // `FQL2Endpoint.getRequestInfo` (RequestParams), in its order.
@@ -307,6 +379,8 @@ impl Shared {
             now: i128::from(now_micros) * 1000,
             database_id: self.database_id,
             stats: Stats::default(),
+            stale_email,
+            stale_key_cache,
         };
         let tags = tags.as_deref();
 

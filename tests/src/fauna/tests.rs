@@ -30,7 +30,37 @@ struct Answer {
     body: Json,
 }
 
+/// The limits [`harness`] publishes: wider than any rotation below asks for, except where a
+/// test shows the clamp.
+const POLICY_ACCESS_TTL: i64 = 3600;
+const POLICY_REFRESH_TTL: i64 = 7 * 86_400;
+const POLICY_GRACE: i64 = 60;
+
+fn policy_args(any_client: bool) -> Json {
+    json!({
+        "access_ttl": int(POLICY_ACCESS_TTL),
+        "refresh_ttl": int(POLICY_REFRESH_TTL),
+        "grace": int(POLICY_GRACE),
+        "session_ttl": int(30 * 86_400),
+        "any_client": any_client,
+    })
+}
+
+/// A double with the broker's policy published, as the broker does at start.
 async fn harness() -> Harness {
+    let h = bare_harness().await;
+    let answer = h
+        .query(SERVER_KEY, queries::PUBLISH_POLICY, policy_args(true))
+        .await;
+    assert_eq!(answer.body["data"], json!(true), "{}", answer.raw);
+    h.double.clear_requests();
+    // The next transaction runs at the clock's time, not one tick after this one.
+    h.clock.advance(Duration::from_secs(1));
+    h
+}
+
+/// A double with nothing in it.
+async fn bare_harness() -> Harness {
     let clock = Arc::new(ManualClock::new());
     let double = FaunaDouble::start(clock.clone()).await;
     Harness {
@@ -50,7 +80,8 @@ fn issue_args(email: &str) -> Json {
         "email": email,
         "cognito_sub": "5f0c1a3e-0000-4000-8000-000000000001",
         "client_id": "app",
-        "nonce": "n1",
+        // A fresh broker call each time: the same nonce is a retry of one call.
+        "nonce": format!("{:016x}", rand::random::<u64>()),
         "access_ttl": int(900),
         "refresh_ttl": int(86_400),
         "session_ttl": int(30 * 86_400),
@@ -66,6 +97,8 @@ fn rotate_args(grace: i64, client_id: Option<&str>) -> Json {
         "client_id": client_id,
         "any_client": true,
         "session_ttl": int(30 * 86_400),
+        // A fresh broker call each time.
+        "attempt": format!("{:032x}", rand::random::<u128>()),
     })
 }
 
@@ -478,7 +511,8 @@ async fn issued_tokens_authenticate_until_their_ttl() {
     let data = h.issue("ttl@example.com").await;
     let account = s(&data["account"]);
     assert!(account.len() == 18 && account.bytes().all(|b| b.is_ascii_digit()));
-    assert_eq!(data["family"], format!("fam_{account}_n1"));
+    let family = s(&data["family"]);
+    assert!(family.starts_with(&format!("fam_{account}_")) && family.len() == 18 + 5 + 16);
     assert!(data["now"]["@time"].is_string());
     let refresh = s(&data["refresh"]["secret"]).to_owned();
     let access = s(&data["access"]["secret"]).to_owned();
@@ -1015,4 +1049,234 @@ async fn debug_output_shows_no_secret() {
     let shown = format!("{:?}", h.double);
     assert!(!shown.contains(SERVER_KEY), "{shown}");
     assert!(shown.starts_with("FaunaDouble"));
+}
+
+#[tokio::test]
+async fn committed_faults_commit_then_fail() {
+    let h = harness().await;
+    let body =
+        json!({ "query": queries::ISSUE_BY_EMAIL, "arguments": issue_args("c@example.com") })
+            .to_string();
+    let send = |timeout: Duration| {
+        h.http
+            .post(format!("{}/query/1", h.double.endpoint()))
+            .header("authorization", format!("Bearer {SERVER_KEY}"))
+            .header("x-format", "tagged")
+            .header("x-query-timeout-ms", "200")
+            .timeout(timeout)
+            .body(body.clone())
+            .send()
+    };
+
+    h.double.inject(Fault::CommittedUnavailable, 1);
+    let response = send(Duration::from_secs(10)).await.expect("an answer");
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response.json::<Json>().await.expect("JSON"),
+        json!({ "error": { "code": "time_out", "message": "Read timed out" } })
+    );
+    assert_eq!(h.double.live_token_count(), 2, "the pair was committed");
+    assert_eq!(h.double.account_count(), 1);
+
+    // The same call again (its nonce): the committed pair is replaced, not doubled.
+    h.double.inject(Fault::CommittedLost, 1);
+    let lost = send(Duration::from_secs(10)).await;
+    assert!(lost.is_err(), "no answer: {lost:?}");
+    assert_eq!(
+        h.double.live_token_count(),
+        2,
+        "committed, and still one pair"
+    );
+    assert_eq!(h.double.requests().last().and_then(|r| r.status), None);
+
+    // Held past the query timeout: the client gives up first.
+    h.double.inject(Fault::CommittedTimeout, 1);
+    let timed_out = send(Duration::from_millis(600)).await;
+    assert!(
+        timed_out.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "{timed_out:?}"
+    );
+    assert_eq!(h.double.live_token_count(), 2);
+    assert_eq!(h.double.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn email_taken_is_the_unique_constraint_of_a_concurrent_create() {
+    let h = harness().await;
+    h.double.inject(Fault::EmailTaken, 1);
+    let answer = h
+        .query(
+            SERVER_KEY,
+            queries::ISSUE_BY_EMAIL,
+            issue_args("race@example.com"),
+        )
+        .await;
+    assert_query_error(&answer, "constraint_failure", "Failed unique constraint.");
+    assert_eq!(
+        answer.body["error"]["constraint_failures"],
+        json!([{ "paths": [["email"]], "message": "Failed unique constraint" }])
+    );
+    assert_eq!(h.double.account_count(), 1, "the concurrent winner's");
+    assert_eq!(h.double.live_token_count(), 0, "the loser wrote nothing");
+    let data = h.issue("race@example.com").await;
+    assert_eq!(
+        h.double.account_count(),
+        1,
+        "issuing again finds it: {data}"
+    );
+}
+
+#[tokio::test]
+async fn rotation_is_held_to_the_published_policy() {
+    let h = bare_harness().await;
+    let data = h.issue("policy@example.com").await;
+    let refresh = s(&data["refresh"]["secret"]).to_owned();
+    // No policy: nothing rotates.
+    let answer = h
+        .query(&refresh, queries::ROTATE, rotate_args(10, None))
+        .await;
+    assert_eq!(
+        answer.body["data"],
+        json!({ "outcome": "no_policy" }),
+        "{}",
+        answer.raw
+    );
+
+    // A policy that requires the client: naming none does not skip the check.
+    let answer = h
+        .query(SERVER_KEY, queries::PUBLISH_POLICY, policy_args(false))
+        .await;
+    assert_eq!(answer.body["data"], json!(true), "{}", answer.raw);
+    let answer = h
+        .query(&refresh, queries::ROTATE, rotate_args(10, None))
+        .await;
+    assert_eq!(
+        answer.body["data"],
+        json!({ "outcome": "wrong_client" }),
+        "{}",
+        answer.raw
+    );
+    let revoke = h
+        .query(
+            &refresh,
+            queries::REVOKE_SECRET,
+            json!({ "client_id": null, "any_client": true }),
+        )
+        .await;
+    assert_eq!(
+        revoke.body["data"],
+        json!({ "outcome": "wrong_client" }),
+        "{}",
+        revoke.raw
+    );
+
+    // Lifetimes past the policy are cut to it.
+    let mut args = rotate_args(10, Some("app"));
+    for key in ["access_ttl", "refresh_ttl", "grace", "session_ttl"] {
+        args[key] = int(315_360_000);
+    }
+    let answer = h.query(&refresh, queries::ROTATE, args.clone()).await;
+    let rotated = &answer.body["data"];
+    assert_eq!(rotated["outcome"], "rotated", "{}", answer.raw);
+    let ttl = |v: &Json| {
+        time::OffsetDateTime::parse(
+            s(&v["@time"]),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("a time")
+        .unix_timestamp_nanos()
+    };
+    let second = 1_000_000_000;
+    let now = ttl(&rotated["now"]);
+    assert_eq!(
+        ttl(&rotated["access"]["ttl"]),
+        now + i128::from(POLICY_ACCESS_TTL) * second
+    );
+    assert_eq!(
+        ttl(&rotated["refresh"]["ttl"]),
+        now + i128::from(POLICY_REFRESH_TTL) * second
+    );
+
+    // Past the policy's grace, a ten-year grace is still reuse.
+    h.clock.advance(Duration::from_secs(
+        u64::try_from(POLICY_GRACE).unwrap() + 1,
+    ));
+    args["attempt"] = json!("another call");
+    let answer = h.query(&refresh, queries::ROTATE, args).await;
+    assert_eq!(answer.body["data"]["outcome"], "reuse", "{}", answer.raw);
+    assert_eq!(h.double.live_token_count(), 0);
+}
+
+#[tokio::test]
+async fn the_same_attempt_replaces_its_own_rotation() {
+    let h = harness().await;
+    let data = h.issue("attempt@example.com").await;
+    let refresh = s(&data["refresh"]["secret"]).to_owned();
+    let args = rotate_args(0, None);
+    let first = h.query(&refresh, queries::ROTATE, args.clone()).await;
+    assert_eq!(first.body["data"]["outcome"], "rotated", "{}", first.raw);
+    h.clock.advance(Duration::from_secs(5));
+    // The same call again, past grace 0: its own commit, not reuse.
+    let again = h.query(&refresh, queries::ROTATE, args.clone()).await;
+    assert_eq!(again.body["data"]["outcome"], "rotated", "{}", again.raw);
+    for minted in ["refresh", "access"] {
+        assert!(
+            !h.active(s(&first.body["data"][minted]["secret"])).await,
+            "{minted}"
+        );
+        assert!(
+            h.active(s(&again.body["data"][minted]["secret"])).await,
+            "{minted}"
+        );
+    }
+    assert_eq!(
+        h.double.live_token_count(),
+        4,
+        "the first access, the consumed, one pair"
+    );
+    // Once the successor is used, the same nonce is no longer a retry: reuse.
+    let next = s(&again.body["data"]["refresh"]["secret"]).to_owned();
+    let used = h.query(&next, queries::ROTATE, rotate_args(0, None)).await;
+    assert_eq!(used.body["data"]["outcome"], "rotated", "{}", used.raw);
+    let replayed = h.query(&refresh, queries::ROTATE, args.clone()).await;
+    assert_eq!(
+        replayed.body["data"]["outcome"], "reuse",
+        "{}",
+        replayed.raw
+    );
+    assert_eq!(h.double.live_token_count(), 0);
+}
+
+#[tokio::test]
+async fn a_stale_key_cache_authenticates_deleted_tokens_for_sixty_seconds() {
+    let h = harness().await;
+    let data = h.issue("stale@example.com").await;
+    let access = s(&data["access"]["secret"]).to_owned();
+    let answer = h
+        .query(
+            SERVER_KEY,
+            queries::REVOKE_TOKEN,
+            json!({ "token_id": data["access"]["id"] }),
+        )
+        .await;
+    assert_eq!(answer.body["data"], int(1), "{}", answer.raw);
+    assert!(!h.active(&access).await, "the deleting node refuses it");
+
+    h.double.inject(Fault::StaleKeyCache, 1);
+    let answer = h.query(&access, queries::INTROSPECT, json!({})).await;
+    assert_eq!(
+        answer.status, 200,
+        "a cached token authenticates: {}",
+        answer.raw
+    );
+    assert_eq!(answer.body["data"], Json::Null, "but its document is gone");
+
+    h.clock.advance(Duration::from_secs(61));
+    h.double.inject(Fault::StaleKeyCache, 1);
+    let answer = h.query(&access, queries::INTROSPECT, json!({})).await;
+    assert_eq!(
+        answer.status, 401,
+        "the cache entry has expired: {}",
+        answer.raw
+    );
 }

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::{
-    database::{Db, TokenDoc},
+    database::{Attempt, Db, Policy, TokenDoc},
     query::Query,
     reply::{Failure, Stats},
     secret::{decode_token_secret, mint_secret},
@@ -18,8 +18,8 @@ use super::{
 #[derive(Debug, Clone)]
 pub(super) enum Caller {
     Key,
-    /// A token, by id.
-    Token(String),
+    /// A token, as authentication found it (`Query.token()`, possibly a node's cached copy).
+    Token(Box<TokenDoc>),
 }
 
 /// A query's arguments, by name.
@@ -126,6 +126,12 @@ pub(super) struct Txn<'a> {
     pub(super) now: i128,
     pub(super) database_id: i64,
     pub(super) stats: Stats,
+    /// An email whose account this transaction's snapshot does not see yet: a concurrent
+    /// transaction created it ([`super::Fault::EmailTaken`]).
+    pub(super) stale_email: Option<String>,
+    /// Whether authentication also accepts tokens deleted in the last 60 s, as a node's key
+    /// cache would ([`super::Fault::StaleKeyCache`]).
+    pub(super) stale_key_cache: bool,
 }
 
 impl Txn<'_> {
@@ -143,9 +149,19 @@ impl Txn<'_> {
         if database != self.database_id {
             return None;
         }
-        let token = self.read_token(&id.to_string())?;
+        let cached = || {
+            let (token, deleted_at) = self.db.recently_deleted.get(&id.to_string())?;
+            (self.stale_key_cache
+                && self.now - deleted_at < 60_000_000_000
+                && token.live_at(self.now))
+            .then(|| token.clone())
+        };
+        let token = match cached() {
+            Some(token) => token,
+            None => self.read_token(&id.to_string())?,
+        };
         let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-        (hash == token.secret_hash).then_some(Caller::Token(token.id))
+        (hash == token.secret_hash).then(|| Caller::Token(Box::new(token)))
     }
 
     /// `Token.byId(id)`: the token if it exists and has not expired.
@@ -190,6 +206,7 @@ impl Txn<'_> {
     fn account_by_email(&mut self, email: &Value) -> Option<String> {
         self.stats.reads += 1;
         match email {
+            Value::Str(email) if self.stale_email.as_ref() == Some(email) => None,
             Value::Str(email) => self.db.by_email.get(email).cloned(),
             _ => None,
         }
@@ -222,6 +239,9 @@ impl Txn<'_> {
     fn delete_token(&mut self, id: &str) {
         if let Some(token) = self.db.tokens.remove(id) {
             self.stats.writes += 1;
+            self.db
+                .recently_deleted
+                .insert(id.to_owned(), (token.clone(), self.now));
             if let Some(ids) = self.db.by_document.get_mut(&token.document) {
                 ids.remove(id);
             }
@@ -288,11 +308,13 @@ impl Txn<'_> {
         caller: &Caller,
         args: &Args<'_>,
     ) -> Result<Value, Failure> {
+        // The roles judge the authenticated token; the queries and functions read the stored
+        // document (`Token.byId(Query.token()!.id)`), which a cached copy may outlive.
         let token = match caller {
             Caller::Key => None,
-            Caller::Token(id) => self.read_token(id),
+            Caller::Token(cached) => self.read_token(&cached.id),
         };
-        if let Some(token) = &token {
+        if let Caller::Token(token) = caller {
             let kind = token.data("kind");
             let allowed = match query {
                 Query::Introspect => true,
@@ -323,6 +345,7 @@ impl Txn<'_> {
                 Ok(self.account_by_email(email).map_or(Value::Null, Value::Str))
             }
             Query::ListTokens => self.list_tokens(args),
+            Query::PublishPolicy => self.publish_policy(args),
             Query::OriginalLookup => {
                 let email = args.get("email")?;
                 Ok(self
@@ -435,6 +458,11 @@ impl Txn<'_> {
             (None, None) => unreachable!("an account is found or created"),
         };
         let family = Value::Str(format!("fam_{account}_{nonce}"));
+        // `Token.byDocument(account).where(.data.family == family).forEach(.delete())`: a
+        // committed earlier attempt of this call, whose answer was lost.
+        for undelivered in self.family_of(&account, &family) {
+            self.delete_token(&undelivered.id);
+        }
         let cognito_sub = self
             .db
             .accounts
@@ -462,9 +490,9 @@ impl Txn<'_> {
     }
 
     /// The UDF `rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client,
-    /// session_ttl)`.
+    /// session_ttl, attempt)`.
     fn rotate(&mut self, token: Option<TokenDoc>, args: &Args<'_>) -> Result<Value, Failure> {
-        const CALL: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl)";
+        const CALL: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt)";
         let outcome = |o: &str| {
             Value::Object(BTreeMap::from([(
                 "outcome".to_owned(),
@@ -478,15 +506,26 @@ impl Txn<'_> {
         let client_id = args.get("client_id")?;
         let any_client = expect_bool(args.get("any_client")?, CALL)?;
         let session_ttl = args.get("session_ttl")?;
+        let attempt = args.get("attempt")?;
+        // `let policy = BrokerPolicy.byId("1")`
+        self.stats.reads += 1;
+        let Some(policy) = self.db.policy else {
+            return Ok(outcome("no_policy"));
+        };
         let Some(token) = token else {
             return Ok(outcome("inactive"));
         };
         if !fql_eq(token.data("kind"), &Value::Str("refresh".into())) {
             return Ok(outcome("inactive"));
         }
-        if !client_allowed(&token, client_id, any_client) {
+        if !client_allowed(&token, client_id, any_client && policy.any_client) {
             return Ok(outcome("wrong_client"));
         }
+        // `Math.min(<argument>, policy.<limit>)`
+        let access_ttl = expect_seconds(access_ttl, CALL)?.min(policy.access_ttl);
+        let refresh_ttl = expect_seconds(refresh_ttl, CALL)?.min(policy.refresh_ttl);
+        let grace = expect_seconds(grace, CALL)?.min(policy.grace);
+        let session_ttl = expect_seconds(session_ttl, CALL)?.min(policy.session_ttl);
         let family_name = token.data("family").clone();
         let family = self.family_of(&token.document, &family_name);
         let replaced_by = token.data("replaced_by").clone();
@@ -495,7 +534,21 @@ impl Txn<'_> {
             Value::Str(id) => self.read_token(id),
             other => self.read_token(&fql_text(other)),
         };
-        let retry = if replaced_by.is_null() {
+        let unused = successor.as_ref().is_some_and(is_live);
+        // `let prior = RotationAttempt.byId(token.id)`
+        self.stats.reads += 1;
+        let prior = self
+            .db
+            .attempts
+            .get(&token.id)
+            .filter(|a| a.ttl.is_none_or(|ttl| ttl > self.now))
+            .cloned();
+        let mine = !replaced_by.is_null()
+            && unused
+            && prior
+                .as_ref()
+                .is_some_and(|p| fql_eq(&Value::Str(p.attempt.clone()), attempt));
+        let retry = if replaced_by.is_null() || mine {
             false
         } else {
             let rotated_at = match token.data("rotated_at") {
@@ -508,16 +561,14 @@ impl Txn<'_> {
                     .at(CALL));
                 }
             };
-            let grace = expect_seconds(grace, CALL)?;
-            self.now <= add_seconds(rotated_at, grace, CALL)?
-                && successor.as_ref().is_some_and(is_live)
+            self.now <= add_seconds(rotated_at, grace, CALL)? && unused
         };
         // `let ends = token.data.session_ends ?? now.add(session_ttl, "seconds")`
         let ends = match token.data("session_ends") {
             Value::Time(t) => *t,
-            _ => add_seconds(self.now, expect_seconds(session_ttl, CALL)?, CALL)?,
+            _ => add_seconds(self.now, session_ttl, CALL)?,
         };
-        if is_superseded(&token) || (!replaced_by.is_null() && !retry) {
+        if is_superseded(&token) || (!replaced_by.is_null() && !retry && !mine) {
             let revoked = self.delete_counting_unconsumed(&family);
             return Ok(Value::Object(BTreeMap::from([
                 ("outcome".to_owned(), Value::Str("reuse".into())),
@@ -528,20 +579,27 @@ impl Txn<'_> {
         if ends <= self.now {
             return Ok(outcome("inactive"));
         }
-        let refresh_ttl =
-            add_seconds(self.now, expect_seconds(refresh_ttl, CALL)?, CALL)?.min(ends);
-        let access_ttl = add_seconds(self.now, expect_seconds(access_ttl, CALL)?, CALL)?.min(ends);
+        let refresh_ttl = add_seconds(self.now, refresh_ttl, CALL)?.min(ends);
+        let access_ttl = add_seconds(self.now, access_ttl, CALL)?.min(ends);
+        let Value::Str(attempt) = attempt.clone() else {
+            return Err(invalid_argument("attempt", "String", attempt, CALL));
+        };
 
         // Checks are done: write.
-        if let Some(successor) = successor.filter(|_| retry) {
-            // The successor's access tokens go; the successor is kept, marked superseded.
+        if let Some(successor) = successor.filter(|_| retry || mine) {
+            // The successor's access tokens go; the successor is deleted when this very
+            // attempt minted it (nobody received it), else kept, marked superseded.
             let successor_id = Value::Str(successor.id.clone());
             for t in &family {
                 if fql_eq(t.data("parent"), &successor_id) {
                     self.delete_token(&t.id);
                 }
             }
-            self.update_data(&successor.id, "superseded", Value::Bool(true));
+            if mine {
+                self.delete_token(&successor.id);
+            } else {
+                self.update_data(&successor.id, "superseded", Value::Bool(true));
+            }
         }
         let (refresh, access) = self.mint_pair(&Mint {
             account: &token.document,
@@ -561,6 +619,15 @@ impl Txn<'_> {
         };
         self.update_data(&token.id, "replaced_by", refresh.field("id").clone());
         self.update_data(&token.id, "rotated_at", rotated_at);
+        // `prior!.update({ attempt })` or `RotationAttempt.create({ id: token.id, attempt, ttl: token.ttl })`
+        self.stats.writes += 1;
+        self.db.attempts.insert(
+            token.id.clone(),
+            Attempt {
+                attempt,
+                ttl: token.ttl,
+            },
+        );
         Ok(Value::Object(BTreeMap::from([
             ("outcome".to_owned(), Value::Str("rotated".into())),
             ("account".to_owned(), Value::Str(token.document.clone())),
@@ -569,6 +636,32 @@ impl Txn<'_> {
             ("refresh".to_owned(), refresh),
             ("access".to_owned(), access),
         ])))
+    }
+
+    /// `PUBLISH_POLICY`: creates or replaces `BrokerPolicy` "1".
+    fn publish_policy(&mut self, args: &Args<'_>) -> Result<Value, Failure> {
+        const AT: &str = "BrokerPolicy.create(";
+        let number = |name: &'static str| -> Result<i64, Failure> {
+            match args.get(name)? {
+                Value::Int(n) => Ok(i64::from(*n)),
+                Value::Long(n) => Ok(*n),
+                other => Err(invalid_argument(name, "Number", other, AT)),
+            }
+        };
+        let policy = Policy {
+            access_ttl: number("access_ttl")?,
+            refresh_ttl: number("refresh_ttl")?,
+            grace: number("grace")?,
+            session_ttl: number("session_ttl")?,
+            any_client: match args.get("any_client")? {
+                Value::Bool(b) => *b,
+                other => return Err(invalid_argument("any_client", "Boolean", other, AT)),
+            },
+        };
+        self.stats.reads += 1;
+        self.stats.writes += 1;
+        self.db.policy = Some(policy);
+        Ok(Value::Bool(true))
     }
 
     /// `token.update({ data: { <field>: value } })`: one field of a token's `data`.
@@ -593,6 +686,11 @@ impl Txn<'_> {
             args.get("any_client")?,
             "revokeCurrentToken(client_id, any_client)",
         )?;
+        // `let any_client = any_client && BrokerPolicy.byId("1")?.any_client == true`
+        let any_client = any_client && {
+            self.stats.reads += 1;
+            self.db.policy.is_some_and(|p| p.any_client)
+        };
         let outcome = |o: &str, revoked: Option<Value>| {
             let mut fields = BTreeMap::from([("outcome".to_owned(), Value::Str(o.to_owned()))]);
             if let Some(revoked) = revoked {

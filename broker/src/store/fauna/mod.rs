@@ -62,6 +62,22 @@ impl Op {
     }
 }
 
+/// The broker's limits on what a refresh secret may get from Fauna, written into Fauna by
+/// [`FaunaStore::publish_policy`] (`docs/design.md` "Fauna over HTTP › The broker's policy").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationPolicy {
+    /// The longest access token lifetime a rotation may mint.
+    pub access_ttl: Duration,
+    /// The longest refresh token lifetime a rotation may mint.
+    pub refresh_ttl: Duration,
+    /// The longest grace after a rotation in which the consumed token may be presented again.
+    pub grace: Duration,
+    /// The longest session of a family stored without its end, counted from a rotation.
+    pub session_ttl: Duration,
+    /// Whether a caller may skip the client check by naming no client.
+    pub any_client: bool,
+}
+
 /// Who a query runs as.
 #[derive(Clone, Copy)]
 enum Bearer<'a> {
@@ -93,7 +109,7 @@ pub struct FaunaStore {
     /// The highest `txn_ts` seen, sent as `X-Last-Txn-Ts` so reads never go back in time.
     last_txn_ts: AtomicI64,
     /// HTTP requests sent, per operation (retries included).
-    requests: [AtomicU64; 10],
+    requests: [AtomicU64; 11],
     metrics: Arc<StoreMetrics>,
     closed: AtomicBool,
 }
@@ -182,7 +198,8 @@ impl FaunaStore {
             ));
         }
         let (name, text) = op.query();
-        let body = json!({ "query": text, "arguments": arguments }).to_string();
+        // The template form the official drivers send: the text as the template's one part.
+        let body = json!({ "query": { "fql": [text] }, "arguments": arguments }).to_string();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -360,6 +377,10 @@ impl FaunaStore {
         if last > 0 {
             headers.insert("x-last-txn-ts", HeaderValue::from(last));
         }
+        if name == Op::Introspect.query().0 {
+            // A read that must see every revocation committed before it (`queries::INTROSPECT`).
+            headers.insert("x-linearized", HeaderValue::from_static("true"));
+        }
         headers.insert(
             "x-query-tags",
             HeaderValue::from_str(&format!("rpc={name}")).expect("query names are ascii"),
@@ -390,6 +411,31 @@ impl FaunaStore {
         let status = response.status().as_u16();
         let bytes = response.bytes().await?;
         Ok((status, bytes.to_vec()))
+    }
+
+    /// Writes the broker's limits into Fauna's `BrokerPolicy` document (`deploy/fauna/schema.fsl`),
+    /// which the functions that token secrets may call clamp their arguments to. Called once at
+    /// start, before the store serves; until a policy is written, no refresh token rotates.
+    ///
+    /// # Errors
+    ///
+    /// As any query: `Unavailable` when Fauna cannot answer, `Internal` for a refused key or an
+    /// unexpected answer (such as a schema without `BrokerPolicy`).
+    pub async fn publish_policy(&self, policy: &RotationPolicy) -> StoreResult<()> {
+        let arguments = json!({
+            "access_ttl": wire::int(policy.access_ttl.as_secs()),
+            "refresh_ttl": wire::int(policy.refresh_ttl.as_secs()),
+            "grace": wire::int(policy.grace.as_secs()),
+            "session_ttl": wire::int(policy.session_ttl.as_secs()),
+            "any_client": policy.any_client,
+        });
+        match self
+            .query(Op::PublishPolicy, Bearer::Server, arguments)
+            .await?
+        {
+            Answer::Data(Value::Bool(true)) => Ok(()),
+            other => Err(unexpected_answer(Op::PublishPolicy, &other)),
+        }
     }
 
     /// Runs an issue query and reads its answer.
@@ -428,15 +474,32 @@ impl TokenStore for FaunaStore {
                     // The cached account is gone (deleted by an operator): look it up again.
                     Answer::QueryError(code) if code == "document_not_found" => {
                         warn!(account_id = %account, "cached account not found in fauna");
-                        self.mint(Op::IssueByEmail, arguments).await?
+                        self.mint(Op::IssueByEmail, arguments.clone()).await?
                     }
                     other => other,
                 }
             }
-            None => self.mint(Op::IssueByEmail, arguments).await?,
+            None => self.mint(Op::IssueByEmail, arguments.clone()).await?,
+        };
+        let answer = match answer {
+            // A concurrent first sign-in of this email created the account after this
+            // transaction's snapshot; it committed, so issuing again finds it.
+            Answer::QueryError(code) if code == "constraint_failure" => {
+                debug!("the account was created concurrently; issuing again");
+                self.mint(Op::IssueByEmail, arguments).await?
+            }
+            other => other,
         };
         match answer {
             Answer::Data(value) => minted(Op::IssueByEmail, value),
+            Answer::QueryError(code) if code == "constraint_failure" => {
+                warn!("fauna's unique email kept conflicting");
+                Err(StoreError::new(
+                    StoreErrorKind::Unavailable,
+                    "fauna: the account's email kept conflicting",
+                    None,
+                ))
+            }
             other => Err(unexpected_answer(Op::IssueByEmail, &other)),
         }
     }
@@ -456,6 +519,8 @@ impl TokenStore for FaunaStore {
             "client_id": wire::opt_str(rotation.client.client_id()),
             "any_client": rotation.client == ClientCheck::Any,
             "session_ttl": wire::int(rotation.session_ttl.as_secs()),
+            // The same on every retry of this call, so a retry recognises its own commit.
+            "attempt": random_hex(),
         });
         let value = match self
             .query(Op::Rotate, Bearer::Token(secret), arguments)
@@ -474,6 +539,10 @@ impl TokenStore for FaunaStore {
             "rotated" => RefreshOutcome::Rotated(minted(Op::Rotate, value)?),
             "inactive" => RefreshOutcome::Inactive,
             "wrong_client" => RefreshOutcome::WrongClient,
+            "no_policy" => {
+                error!("fauna has no BrokerPolicy; no refresh token can rotate");
+                return Err(misconfigured("fauna has no broker policy"));
+            }
             "reuse" => RefreshOutcome::ReuseDetected {
                 family_id: FamilyId::from_stored(
                     value["family"].as_str().unwrap_or_default().to_owned(),

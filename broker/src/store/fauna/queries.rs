@@ -25,11 +25,17 @@
 /// The part of issuing after `account` is bound: mint a refresh token and its access token in
 /// a new family, and answer with both secrets. A macro so the two issue texts share it and
 /// stay literals.
+///
+/// The family's name holds the call's `nonce`, which a retry of the same call sends again: a
+/// retry whose first attempt committed (its answer lost) finds that attempt's tokens, which
+/// nobody received, and deletes them before minting, so a retried issue never leaves two live
+/// pairs.
 macro_rules! mint_session {
     () => {
         r#"
 let now = Time.now()
 let family = "fam_" + account.id + "_" + nonce
+let undelivered = Token.byDocument(account).where(.data.family == family).forEach(.delete())
 let refresh = Token.create({
   document: account,
   ttl: now.add(refresh_ttl, "seconds"),
@@ -73,17 +79,28 @@ pub const ISSUE_FOR_ACCOUNT: &str =
 ///
 /// Arguments: `access_ttl`, `refresh_ttl`, `grace` (int seconds), `client_id` (string or null),
 /// `any_client` (bool: skip the client check when no `client_id` is given), `session_ttl` (int
-/// seconds: the session of a family stored without `session_ends`, counted from now). The new
-/// tokens' ttls end at `session_ends` at the latest.
+/// seconds: the session of a family stored without `session_ends`, counted from now), `attempt`
+/// (string: the call's nonce, the same on each retry of the call). The function cuts the
+/// lifetimes, the grace and `session_ttl` to the `BrokerPolicy` ([`PUBLISH_POLICY`]) and lets
+/// `any_client` count only where the policy does. The new tokens' ttls end at `session_ends` at
+/// the latest. A retry of an attempt that committed replaces that attempt's undelivered pair.
 /// Result: `{ outcome: "rotated", account, family, now, refresh, access }` (as issuing),
 /// `{ outcome: "inactive" }`, `{ outcome: "wrong_client" }`, or
 /// `{ outcome: "reuse", family, revoked }` (the family was deleted; `revoked` counts the tokens
-/// that were not consumed).
-pub const ROTATE: &str =
-    "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl)";
+/// that were not consumed), or `{ outcome: "no_policy" }` (no policy was published).
+pub const ROTATE: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt)";
 
-/// The bearer token's own document (bearer: the secret), or null for a key.
-pub const INTROSPECT: &str = "Query.token()";
+/// The bearer token's own document, read from the database (bearer: the secret), or null for a
+/// key or a token whose document is gone.
+///
+/// `Query.token()` is the token as authentication found it, which a node may have taken from
+/// its key cache (up to 60 s old, so a just-deleted token still authenticates there); the
+/// `Token.byId` read is of the document itself. Sent with `X-Linearized: true`, so the read is
+/// of the latest committed state, whichever node serves it: a token revoked before the call
+/// began is never reported active.
+pub const INTROSPECT: &str = r#"let caller = Query.token()
+let token = if (caller == null) null else Token.byId(caller!.id)
+if (token == null) null else token"#;
 
 /// Revokes the bearer token; a refresh token takes its family with it (bearer: the secret).
 ///
@@ -134,6 +151,19 @@ if (account == null) {
   revoked
 }"#;
 
+/// Writes the broker's limits into the `BrokerPolicy` document that `rotateRefreshToken` and
+/// `revokeCurrentToken` read (server key; the broker sends it once at start).
+///
+/// Arguments: `access_ttl`, `refresh_ttl`, `grace`, `session_ttl` (int seconds), `any_client`
+/// (bool: whether a caller may skip the client check). Result: `true`.
+pub const PUBLISH_POLICY: &str = r#"let current = BrokerPolicy.byId("1")
+if (current == null) {
+  BrokerPolicy.create({ id: "1", access_ttl: access_ttl, refresh_ttl: refresh_ttl, grace: grace, session_ttl: session_ttl, any_client: any_client })
+} else {
+  current!.replace({ access_ttl: access_ttl, refresh_ttl: refresh_ttl, grace: grace, session_ttl: session_ttl, any_client: any_client })
+}
+true"#;
+
 /// The id of the account with an email, or null (server key). Arguments: `email`.
 pub const ACCOUNT_BY_EMAIL: &str = "Account.byEmail(email).first()?.id";
 
@@ -167,4 +197,5 @@ pub const ALL: &[(&str, &str)] = &[
     ("revoke_account", REVOKE_ACCOUNT),
     ("account_by_email", ACCOUNT_BY_EMAIL),
     ("list_tokens", LIST_TOKENS),
+    ("publish_policy", PUBLISH_POLICY),
 ];
