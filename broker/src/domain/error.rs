@@ -82,6 +82,25 @@ pub enum BrokerError {
 pub type BrokerResult<T> = Result<T, BrokerError>;
 
 impl BrokerError {
+    /// How long a throttled caller should wait (`ResourceExhausted`), for every adapter's answer.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            BrokerError::ResourceExhausted { retry_after, .. } => Some(*retry_after),
+            BrokerError::Shared(inner) => inner.retry_after(),
+            _ => None,
+        }
+    }
+
+    /// The client-facing message of an unavailable dependency other than the store.
+    pub fn dependency_unavailable(&self) -> Option<&'static str> {
+        match self {
+            BrokerError::Unavailable(message) => Some(message),
+            BrokerError::Audit(err) => Some(err.message()),
+            BrokerError::Shared(inner) => inner.dependency_unavailable(),
+            _ => None,
+        }
+    }
+
     /// Returns an `InvalidArgument` error with this message.
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::InvalidArgument(message.into())

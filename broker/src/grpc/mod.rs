@@ -461,7 +461,7 @@ impl From<BrokerError> for Status {
             BrokerErrorKind::FailedPrecondition => Code::FailedPrecondition,
             BrokerErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
             BrokerErrorKind::ResourceExhausted => {
-                let retry_after = retry_after(&err).unwrap_or_default();
+                let retry_after = err.retry_after().unwrap_or_default();
                 let message = format!("{err}; retry after {} ms", retry_after.as_millis().max(1));
                 let details = tokenbroker_proto::rpc::retry_details(
                     Code::ResourceExhausted as i32,
@@ -471,7 +471,7 @@ impl From<BrokerError> for Status {
                 return Status::with_details(Code::ResourceExhausted, message, details.into());
             }
             BrokerErrorKind::Unavailable => {
-                if let Some(message) = dependency_unavailable(&err) {
+                if let Some(message) = err.dependency_unavailable() {
                     warn!(reason = message, "dependency unavailable");
                     return Status::unavailable(message);
                 }
@@ -484,25 +484,6 @@ impl From<BrokerError> for Status {
             }
         };
         Status::new(code, err.to_string())
-    }
-}
-
-/// How long a throttled caller should wait.
-fn retry_after(err: &BrokerError) -> Option<Duration> {
-    match err {
-        BrokerError::ResourceExhausted { retry_after, .. } => Some(*retry_after),
-        BrokerError::Shared(inner) => retry_after(inner),
-        _ => None,
-    }
-}
-
-/// The client-facing message of an unavailable dependency other than the store.
-fn dependency_unavailable(err: &BrokerError) -> Option<&'static str> {
-    match err {
-        BrokerError::Unavailable(message) => Some(message),
-        BrokerError::Audit(err) => Some(err.message()),
-        BrokerError::Shared(inner) => dependency_unavailable(inner),
-        _ => None,
     }
 }
 

@@ -118,7 +118,7 @@ impl From<BrokerError> for ApiError {
             BrokerErrorKind::ResourceExhausted => {
                 let mut api =
                     Self::new(StatusCode::TOO_MANY_REQUESTS, "slow_down", err.to_string());
-                api.retry_after = Some(retry_after(&err).unwrap_or(Duration::from_secs(1)));
+                api.retry_after = Some(err.retry_after().unwrap_or(Duration::from_secs(1)));
                 return api;
             }
             BrokerErrorKind::DeadlineExceeded => {
@@ -126,7 +126,7 @@ impl From<BrokerError> for ApiError {
             }
             // Never `active: false`: an outage must not read as a dead token.
             BrokerErrorKind::Unavailable => {
-                let description = match dependency_unavailable(&err) {
+                let description = match err.dependency_unavailable() {
                     Some(message) => {
                         warn!(reason = message, "dependency unavailable");
                         message
@@ -222,25 +222,6 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
 pub fn no_store(headers: &mut axum::http::HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-}
-
-/// How long a throttled caller should wait.
-fn retry_after(err: &BrokerError) -> Option<Duration> {
-    match err {
-        BrokerError::ResourceExhausted { retry_after, .. } => Some(*retry_after),
-        BrokerError::Shared(inner) => retry_after(inner),
-        _ => None,
-    }
-}
-
-/// The client-facing message of an unavailable dependency other than the store.
-fn dependency_unavailable(err: &BrokerError) -> Option<&'static str> {
-    match err {
-        BrokerError::Unavailable(message) => Some(message),
-        BrokerError::Audit(err) => Some(err.message()),
-        BrokerError::Shared(inner) => dependency_unavailable(inner),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
