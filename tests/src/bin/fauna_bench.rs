@@ -176,6 +176,7 @@ impl Original<'_> {
             .post(&self.url)
             .bearer_auth(&self.key)
             .header("x-format", "tagged")
+            .header("x-typecheck", "false")
             .json(&json!({ "query": text, "arguments": arguments }))
             .send()
             .await?;

@@ -89,11 +89,32 @@ pub(super) struct Attempt {
     pub(super) ttl: Option<i128>,
 }
 
+/// What a transaction reads or writes, for the optimistic check at its commit: a document, or
+/// the index entries a read of an index covers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) enum Key {
+    /// `Account.byEmail(email)` and the unique constraint on `email`: one index term.
+    Email(String),
+    /// An `Account` document, by id.
+    Account(String),
+    /// A `Token` document, by id.
+    Token(String),
+    /// `Token.byDocument(account)`: the index term of one account's tokens.
+    TokensOf(String),
+    /// The `BrokerPolicy` document.
+    Policy,
+    /// A `RotationAttempt` document, by id.
+    Attempt(String),
+}
+
 /// The database: one `Account` collection with a unique email, the `Token` collection, the
 /// `BrokerPolicy` document and the `RotationAttempt` collection.
 #[derive(Debug, Default)]
 pub(super) struct Db {
     last_txn_micros: i64,
+    /// The commit time of the last transaction that wrote each key; a transaction that read a
+    /// key written after its snapshot conflicts.
+    pub(super) versions: HashMap<Key, i64>,
     last_id: i64,
     pub(super) accounts: BTreeMap<String, Account>,
     pub(super) by_email: HashMap<String, String>,
@@ -118,6 +139,27 @@ impl Db {
         let now = clock_micros.max(self.last_txn_micros + 1);
         self.last_txn_micros = now;
         now
+    }
+
+    /// The time of the latest transaction: a snapshot taken now sees everything committed.
+    pub(super) fn last_txn(&self) -> i64 {
+        self.last_txn_micros
+    }
+
+    /// Whether any of `reads` was written by a transaction that committed after `snapshot`.
+    pub(super) fn conflicts<'k>(
+        &self,
+        snapshot: i64,
+        mut reads: impl Iterator<Item = &'k Key>,
+    ) -> bool {
+        reads.any(|key| self.versions.get(key).is_some_and(|&at| at > snapshot))
+    }
+
+    /// Records that the transaction of time `at` wrote `keys`.
+    pub(super) fn stamp<'k>(&mut self, at: i64, keys: impl IntoIterator<Item = &'k Key>) {
+        for key in keys {
+            self.versions.insert(key.clone(), at);
+        }
     }
 
     /// A new snowflake-like id: microseconds since 2020 in the high bits, so ids grow with time

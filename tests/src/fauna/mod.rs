@@ -149,6 +149,10 @@ pub struct Recorded {
     pub format: Option<String>,
     /// `X-Query-Timeout-Ms`.
     pub query_timeout_ms: Option<String>,
+    /// `X-Typecheck`.
+    pub typecheck: Option<String>,
+    /// `X-Linearized`.
+    pub linearized: Option<String>,
     /// `X-Last-Txn-Ts`.
     pub last_txn_ts: Option<String>,
     /// `X-Max-Contention-Retries`.
@@ -192,6 +196,7 @@ impl FaunaDouble {
             database_id: i64::try_from(rand::random::<u64>() >> 2).unwrap_or(1) + 1,
             schema_version,
             latency: Mutex::new(Duration::ZERO),
+            transaction_time: Mutex::new(Duration::ZERO),
             faults: Mutex::new(VecDeque::new()),
             requests: Mutex::new(Vec::new()),
             db: Mutex::new(Db::default()),
@@ -213,6 +218,13 @@ impl FaunaDouble {
     /// Adds `d` to every request, before it runs (a network round trip).
     pub fn set_latency(&self, d: Duration) {
         *lock(&self.shared.latency) = d;
+    }
+
+    /// Makes every transaction take `d` between its snapshot and its commit, so that concurrent
+    /// requests overlap and conflict as they would on a real cluster (zero, the default: each
+    /// transaction's snapshot is taken at its commit, and none conflicts).
+    pub fn set_transaction_time(&self, d: Duration) {
+        *lock(&self.shared.transaction_time) = d;
     }
 
     /// Makes the next `times` requests get `fault` instead of running (after any earlier

@@ -118,6 +118,8 @@ pub(super) struct Stats {
     pub(super) writes: u64,
     pub(super) bytes_read: u64,
     pub(super) bytes_written: u64,
+    /// How many times the transaction ran again after a conflict.
+    pub(super) contention_retries: u64,
 }
 
 /// The eight `stats` keys of a response (`docs/design.md` "Fauna over HTTP › Responses and
@@ -128,7 +130,7 @@ pub(super) fn stats_json(stats: &Stats, query_ms: u64, rate_limits_hit: &[&str])
         "read_ops": stats.reads,
         "write_ops": stats.writes,
         "query_time_ms": query_ms,
-        "contention_retries": 0,
+        "contention_retries": stats.contention_retries,
         "storage_bytes_read": stats.bytes_read,
         "storage_bytes_write": stats.bytes_written,
         "rate_limits_hit": rate_limits_hit,

@@ -22,10 +22,10 @@ use tokio::{net::TcpListener, task::JoinSet};
 
 use super::{
     Bearer, Fault, Recorded,
-    database::Db,
+    database::{Db, Key},
     lock,
     query::{Query, recognise},
-    reply::{Failure, Reply, Stats, fault_reply, protocol_error, stats_json},
+    reply::{Failure, Reply, fault_reply, protocol_error, stats_json},
     secret::decode_token_secret,
     txn::{Args, Txn},
     value::{Format, Value, decode_simple, decode_tagged, encode},
@@ -76,23 +76,23 @@ async fn serve(
         tokio::time::sleep(latency).await;
     }
     let reply = match fault {
-        None => shared.process(parts.uri.path(), &parts.headers, &parsed),
+        None => shared.process(parts.uri.path(), &parts.headers, &parsed).await,
         Some(Fault::Slow(delay)) => {
-            let reply = shared.process(parts.uri.path(), &parts.headers, &parsed);
+            let reply = shared.process(parts.uri.path(), &parts.headers, &parsed).await;
             tokio::time::sleep(delay).await;
             reply
         }
         Some(Fault::CommittedUnavailable) => {
-            drop(shared.process(parts.uri.path(), &parts.headers, &parsed));
+            drop(shared.process(parts.uri.path(), &parts.headers, &parsed).await);
             fault_reply(Fault::CommittedUnavailable, &parts.headers)
         }
         Some(Fault::CommittedLost) => {
-            drop(shared.process(parts.uri.path(), &parts.headers, &parsed));
+            drop(shared.process(parts.uri.path(), &parts.headers, &parsed).await);
             // An error from the service makes hyper close the connection unanswered.
             return Err(AnswerLost);
         }
         Some(Fault::CommittedTimeout) => {
-            let reply = shared.process(parts.uri.path(), &parts.headers, &parsed);
+            let reply = shared.process(parts.uri.path(), &parts.headers, &parsed).await;
             let within = header(&parts.headers, "x-query-timeout-ms")
                 .and_then(|t| t.parse::<u64>().ok())
                 .unwrap_or(120_000);
@@ -112,12 +112,18 @@ async fn serve(
             if let Some(email) = &email {
                 let mut db = lock(&shared.db);
                 let now = db.tick(shared.clock.now().0);
-                drop(db.create_account(email, None, i128::from(now) * 1000));
+                if let Ok(id) = db.create_account(email, None, i128::from(now) * 1000) {
+                    db.stamp(now, &[Key::Email(email.clone()), Key::Account(id)]);
+                }
             }
-            shared.process_with(parts.uri.path(), &parts.headers, &parsed, email, false)
+            shared
+                .process_with(parts.uri.path(), &parts.headers, &parsed, email, false)
+                .await
         }
         Some(Fault::StaleKeyCache) => {
-            shared.process_with(parts.uri.path(), &parts.headers, &parsed, None, true)
+            shared
+                .process_with(parts.uri.path(), &parts.headers, &parsed, None, true)
+                .await
         }
         Some(fault) => fault_reply(fault, &parts.headers),
     };
@@ -140,6 +146,18 @@ impl std::fmt::Display for AnswerLost {
 
 impl std::error::Error for AnswerLost {}
 
+/// What a request brought that every attempt of its transaction uses.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    headers: &'a HeaderMap,
+    body: &'a RequestBody,
+    format: Format,
+    tags: Option<&'a str>,
+    stale_email: Option<&'a str>,
+    stale_key_cache: bool,
+    started: Instant,
+}
+
 /// State shared by the handle and the server task.
 pub(super) struct Shared {
     pub(super) clock: Arc<dyn Clock>,
@@ -147,6 +165,8 @@ pub(super) struct Shared {
     pub(super) database_id: i64,
     pub(super) schema_version: i64,
     pub(super) latency: Mutex<Duration>,
+    /// How long each transaction takes between its snapshot and its commit.
+    pub(super) transaction_time: Mutex<Duration>,
     pub(super) faults: Mutex<VecDeque<Fault>>,
     pub(super) requests: Mutex<Vec<Recorded>>,
     pub(super) db: Mutex<Db>,
@@ -271,6 +291,8 @@ impl Shared {
             query_tags: header(headers, "x-query-tags"),
             format: header(headers, "x-format"),
             query_timeout_ms: header(headers, "x-query-timeout-ms"),
+            typecheck: header(headers, "x-typecheck"),
+            linearized: header(headers, "x-linearized"),
             last_txn_ts: header(headers, "x-last-txn-ts"),
             max_contention_retries: header(headers, "x-max-contention-retries"),
             traceparent: header(headers, "traceparent"),
@@ -280,18 +302,18 @@ impl Shared {
     }
 
     /// Answers a request that got no fault.
-    fn process(
+    async fn process(
         &self,
         path: &str,
         headers: &HeaderMap,
         body: &Result<RequestBody, String>,
     ) -> Reply {
-        self.process_with(path, headers, body, None, false)
+        self.process_with(path, headers, body, None, false).await
     }
 
     /// Answers a request whose snapshot predates the account of `stale_email`, if any, on a
     /// node with a stale key cache if `stale_key_cache`.
-    fn process_with(
+    async fn process_with(
         &self,
         path: &str,
         headers: &HeaderMap,
@@ -303,16 +325,19 @@ impl Shared {
             // The real server hands every other path to the v4 router, which is not modelled.
             return protocol_error(404, "not_found", "Not found", None);
         }
-        match self.try_process(headers, body, stale_email, stale_key_cache) {
+        match self
+            .try_process(headers, body, stale_email.as_deref(), stale_key_cache)
+            .await
+        {
             Ok(reply) | Err(reply) => reply,
         }
     }
 
-    fn try_process(
+    async fn try_process(
         &self,
         headers: &HeaderMap,
         body: &Result<RequestBody, String>,
-        stale_email: Option<String>,
+        stale_email: Option<&str>,
         stale_key_cache: bool,
     ) -> Result<Reply, Reply> {
         let started = Instant::now();
@@ -333,11 +358,16 @@ impl Shared {
                 return Err(invalid_header("x-query-timeout-ms", &error));
             }
         }
+        // Attempts in all: the retries the header allows plus one, else Fauna's default 5.
+        let mut attempts = 5;
         if let Some(v) = header(headers, "x-max-contention-retries") {
             let error = match v.parse::<i32>() {
                 Err(_) => Some(format!("Invalid number '{v}'.")),
                 Ok(n) if !(0..=7).contains(&n) => Some("Must be between 0 and 7.".to_owned()),
-                Ok(_) => None,
+                Ok(n) => {
+                    attempts = n + 1;
+                    None
+                }
             };
             if let Some(error) = error {
                 return Err(invalid_header("x-max-contention-retries", &error));
@@ -372,17 +402,58 @@ impl Shared {
             .as_ref()
             .map_err(|message| protocol_error(400, "invalid_request", message, None))?;
 
-        let mut db = lock(&self.db);
-        let now_micros = db.tick(self.clock.now().0);
-        let mut txn = Txn {
-            db: &mut db,
-            now: i128::from(now_micros) * 1000,
-            database_id: self.database_id,
-            stats: Stats::default(),
+        let run = Run {
+            headers,
+            body,
+            format,
+            tags: tags.as_deref(),
             stale_email,
             stale_key_cache,
+            started,
         };
-        let tags = tags.as_deref();
+        // Optimistic transactions, as Fauna's: each attempt reads a snapshot and is checked at
+        // its commit; one that read what a later commit wrote runs again, up to `attempts`
+        // times, then the client gets 409. With no transaction time set, the snapshot is
+        // taken at the commit, and nothing can conflict.
+        let hold = *lock(&self.transaction_time);
+        for retries in 0..attempts {
+            let snapshot = if hold.is_zero() {
+                None
+            } else {
+                let snapshot = lock(&self.db).last_txn();
+                tokio::time::sleep(hold).await;
+                Some(snapshot)
+            };
+            if let Some(reply) = self.attempt(&run, snapshot, retries)? {
+                return Ok(reply);
+            }
+        }
+        Err(fault_reply(Fault::Contended, headers))
+    }
+
+    /// Runs one attempt of a transaction: its answer, or `None` when it conflicted with a
+    /// commit after `snapshot` and was taken back.
+    fn attempt(
+        &self,
+        run: &Run<'_>,
+        snapshot: Option<i64>,
+        retries: i32,
+    ) -> Result<Option<Reply>, Reply> {
+        let Run {
+            headers,
+            body,
+            format,
+            tags,
+            stale_email,
+            stale_key_cache,
+            started,
+        } = *run;
+        let mut db = lock(&self.db);
+        let now_micros = db.tick(self.clock.now().0);
+        let mut txn = Txn::new(&mut db, i128::from(now_micros) * 1000, self.database_id);
+        txn.stats.contention_retries = u64::try_from(retries).unwrap_or(0);
+        txn.stale_email = stale_email.map(str::to_owned);
+        txn.stale_key_cache = stale_key_cache;
 
         // Authentication (`docs/design.md` "Fauna over HTTP › Authentication, expiry and
         // revocation"): a 401 is rendered with the request's tags.
@@ -451,7 +522,7 @@ impl Shared {
                 "error: the Fauna test double runs only the broker's fixed query texts, \
                  not templates with values",
             );
-            return Ok(respond(&txn, Err(failure), ""));
+            return Ok(Some(respond(&txn, Err(failure), "")));
         };
         let query = match recognise(text) {
             Ok((_, query)) => query,
@@ -465,11 +536,36 @@ impl Shared {
                      (sha256 {digest}); it runs only the texts in KNOWN_QUERIES \
                      (tests/src/fauna/query.rs)"
                 ));
-                return Ok(respond(&txn, Err(failure), text));
+                return Ok(Some(respond(&txn, Err(failure), text)));
             }
         };
+        // A database made from the typed schema checks types unless the request says not to.
+        let typecheck =
+            header(headers, "x-typecheck").is_none_or(|v| v.eq_ignore_ascii_case("true"));
+        if typecheck && !query.passes_typecheck() {
+            let failure = Failure::new(
+                "invalid_query",
+                "The query failed 1 validation check".into(),
+            )
+            .with_summary(
+                "error: the Fauna test double cannot type check, and this text is not written \
+                 for the checker; send `X-Typecheck: false` (broker/src/store/fauna/queries.rs)",
+            );
+            return Ok(Some(respond(&txn, Err(failure), text)));
+        }
         let result = txn.run(query, &caller, &Args(&arguments));
-        Ok(respond(&txn, result, text))
+        if snapshot.is_some_and(|snapshot| txn.conflicts(snapshot)) {
+            txn.rollback();
+            return Ok(None);
+        }
+        let failed = result.is_err();
+        let reply = respond(&txn, result, text);
+        if failed {
+            txn.rollback();
+        } else {
+            txn.commit(now_micros);
+        }
+        Ok(Some(reply))
     }
 }
 

@@ -107,7 +107,8 @@ fn s(v: &Json) -> &str {
 }
 
 impl Harness {
-    /// Posts `body` to `path` with `Authorization: Bearer <bearer>` and `headers`.
+    /// Posts `body` to `path` with `Authorization: Bearer <bearer>` and `headers`, and with
+    /// `X-Typecheck: false` unless `headers` name that header, as the broker sends it.
     async fn post(
         &self,
         path: &str,
@@ -124,6 +125,9 @@ impl Harness {
         }
         for (name, value) in headers {
             request = request.header(*name, *value);
+        }
+        if !headers.iter().any(|(name, _)| *name == "x-typecheck") {
+            request = request.header("x-typecheck", "false");
         }
         let response = request.send().await.expect("the double answers");
         let status = response.status().as_u16();
@@ -233,6 +237,7 @@ async fn wrong_key_is_unauthorized_with_the_exact_body() {
             .http
             .post(format!("{}/query/1", h.double.endpoint()))
             .header("authorization", auth)
+            .header("x-typecheck", "false")
             .body(body.clone())
             .send()
             .await
@@ -1035,6 +1040,7 @@ async fn serves_h2c_with_prior_knowledge() {
     let response = http
         .post(format!("{}/query/1", h.double.endpoint()))
         .bearer_auth(SERVER_KEY)
+        .header("x-typecheck", "false")
         .body(json!({ "query": queries::INTROSPECT }).to_string())
         .send()
         .await
@@ -1063,6 +1069,7 @@ async fn committed_faults_commit_then_fail() {
             .header("authorization", format!("Bearer {SERVER_KEY}"))
             .header("x-format", "tagged")
             .header("x-query-timeout-ms", "200")
+            .header("x-typecheck", "false")
             .timeout(timeout)
             .body(body.clone())
             .send()

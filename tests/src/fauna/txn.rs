@@ -1,13 +1,16 @@
 //! The query interpreter: one transaction authenticates its caller and runs one known query,
 //! each implemented by hand from its FQL source.
 
-use std::{cmp::Ordering, collections::BTreeMap};
+use std::{
+    cmp::Ordering,
+    collections::{BTreeMap, HashSet},
+};
 
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::{
-    database::{Attempt, Db, Policy, TokenDoc},
+    database::{Attempt, Db, Key, Policy, TokenDoc},
     query::Query,
     reply::{Failure, Stats},
     secret::{decode_token_secret, mint_secret},
@@ -119,7 +122,29 @@ struct Mint<'a> {
     session_ends: i128,
 }
 
+/// How to take back one write of a transaction that aborts.
+#[derive(Debug)]
+enum Undo {
+    /// The token document `id` as it was (or its absence).
+    Token(String, Option<TokenDoc>),
+    /// The key cache's entry for `id` as it was.
+    Deleted(String, Option<(TokenDoc, i128)>),
+    /// The account `id` was created.
+    Account(String),
+    /// The `RotationAttempt` `id` as it was.
+    Attempt(String, Option<Attempt>),
+    /// The `BrokerPolicy` as it was.
+    Policy(Option<Policy>),
+}
+
 /// One transaction: the database, the transaction time and what it did.
+///
+/// It runs on the latest state and records the keys it reads and writes, with an undo log.
+/// The server then commits it, or takes it back when it failed or when a key it read was
+/// written after its snapshot ([`Txn::conflicts`]): optimistic concurrency as Fauna's, whose
+/// transactions read a snapshot and are checked at commit. Running on the latest state gives
+/// the same result as running on the snapshot whenever the check passes, since nothing the
+/// transaction read has changed since.
 pub(super) struct Txn<'a> {
     pub(super) db: &'a mut Db,
     /// `Time.now()`, in nanoseconds.
@@ -132,9 +157,93 @@ pub(super) struct Txn<'a> {
     /// Whether authentication also accepts tokens deleted in the last 60 s, as a node's key
     /// cache would ([`super::Fault::StaleKeyCache`]).
     pub(super) stale_key_cache: bool,
+    reads: HashSet<Key>,
+    writes: HashSet<Key>,
+    undo: Vec<Undo>,
 }
 
-impl Txn<'_> {
+impl<'a> Txn<'a> {
+    /// Starts a transaction at `now` (nanoseconds).
+    pub(super) fn new(db: &'a mut Db, now: i128, database_id: i64) -> Self {
+        Self {
+            db,
+            now,
+            database_id,
+            stats: Stats::default(),
+            stale_email: None,
+            stale_key_cache: false,
+            reads: HashSet::new(),
+            writes: HashSet::new(),
+            undo: Vec::new(),
+        }
+    }
+
+    /// Whether a key this transaction read was written by a transaction that committed after
+    /// `snapshot`.
+    pub(super) fn conflicts(&self, snapshot: i64) -> bool {
+        self.db.conflicts(snapshot, self.reads.iter())
+    }
+
+    /// Makes the writes visible to the optimistic checks of later transactions.
+    pub(super) fn commit(self, at: i64) {
+        self.db.stamp(at, &self.writes);
+    }
+
+    /// Takes every write back, newest first.
+    pub(super) fn rollback(self) {
+        let db = self.db;
+        for undo in self.undo.into_iter().rev() {
+            match undo {
+                Undo::Token(id, before) => {
+                    if let Some(now) = db.tokens.remove(&id)
+                        && let Some(ids) = db.by_document.get_mut(&now.document)
+                    {
+                        ids.remove(&id);
+                    }
+                    if let Some(token) = before {
+                        db.by_document
+                            .entry(token.document.clone())
+                            .or_default()
+                            .insert(id.clone());
+                        db.tokens.insert(id, token);
+                    }
+                }
+                Undo::Deleted(id, before) => {
+                    match before {
+                        Some(entry) => db.recently_deleted.insert(id, entry),
+                        None => db.recently_deleted.remove(&id),
+                    };
+                }
+                Undo::Account(id) => {
+                    if let Some(account) = db.accounts.remove(&id) {
+                        db.by_email.remove(&account.email);
+                    }
+                }
+                Undo::Attempt(id, before) => {
+                    match before {
+                        Some(attempt) => db.attempts.insert(id, attempt),
+                        None => db.attempts.remove(&id),
+                    };
+                }
+                Undo::Policy(before) => db.policy = before,
+            }
+        }
+    }
+
+    fn read(&mut self, key: Key) {
+        self.reads.insert(key);
+    }
+
+    fn write(&mut self, key: Key) {
+        self.writes.insert(key);
+    }
+
+    /// Saves the token document `id` as it is, before a write to it.
+    fn save_token(&mut self, id: &str) {
+        let before = self.db.tokens.get(id).cloned();
+        self.undo.push(Undo::Token(id.to_owned(), before));
+        self.write(Key::Token(id.to_owned()));
+    }
     /// Resolves a secret to a caller: a configured key, or a live token whose secret matches its
     /// stored hash (`docs/design.md` "Fauna over HTTP › Token secrets" and `docs/design.md`
     /// "Fauna over HTTP › Authentication, expiry and revocation").
@@ -166,6 +275,7 @@ impl Txn<'_> {
 
     /// `Token.byId(id)`: the token if it exists and has not expired.
     fn read_token(&mut self, id: &str) -> Option<TokenDoc> {
+        self.read(Key::Token(id.to_owned()));
         let token = self
             .db
             .tokens
@@ -179,6 +289,7 @@ impl Txn<'_> {
 
     /// `Token.byDocument(Account.byId(account))`: its live tokens, by id.
     fn tokens_of(&mut self, account: &str) -> Vec<TokenDoc> {
+        self.read(Key::TokensOf(account.to_owned()));
         let ids: Vec<String> = self
             .db
             .by_document
@@ -198,6 +309,7 @@ impl Txn<'_> {
 
     /// `Account.byId(id)`: whether it exists.
     fn account_exists(&mut self, id: &str) -> bool {
+        self.read(Key::Account(id.to_owned()));
         self.stats.reads += 1;
         self.db.accounts.contains_key(id)
     }
@@ -205,6 +317,9 @@ impl Txn<'_> {
     /// `Account.byEmail(email).first()`.
     fn account_by_email(&mut self, email: &Value) -> Option<String> {
         self.stats.reads += 1;
+        if let Value::Str(email) = email {
+            self.read(Key::Email(email.clone()));
+        }
         match email {
             Value::Str(email) if self.stale_email.as_ref() == Some(email) => None,
             Value::Str(email) => self.db.by_email.get(email).cloned(),
@@ -212,10 +327,23 @@ impl Txn<'_> {
         }
     }
 
+    /// `Account.create({ email, cognito_sub })`: the unique check reads the email's index term.
+    fn create_account(&mut self, email: &str, cognito_sub: Option<String>) -> Result<String, Failure> {
+        self.read(Key::Email(email.to_owned()));
+        self.stats.writes += 1;
+        let id = self.db.create_account(email, cognito_sub, self.now)?;
+        self.undo.push(Undo::Account(id.clone()));
+        self.write(Key::Email(email.to_owned()));
+        self.write(Key::Account(id.clone()));
+        Ok(id)
+    }
+
     /// `Token.create({ document, ttl, data })`: returns the id and the secret, which is shown
     /// only here.
     fn create_token(&mut self, document: &str, ttl: i128, data: Value) -> (String, String) {
         let id = self.db.next_id();
+        self.save_token(&id.to_string());
+        self.write(Key::TokensOf(document.to_owned()));
         let secret = mint_secret(id, self.database_id);
         let token = TokenDoc {
             id: id.to_string(),
@@ -237,6 +365,12 @@ impl Txn<'_> {
     }
 
     fn delete_token(&mut self, id: &str) {
+        if let Some(document) = self.db.tokens.get(id).map(|t| t.document.clone()) {
+            self.save_token(id);
+            let cached = self.db.recently_deleted.get(id).cloned();
+            self.undo.push(Undo::Deleted(id.to_owned(), cached));
+            self.write(Key::TokensOf(document));
+        }
         if let Some(token) = self.db.tokens.remove(id) {
             self.stats.writes += 1;
             self.db
@@ -300,8 +434,8 @@ impl Txn<'_> {
         )
     }
 
-    /// Runs a known query as `caller`. Every check comes before the first write, so a failure
-    /// leaves the database as it was (Fauna aborts the whole transaction).
+    /// Runs a known query as `caller`. A failure is taken back whole by the server
+    /// ([`Txn::rollback`]), as Fauna aborts the whole transaction.
     pub(super) fn run(
         &mut self,
         query: Query,
@@ -354,8 +488,7 @@ impl Txn<'_> {
             }
             Query::OriginalRegister => {
                 let email = expect_str(args.get("email")?, "email", "Account.create(")?;
-                self.stats.writes += 1;
-                let id = self.db.create_account(email, None, self.now)?;
+                let id = self.create_account(email, None)?;
                 Ok(self.account_value(&id))
             }
             Query::OriginalCreateRefresh | Query::OriginalCreateAccess => {
@@ -451,9 +584,7 @@ impl Txn<'_> {
         let account = match (existing, create) {
             (Some(id), _) => id,
             (None, Some((address, sub))) => {
-                self.stats.writes += 1;
-                self.db
-                    .create_account(address, sub.map(str::to_owned), self.now)?
+                self.create_account(address, sub.map(str::to_owned))?
             }
             (None, None) => unreachable!("an account is found or created"),
         };
@@ -509,6 +640,7 @@ impl Txn<'_> {
         let attempt = args.get("attempt")?;
         // `let policy = BrokerPolicy.byId("1")`
         self.stats.reads += 1;
+        self.read(Key::Policy);
         let Some(policy) = self.db.policy else {
             return Ok(outcome("no_policy"));
         };
@@ -526,8 +658,8 @@ impl Txn<'_> {
         let refresh_ttl = expect_seconds(refresh_ttl, CALL)?.min(policy.refresh_ttl);
         let grace = expect_seconds(grace, CALL)?.min(policy.grace);
         let session_ttl = expect_seconds(session_ttl, CALL)?.min(policy.session_ttl);
+        // `family` is a set, read only where it is used.
         let family_name = token.data("family").clone();
-        let family = self.family_of(&token.document, &family_name);
         let replaced_by = token.data("replaced_by").clone();
         let successor = match &replaced_by {
             Value::Null => None,
@@ -537,6 +669,7 @@ impl Txn<'_> {
         let unused = successor.as_ref().is_some_and(is_live);
         // `let prior = RotationAttempt.byId(token.id)`
         self.stats.reads += 1;
+        self.read(Key::Attempt(token.id.clone()));
         let prior = self
             .db
             .attempts
@@ -569,6 +702,7 @@ impl Txn<'_> {
             _ => add_seconds(self.now, session_ttl, CALL)?,
         };
         if is_superseded(&token) || (!replaced_by.is_null() && !retry && !mine) {
+            let family = self.family_of(&token.document, &family_name);
             let revoked = self.delete_counting_unconsumed(&family);
             return Ok(Value::Object(BTreeMap::from([
                 ("outcome".to_owned(), Value::Str("reuse".into())),
@@ -590,7 +724,7 @@ impl Txn<'_> {
             // The successor's access tokens go; the successor is deleted when this very
             // attempt minted it (nobody received it), else kept, marked superseded.
             let successor_id = Value::Str(successor.id.clone());
-            for t in &family {
+            for t in &self.family_of(&token.document, &family_name) {
                 if fql_eq(t.data("parent"), &successor_id) {
                     self.delete_token(&t.id);
                 }
@@ -621,13 +755,15 @@ impl Txn<'_> {
         self.update_data(&token.id, "rotated_at", rotated_at);
         // `prior!.update({ attempt })` or `RotationAttempt.create({ id: token.id, attempt, ttl: token.ttl })`
         self.stats.writes += 1;
-        self.db.attempts.insert(
+        let before = self.db.attempts.insert(
             token.id.clone(),
             Attempt {
                 attempt,
                 ttl: token.ttl,
             },
         );
+        self.undo.push(Undo::Attempt(token.id.clone(), before));
+        self.write(Key::Attempt(token.id.clone()));
         Ok(Value::Object(BTreeMap::from([
             ("outcome".to_owned(), Value::Str("rotated".into())),
             ("account".to_owned(), Value::Str(token.document.clone())),
@@ -660,12 +796,15 @@ impl Txn<'_> {
         };
         self.stats.reads += 1;
         self.stats.writes += 1;
-        self.db.policy = Some(policy);
+        self.read(Key::Policy);
+        self.undo.push(Undo::Policy(self.db.policy.replace(policy)));
+        self.write(Key::Policy);
         Ok(Value::Bool(true))
     }
 
     /// `token.update({ data: { <field>: value } })`: one field of a token's `data`.
     fn update_data(&mut self, id: &str, field: &str, value: Value) {
+        self.save_token(id);
         if let Some(stored) = self.db.tokens.get_mut(id) {
             if let Value::Object(data) = &mut stored.data {
                 data.insert(field.to_owned(), value);
@@ -689,6 +828,7 @@ impl Txn<'_> {
         // `let any_client = any_client && BrokerPolicy.byId("1")?.any_client == true`
         let any_client = any_client && {
             self.stats.reads += 1;
+            self.read(Key::Policy);
             self.db.policy.is_some_and(|p| p.any_client)
         };
         let outcome = |o: &str, revoked: Option<Value>| {

@@ -15,6 +15,21 @@
 //! stops accepting a secret once its document is deleted or its `ttl` has passed, and expired
 //! documents disappear from reads.
 //!
+//! **Type checking is off for these texts, on purpose.** A database created from the typed
+//! schema in `deploy/fauna/schema.fsl` type checks every query before running it, unless the
+//! request sends `X-Typecheck: false`, which the store does with every query. No FaunaDB runs
+//! where the broker is tested, so whether the v10 checker accepts a text cannot be shown before
+//! production, and a refused text would fail every call of its RPC. Some would likely be
+//! refused: `"fam_" + account.id` adds an ID to a String, `Token.byDocument(account)` takes an
+//! account that `Account.byId` may return as null, and `token.data.kind` reads through a
+//! nullable `data`. With the checker off the same mistakes are runtime errors
+//! (`invalid_null_access`, `type_mismatch`) where they happen, and every text tests its nulls
+//! before reading through them. The two function calls ([`ROTATE`], [`REVOKE_SECRET`]) are
+//! plain calls with arguments, which the checker accepts, so a token holder calling them
+//! directly passes it; their bodies in the schema write `token!` after each null check, as the
+//! checker wants, and a typechecked database checks them when the schema is pushed. The Fauna
+//! test double refuses every other text unless the request turns the checker off.
+//!
 //! Operations that present a secret run with that secret as the bearer, so Fauna authenticates
 //! it (401 for an unknown, expired or deleted token). Rotation and revocation by secret need to
 //! write other tokens of the family, which a token may not do itself, so they call the
