@@ -587,6 +587,35 @@ async fn a_concurrent_first_sign_in_is_retried_not_internal() {
     assert_eq!(result, Err(ClientErrorKind::Unavailable));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_sign_ins_on_a_contended_cluster_make_one_account() {
+    let double = wall_clock_double().await;
+    let broker = fauna_broker(&double, |_| {}).await;
+    // Transactions that overlap, as on a cluster under load.
+    double.set_transaction_time(Duration::from_millis(100));
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let client = broker.trigger.clone();
+        calls.spawn(async move {
+            client
+                .issue_tokens(claims_request("crowd@example.com", ""))
+                .await
+                .map(|r| r.account_id)
+                .map_err(|err| err.kind())
+        });
+    }
+    let accounts: std::collections::BTreeSet<String> = calls
+        .join_all()
+        .await
+        .into_iter()
+        .map(|r| r.expect("every sign-in is served"))
+        .collect();
+    assert_eq!(accounts.len(), 1, "{accounts:?}");
+    assert_eq!(double.account_count(), 1);
+    assert!(double.conflicts() > 0, "the sign-ins contended");
+    assert_eq!(broker.all_tokens("crowd@example.com").await.len(), 40);
+}
+
 /// The RPCs that reach Fauna, for the fault table.
 #[derive(Debug, Clone, Copy)]
 enum Rpc {

@@ -59,7 +59,10 @@ use std::{
     collections::VecDeque,
     fmt,
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -197,6 +200,7 @@ impl FaunaDouble {
             schema_version,
             latency: Mutex::new(Duration::ZERO),
             transaction_time: Mutex::new(Duration::ZERO),
+            conflicts: AtomicU64::new(0),
             faults: Mutex::new(VecDeque::new()),
             requests: Mutex::new(Vec::new()),
             db: Mutex::new(Db::default()),
@@ -232,6 +236,11 @@ impl FaunaDouble {
     pub fn inject(&self, fault: Fault, times: u32) {
         let mut faults = lock(&self.shared.faults);
         faults.extend(std::iter::repeat_n(fault, times as usize));
+    }
+
+    /// Returns how many transaction attempts conflicted and ran again (or ended in 409).
+    pub fn conflicts(&self) -> u64 {
+        self.shared.conflicts.load(Ordering::Relaxed)
     }
 
     /// Returns every request received so far, oldest first.

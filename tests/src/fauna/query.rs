@@ -26,11 +26,11 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
     ),
     (
         "issue_by_email",
-        "cb075780ba88a56a131060b89acfbacb29cc867146f4f39da0fbf59db7a57ff7",
+        "378fb06704e319924b5ded71185c24284fff5ece2e79c36202559529b8188e51",
     ),
     (
         "issue_for_account",
-        "d92686f1e95b0f2c8c51dd49935cb04d53fc39a7e78be21652c6a455b7c8d495",
+        "db7ec7dfc8a49dc1a1b5583a158bc802ce8f01431e849373625991efe584eedc",
     ),
     (
         "rotate",

@@ -4,7 +4,10 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -167,6 +170,8 @@ pub(super) struct Shared {
     pub(super) latency: Mutex<Duration>,
     /// How long each transaction takes between its snapshot and its commit.
     pub(super) transaction_time: Mutex<Duration>,
+    /// Transaction attempts that conflicted and were taken back.
+    pub(super) conflicts: AtomicU64,
     pub(super) faults: Mutex<VecDeque<Fault>>,
     pub(super) requests: Mutex<Vec<Recorded>>,
     pub(super) db: Mutex<Db>,
@@ -556,6 +561,7 @@ impl Shared {
         let result = txn.run(query, &caller, &Args(&arguments));
         if snapshot.is_some_and(|snapshot| txn.conflicts(snapshot)) {
             txn.rollback();
+            self.conflicts.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
         let failed = result.is_err();

@@ -82,6 +82,7 @@ fn issue_args(email: &str) -> Json {
         "client_id": "app",
         // A fresh broker call each time: the same nonce is a retry of one call.
         "nonce": format!("{:016x}", rand::random::<u64>()),
+        "retried": false,
         "access_ttl": int(900),
         "refresh_ttl": int(86_400),
         "session_ttl": int(30 * 86_400),
@@ -695,6 +696,113 @@ async fn concurrent_first_issues_converge_on_one_account() {
     assert_eq!(h.double.account_count(), 2);
 }
 
+/// Runs `n` queries at once, `call(i)` giving each its text, arguments and extra headers, and
+/// returns the answers in the order of `i`.
+async fn at_once(
+    h: &Arc<Harness>,
+    n: usize,
+    call: impl Fn(usize) -> (&'static str, Json, Vec<(&'static str, &'static str)>),
+) -> Vec<Answer> {
+    let mut tasks = JoinSet::new();
+    for i in 0..n {
+        let (text, arguments, headers) = call(i);
+        let h = Arc::clone(h);
+        tasks.spawn(async move {
+            let mut all = vec![("x-format", "tagged")];
+            all.extend(headers);
+            let body = json!({ "query": text, "arguments": arguments }).to_string();
+            (i, h.post("/query/1", Some(SERVER_KEY), &all, body).await)
+        });
+    }
+    let mut answers = tasks.join_all().await;
+    answers.sort_by_key(|(i, _)| *i);
+    answers.into_iter().map(|(_, a)| a).collect()
+}
+
+/// `stats.contention_retries` of each answer.
+fn contention_retries(answers: &[Answer]) -> Vec<u64> {
+    answers
+        .iter()
+        .map(|a| a.body["stats"]["contention_retries"].as_u64().expect("stats"))
+        .collect()
+}
+
+#[tokio::test]
+async fn overlapping_transactions_conflict_on_what_they_read() {
+    let h = Arc::new(harness().await);
+    // Long enough that the requests below overlap on a loaded machine.
+    h.double.set_transaction_time(Duration::from_millis(300));
+    let issue = |email: String| {
+        move |_| (queries::ISSUE_BY_EMAIL, issue_args(&email), Vec::new())
+    };
+
+    // First sign-ins of one email all read its index term; the first commit writes it, and the
+    // others run again, and find that account.
+    let answers = at_once(&h, 6, issue("crowd@example.com".into())).await;
+    let accounts: BTreeSet<&str> = answers
+        .iter()
+        .map(|a| {
+            assert_eq!(a.status, 200, "{}", a.raw);
+            s(&a.body["data"]["account"])
+        })
+        .collect();
+    assert_eq!(accounts.len(), 1);
+    assert_eq!(h.double.account_count(), 1);
+    let retries = contention_retries(&answers);
+    assert!(retries.contains(&0) && retries.contains(&1), "{retries:?}");
+
+    // Later sign-ins of that account read its email only, which none of them writes: the
+    // tokens' index is written, never read, on a first attempt.
+    let answers = at_once(&h, 6, issue("crowd@example.com".into())).await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert_eq!(contention_retries(&answers), [0; 6]);
+    // Sign-ins of other emails share nothing.
+    let answers = at_once(&h, 6, |i| {
+        let email = format!("solo{i}@example.com");
+        (queries::ISSUE_BY_EMAIL, issue_args(&email), Vec::new())
+    })
+    .await;
+    assert_eq!(contention_retries(&answers), [0; 6]);
+    assert_eq!(h.double.live_token_count(), 36);
+
+    // Two rotations of one token both read and write it: one runs again.
+    let refresh = s(&answers[0].body["data"]["refresh"]["secret"]).to_owned();
+    let mut tasks = JoinSet::new();
+    for _ in 0..2 {
+        let (h, refresh) = (Arc::clone(&h), refresh.clone());
+        tasks.spawn(async move { h.query(&refresh, queries::ROTATE, rotate_args(60, Some("app"))).await });
+    }
+    let answers = tasks.join_all().await;
+    assert!(answers.iter().all(|a| a.body["data"]["outcome"] == "rotated"));
+    let mut retries = contention_retries(&answers);
+    retries.sort_unstable();
+    assert_eq!(retries, [0, 1]);
+
+    // With no retry allowed, the loser gets 409 and writes nothing.
+    let tokens = h.double.live_token_count();
+    let answers = at_once(&h, 2, |_| {
+        (
+            queries::ISSUE_BY_EMAIL,
+            issue_args("late@example.com"),
+            vec![("x-max-contention-retries", "0")],
+        )
+    })
+    .await;
+    let mut statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409]);
+    let lost = answers.iter().find(|a| a.status == 409).expect("a loser");
+    assert_eq!(
+        lost.body,
+        json!({ "error": {
+            "code": "contended_transaction",
+            "message": "Transaction was aborted due to detection of concurrent modification."
+        } })
+    );
+    assert_eq!(h.double.account_count(), 8);
+    assert_eq!(h.double.live_token_count(), tokens + 2);
+}
+
 #[tokio::test]
 async fn issue_for_a_missing_account_is_document_not_found() {
     let h = harness().await;
@@ -1060,10 +1168,11 @@ async fn debug_output_shows_no_secret() {
 #[tokio::test]
 async fn committed_faults_commit_then_fail() {
     let h = harness().await;
-    let body =
-        json!({ "query": queries::ISSUE_BY_EMAIL, "arguments": issue_args("c@example.com") })
-            .to_string();
-    let send = |timeout: Duration| {
+    let mut args = issue_args("c@example.com");
+    let first = json!({ "query": queries::ISSUE_BY_EMAIL, "arguments": args }).to_string();
+    args["retried"] = json!(true);
+    let again = json!({ "query": queries::ISSUE_BY_EMAIL, "arguments": args }).to_string();
+    let send = |body: &String, timeout: Duration| {
         h.http
             .post(format!("{}/query/1", h.double.endpoint()))
             .header("authorization", format!("Bearer {SERVER_KEY}"))
@@ -1076,7 +1185,7 @@ async fn committed_faults_commit_then_fail() {
     };
 
     h.double.inject(Fault::CommittedUnavailable, 1);
-    let response = send(Duration::from_secs(10)).await.expect("an answer");
+    let response = send(&first, Duration::from_secs(10)).await.expect("an answer");
     assert_eq!(response.status().as_u16(), 503);
     assert_eq!(
         response.json::<Json>().await.expect("JSON"),
@@ -1085,9 +1194,10 @@ async fn committed_faults_commit_then_fail() {
     assert_eq!(h.double.live_token_count(), 2, "the pair was committed");
     assert_eq!(h.double.account_count(), 1);
 
-    // The same call again (its nonce): the committed pair is replaced, not doubled.
+    // The same call again (its nonce, as a retry): the committed pair is replaced, not
+    // doubled.
     h.double.inject(Fault::CommittedLost, 1);
-    let lost = send(Duration::from_secs(10)).await;
+    let lost = send(&again, Duration::from_secs(10)).await;
     assert!(lost.is_err(), "no answer: {lost:?}");
     assert_eq!(
         h.double.live_token_count(),
@@ -1098,7 +1208,7 @@ async fn committed_faults_commit_then_fail() {
 
     // Held past the query timeout: the client gives up first.
     h.double.inject(Fault::CommittedTimeout, 1);
-    let timed_out = send(Duration::from_millis(600)).await;
+    let timed_out = send(&again, Duration::from_millis(600)).await;
     assert!(
         timed_out.as_ref().is_err_and(reqwest::Error::is_timeout),
         "{timed_out:?}"

@@ -566,6 +566,7 @@ impl<'a> Txn<'a> {
             (Some(id), None, None)
         };
         let nonce = expect_str(args.get("nonce")?, "other", "+ nonce")?;
+        let retried = expect_bool(args.get("retried")?, "if (retried)")?;
         let refresh_secs = expect_seconds(args.get("refresh_ttl")?, ADD)?;
         let refresh_ttl = add_seconds(self.now, refresh_secs, ADD)?;
         let email = match email {
@@ -589,10 +590,12 @@ impl<'a> Txn<'a> {
             (None, None) => unreachable!("an account is found or created"),
         };
         let family = Value::Str(format!("fam_{account}_{nonce}"));
-        // `Token.byDocument(account).where(.data.family == family).forEach(.delete())`: a
-        // committed earlier attempt of this call, whose answer was lost.
-        for undelivered in self.family_of(&account, &family) {
-            self.delete_token(&undelivered.id);
+        // `if (retried) Token.byDocument(account).where(.data.family == family).forEach(.delete())`:
+        // a committed earlier attempt of this call, whose answer was lost.
+        if retried {
+            for undelivered in self.family_of(&account, &family) {
+                self.delete_token(&undelivered.id);
+            }
         }
         let cognito_sub = self
             .db

@@ -199,10 +199,20 @@ impl FaunaStore {
         }
         let (name, text) = op.query();
         // The template form the official drivers send: the text as the template's one part.
-        let body = json!({ "query": { "fql": [text] }, "arguments": arguments }).to_string();
+        let body = |arguments: &Value| {
+            json!({ "query": { "fql": [text] }, "arguments": arguments }).to_string()
+        };
+        let mut sending = body(&arguments);
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if attempt == 2 && arguments.get("retried") == Some(&Value::Bool(false)) {
+                // The first attempt may have committed: the queries that take `retried` look
+                // for what it left.
+                let mut retried = arguments.clone();
+                retried["retried"] = Value::Bool(true);
+                sending = body(&retried);
+            }
             let timeout = match deadline::remaining() {
                 Some(left) if left < Duration::from_millis(1) => {
                     return Err(timed_out(name));
@@ -212,7 +222,7 @@ impl FaunaStore {
             };
             self.requests[op as usize].fetch_add(1, Ordering::Relaxed);
             let sent = self
-                .send(name, attempt, bearer, body.clone(), timeout)
+                .send(name, attempt, bearer, sending.clone(), timeout)
                 .await;
             let class = match sent {
                 Ok((status, bytes)) => wire::classify(status, &bytes),
@@ -466,31 +476,35 @@ impl TokenStore for FaunaStore {
             "cognito_sub": wire::opt_str(session.cognito_sub.as_deref()),
             "client_id": wire::opt_str(session.client_id.as_deref()),
             "nonce": &random_hex()[..16],
+            "retried": false,
             "access_ttl": wire::int(session.access_ttl.as_secs()),
             "refresh_ttl": wire::int(session.refresh_ttl.as_secs()),
             "session_ttl": wire::int(session.session_ttl.max(session.refresh_ttl).as_secs()),
             "metadata": wire::object(&session.metadata),
         });
+        // Each query after the first is sent as a retry, in case an earlier one committed.
+        let mut retry = arguments.clone();
+        retry["retried"] = Value::Bool(true);
         let answer = match &session.known_account {
             Some(account) => {
                 arguments["account_id"] = Value::String(account.to_string());
-                match self.mint(Op::IssueForAccount, arguments.clone()).await? {
+                match self.mint(Op::IssueForAccount, arguments).await? {
                     // The cached account is gone (deleted by an operator): look it up again.
                     Answer::QueryError(code) if code == "document_not_found" => {
                         warn!(account_id = %account, "cached account not found in fauna");
-                        self.mint(Op::IssueByEmail, arguments.clone()).await?
+                        self.mint(Op::IssueByEmail, retry.clone()).await?
                     }
                     other => other,
                 }
             }
-            None => self.mint(Op::IssueByEmail, arguments.clone()).await?,
+            None => self.mint(Op::IssueByEmail, arguments).await?,
         };
         let answer = match answer {
             // A concurrent first sign-in of this email created the account after this
             // transaction's snapshot; it committed, so issuing again finds it.
             Answer::QueryError(code) if code == "constraint_failure" => {
                 debug!("the account was created concurrently; issuing again");
-                self.mint(Op::IssueByEmail, arguments).await?
+                self.mint(Op::IssueByEmail, retry).await?
             }
             other => other,
         };

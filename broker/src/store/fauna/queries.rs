@@ -44,13 +44,16 @@
 /// The family's name holds the call's `nonce`, which a retry of the same call sends again: a
 /// retry whose first attempt committed (its answer lost) finds that attempt's tokens, which
 /// nobody received, and deletes them before minting, so a retried issue never leaves two live
-/// pairs.
+/// pairs. Only a retry looks (`retried`): the look reads the index of the account's tokens,
+/// which every sign-in of the account writes, so a first attempt that looked would conflict
+/// with each concurrent sign-in of the same account and be run again by Fauna, or fail with
+/// 409 once Fauna's retries run out.
 macro_rules! mint_session {
     () => {
         r#"
 let now = Time.now()
 let family = "fam_" + account.id + "_" + nonce
-let undelivered = Token.byDocument(account).where(.data.family == family).forEach(.delete())
+if (retried) Token.byDocument(account).where(.data.family == family).forEach(.delete())
 let refresh = Token.create({
   document: account,
   ttl: now.add(refresh_ttl, "seconds"),
@@ -74,8 +77,8 @@ let access = Token.create({
 /// Gets or creates the account by email and mints a refresh and an access token (server key).
 ///
 /// Arguments: `email` (string), `cognito_sub` (string or null), `client_id` (string or null),
-/// `nonce` (string), `access_ttl`, `refresh_ttl`, `session_ttl` (int seconds), `metadata`
-/// (object).
+/// `nonce` (string), `retried` (bool: an earlier request of this call may have committed),
+/// `access_ttl`, `refresh_ttl`, `session_ttl` (int seconds), `metadata` (object).
 /// Result: `{ account, family, now, refresh: { id, secret, ttl }, access: { id, secret, ttl } }`.
 /// A concurrent first sign-in of the same email contends on the unique email; Fauna re-runs
 /// the loser, which then finds the winner's account.
