@@ -89,13 +89,21 @@ async fn wall_clock_double() -> FaunaDouble {
 }
 
 /// How many requests the double received for each query name since the last clear. Each
-/// came in the drivers' template form.
+/// came in the drivers' template form, with the type checker off; only introspection is
+/// linearized (the other reads do not decide whether a token is active, and the writes are
+/// strictly serialized anyway).
 fn sent(double: &FaunaDouble) -> Vec<String> {
     let names = double
         .requests()
         .into_iter()
         .map(|r| {
             assert!(r.template, "the template form {{\"fql\": [...]}}: {r:?}");
+            assert_eq!(r.typecheck.as_deref(), Some("false"), "{r:?}");
+            assert_eq!(
+                r.linearized.as_deref(),
+                (r.query == Some("introspect")).then_some("true"),
+                "{r:?}"
+            );
             r.query.unwrap_or("unknown").to_owned()
         })
         .collect();
@@ -254,6 +262,25 @@ async fn every_rpc_costs_one_fauna_request() {
             .unwrap();
         assert_eq!(sent(&double), [query]);
     }
+    // With the account not cached, the lookup and the revocation are one request too.
+    let cold = fauna_broker(&double, |_| {}).await;
+    double.clear_requests();
+    let revoked = cold
+        .admin
+        .revoke(pb::RevokeRequest {
+            target: Some(Target::Email("count@example.com".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(revoked.revoked_count, 0, "revoked above");
+    assert_eq!(sent(&double), ["revoke_email"]);
+    let again = cold.issue("count@example.com").await;
+    assert_eq!(cold.revoke_email("count@example.com").await, 2);
+    assert!(!cold.is_active(&again.access.secret).await);
+    double.clear_requests();
+    assert_eq!(cold.revoke_email("nobody@example.com").await, 0);
+    assert_eq!(sent(&double), ["revoke_email"]);
 }
 
 /// Issues with the trigger key and returns the outcome, the number of requests the double saw
@@ -625,12 +652,15 @@ enum Rpc {
     RevokeSecret,
     RevokeTokenId,
     RevokeFamily,
+    RevokeEmail,
     ListTokens,
 }
 
-/// Runs `rpc` on a fresh pair of `email` and returns its outcome and the Fauna requests it
+/// Runs `rpc` through `broker` on a fresh pair of `email` that `setup` issues (so that
+/// `broker` has not cached the account) and returns its outcome and the Fauna requests it
 /// sent (the set-up's are not counted).
 async fn run_rpc(
+    setup: &TestBroker,
     broker: &TestBroker,
     double: &FaunaDouble,
     rpc: Rpc,
@@ -639,7 +669,7 @@ async fn run_rpc(
     times: u32,
 ) -> (Result<(), ClientErrorKind>, usize) {
     use pb::revoke_request::Target;
-    let pair = broker.issue(email).await;
+    let pair = setup.issue(email).await;
     double.clear_requests();
     double.inject(fault, times);
     let revoke = |target| pb::RevokeRequest {
@@ -675,6 +705,11 @@ async fn run_rpc(
             .revoke(revoke(Target::FamilyId(pair.family_id.clone())))
             .await
             .map(drop),
+        Rpc::RevokeEmail => broker
+            .admin
+            .revoke(revoke(Target::Email(email.to_owned())))
+            .await
+            .map(drop),
         Rpc::ListTokens => broker
             .admin
             .list_tokens(pb::ListTokensRequest {
@@ -690,12 +725,14 @@ async fn run_rpc(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fault_class_on_every_rpc() {
     let double = wall_clock_double().await;
-    let broker = fauna_broker(&double, |s| {
+    let configure = |s: &mut Settings| {
         s.store.fauna.max_attempts = 3;
         s.store.fauna.query_timeout_ms = 500;
         s.tokens.refresh_grace_seconds = 0;
-    })
-    .await;
+    };
+    let broker = fauna_broker(&double, configure).await;
+    // Issues the pairs that a revocation by email finds, so the account is not cached.
+    let other = fauna_broker(&double, configure).await;
     let rpcs = [
         Rpc::Issue,
         Rpc::Refresh,
@@ -703,12 +740,24 @@ async fn every_fault_class_on_every_rpc() {
         Rpc::RevokeSecret,
         Rpc::RevokeTokenId,
         Rpc::RevokeFamily,
+        Rpc::RevokeEmail,
         Rpc::ListTokens,
     ];
     for rpc in rpcs {
-        let email = format!("{rpc:?}@example.com").to_lowercase();
+        let setup = if matches!(rpc, Rpc::RevokeEmail) {
+            &other
+        } else {
+            &broker
+        };
+        let mut run = 0;
+        let mut run_rpc = async |fault, times| {
+            // A new account each time, which `broker` has not cached.
+            run += 1;
+            let email = format!("{rpc:?}-{run}@example.com").to_lowercase();
+            run_rpc(setup, &broker, &double, rpc, &email, fault, times).await
+        };
         for fault in RETRYABLE.into_iter().chain(COMMITTED) {
-            let (result, requests) = run_rpc(&broker, &double, rpc, &email, fault, 1).await;
+            let (result, requests) = run_rpc(fault, 1).await;
             assert_eq!(
                 result,
                 Ok(()),
@@ -717,7 +766,7 @@ async fn every_fault_class_on_every_rpc() {
             assert_eq!(requests, 2, "{rpc:?} after {fault:?}: one retry");
         }
         for fault in RETRYABLE {
-            let (result, requests) = run_rpc(&broker, &double, rpc, &email, fault, 3).await;
+            let (result, requests) = run_rpc(fault, 3).await;
             assert_eq!(
                 result,
                 Err(ClientErrorKind::Unavailable),
@@ -726,7 +775,7 @@ async fn every_fault_class_on_every_rpc() {
             assert_eq!(requests, 3, "{rpc:?} after {fault:?} thrice");
         }
         for fault in [Fault::EmptyBody, Fault::MalformedBody] {
-            let (result, requests) = run_rpc(&broker, &double, rpc, &email, fault, 1).await;
+            let (result, requests) = run_rpc(fault, 1).await;
             assert_eq!(
                 result,
                 Err(ClientErrorKind::Unavailable),

@@ -551,32 +551,34 @@ impl Broker {
                         SecretRevocation::WrongClient => Err(wrong_client(&client)),
                     };
                 }
-                RevokeBy::TokenId(id) => RevokeTarget::Token(id),
-                RevokeBy::FamilyId(id) => RevokeTarget::Family(id),
-                RevokeBy::AccountId(id) => RevokeTarget::Account(id),
-                RevokeBy::Email(email) => {
-                    require(caller, &[Role::Admin])?;
-                    match self.store.account_by_email(&email).await? {
-                        Some(id) => {
-                            record.set(|line| line.account_id = Some(id.to_string()));
-                            RevokeTarget::Account(id)
-                        }
-                        None => {
-                            record.set(|line| line.revoked = Some(0));
-                            return Ok(0);
-                        }
-                    }
-                }
+                RevokeBy::TokenId(id) => Ok(RevokeTarget::Token(id)),
+                RevokeBy::FamilyId(id) => Ok(RevokeTarget::Family(id)),
+                RevokeBy::AccountId(id) => Ok(RevokeTarget::Account(id)),
+                RevokeBy::Email(email) => Err(email),
             };
             let admin = require(caller, &[Role::Admin])?;
             self.audit.request(record)?;
-            let revoked = self.store.revoke(target.clone()).await?;
+            let revoked = match target {
+                Ok(target) => {
+                    let revoked = self.store.revoke(target.clone()).await?;
+                    info!(caller = %admin.name, ?target, revoked, "tokens revoked");
+                    revoked
+                }
+                // The account is found and revoked in one store call.
+                Err(email) => match self.store.revoke_email(&email).await? {
+                    Some((account, revoked)) => {
+                        info!(caller = %admin.name, %account, revoked, "tokens revoked by email");
+                        record.set(|line| line.account_id = Some(account.to_string()));
+                        revoked
+                    }
+                    None => 0,
+                },
+            };
             self.metrics
                 .tokens_revoked
                 .get(RevokeCause::Request)
                 .add(revoked);
             record.set(|line| line.revoked = Some(revoked));
-            info!(caller = %admin.name, ?target, revoked, "tokens revoked");
             Ok(revoked)
         };
         self.recorded(record, work, |_, _| {}).await

@@ -119,6 +119,23 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
         self.inner.revoke(target).await
     }
 
+    async fn revoke_email(&self, email: &Email) -> StoreResult<Option<(AccountId, u64)>> {
+        if let Some(account) = self.cached(email).await {
+            let revoked = self
+                .inner
+                .revoke(RevokeTarget::Account(account.clone()))
+                .await?;
+            return Ok(Some((account, revoked)));
+        }
+        let found = self.inner.revoke_email(email).await?;
+        if let Some((account, _)) = &found {
+            self.accounts
+                .insert(email.as_str().to_owned(), account.clone())
+                .await;
+        }
+        Ok(found)
+    }
+
     async fn account_by_email(&self, email: &Email) -> StoreResult<Option<AccountId>> {
         if let Some(id) = self.cached(email).await {
             return Ok(Some(id));

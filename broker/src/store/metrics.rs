@@ -67,6 +67,7 @@ crate::label! {
         AccountByEmail = "account_by_email",
         ListTokens = "list_tokens",
         PublishPolicy = "publish_policy",
+        RevokeEmail = "revoke_email",
     }
 }
 

@@ -79,6 +79,18 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
     /// active tokens became inactive. Unknown targets revoke nothing.
     async fn revoke(&self, target: RevokeTarget) -> StoreResult<u64>;
 
+    /// Revokes every token of the account with this email, as [`RevokeTarget::Account`]
+    /// does, and returns the account's id with how many active tokens became inactive; `None`
+    /// when no account has the email. A backend that can find and revoke in one round trip
+    /// does; this default looks the account up, then revokes.
+    async fn revoke_email(&self, email: &Email) -> StoreResult<Option<(AccountId, u64)>> {
+        let Some(account) = self.account_by_email(email).await? else {
+            return Ok(None);
+        };
+        let revoked = self.revoke(RevokeTarget::Account(account.clone())).await?;
+        Ok(Some((account, revoked)))
+    }
+
     /// Returns the id of the account with this email, if there is one.
     async fn account_by_email(&self, email: &Email) -> StoreResult<Option<AccountId>>;
 

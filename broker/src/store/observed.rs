@@ -119,6 +119,11 @@ impl<S: TokenStore> TokenStore for ObservedStore<S> {
             .await
     }
 
+    async fn revoke_email(&self, email: &Email) -> StoreResult<Option<(AccountId, u64)>> {
+        self.observed(Operation::Revoke, self.inner.revoke_email(email))
+            .await
+    }
+
     async fn account_by_email(&self, email: &Email) -> StoreResult<Option<AccountId>> {
         self.observed(
             Operation::AccountByEmail,

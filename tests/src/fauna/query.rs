@@ -65,6 +65,10 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
         "478b2cdf31fb58f81f7ff65240d4c3c5d2d08212d5463db72bf3e8b0d6ef48ec",
     ),
     (
+        "revoke_email",
+        "1f5231ebf29bdf4cc83f1153a578f8cf6ca9ef91f833df9b505af815293f505b",
+    ),
+    (
         "publish_policy",
         "56f1480f61c09b32767c16e61e952cdee03a9a09e8e3e53cdda0381580559193",
     ),
@@ -100,6 +104,7 @@ pub(super) enum Query {
     AccountByEmail,
     ListTokens,
     PublishPolicy,
+    RevokeEmail,
     OriginalLookup,
     OriginalRegister,
     OriginalCreateRefresh,
@@ -120,6 +125,7 @@ impl Query {
             "account_by_email" => Self::AccountByEmail,
             "list_tokens" => Self::ListTokens,
             "publish_policy" => Self::PublishPolicy,
+            "revoke_email" => Self::RevokeEmail,
             "original_lookup" => Self::OriginalLookup,
             "original_register" => Self::OriginalRegister,
             "original_create_refresh" => Self::OriginalCreateRefresh,
@@ -141,7 +147,9 @@ impl Query {
     /// The text a token is refused at, for the `permission_denied` summary.
     pub(super) fn guarded_call(self) -> &'static str {
         match self {
-            Self::IssueByEmail | Self::AccountByEmail => "Account.byEmail(email)",
+            Self::IssueByEmail | Self::AccountByEmail | Self::RevokeEmail => {
+                "Account.byEmail(email)"
+            }
             Self::IssueForAccount | Self::RevokeFamily | Self::RevokeAccount | Self::ListTokens => {
                 "Account.byId(account_id)"
             }

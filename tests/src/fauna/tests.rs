@@ -804,6 +804,52 @@ async fn overlapping_transactions_conflict_on_what_they_read() {
 }
 
 #[tokio::test]
+async fn a_typechecked_database_runs_only_the_function_calls() {
+    let h = harness().await;
+    let pair = h.issue("typed@example.com").await;
+    let refresh = s(&pair["refresh"]["secret"]).to_owned();
+    // Exactly these headers: `Harness::post` would turn the checker off.
+    let send = async |bearer: &str, text: &str, arguments: Json, typecheck: Option<&str>| {
+        let mut request = h
+            .http
+            .post(format!("{}/query/1", h.double.endpoint()))
+            .bearer_auth(bearer)
+            .header("x-format", "tagged")
+            .body(json!({ "query": text, "arguments": arguments }).to_string());
+        if let Some(value) = typecheck {
+            request = request.header("x-typecheck", value);
+        }
+        let response = request.send().await.expect("an answer");
+        let status = response.status().as_u16();
+        (status, response.json::<Json>().await.expect("JSON"))
+    };
+    // The checker is on unless the request turns it off.
+    for typecheck in [None, Some("true"), Some("TRUE")] {
+        let (status, body) = send(SERVER_KEY, queries::INTROSPECT, json!({}), typecheck).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+        assert!(s(&body["summary"]).contains("X-Typecheck: false"), "{body}");
+        // A token holder's direct call of a schema function passes the checker.
+        let (status, body) = send(
+            &refresh,
+            queries::ROTATE,
+            rotate_args(60, Some("app")),
+            typecheck,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"]["outcome"], "rotated", "{body}");
+    }
+    let (status, body) = send(SERVER_KEY, queries::INTROSPECT, json!({}), Some("false")).await;
+    assert_eq!(status, 200, "{body}");
+    let recorded: Vec<Option<String>> =
+        h.double.requests().into_iter().map(|r| r.typecheck).collect();
+    assert_eq!(recorded[1], None);
+    assert_eq!(recorded[3].as_deref(), Some("true"));
+    assert_eq!(recorded.last().cloned().flatten().as_deref(), Some("false"));
+}
+
+#[tokio::test]
 async fn issue_for_a_missing_account_is_document_not_found() {
     let h = harness().await;
     let mut args = issue_args("x@example.com");

@@ -479,6 +479,18 @@ impl<'a> Txn<'a> {
                 Ok(self.account_by_email(email).map_or(Value::Null, Value::Str))
             }
             Query::ListTokens => self.list_tokens(args),
+            Query::RevokeEmail => {
+                let email = args.get("email")?;
+                let Some(account) = self.account_by_email(email) else {
+                    return Ok(Value::Null);
+                };
+                let tokens = self.tokens_of(&account);
+                let revoked = self.delete_counting_unconsumed(&tokens);
+                Ok(Value::Object(BTreeMap::from([
+                    ("account".to_owned(), Value::Str(account)),
+                    ("revoked".to_owned(), revoked),
+                ])))
+            }
             Query::PublishPolicy => self.publish_policy(args),
             Query::OriginalLookup => {
                 let email = args.get("email")?;

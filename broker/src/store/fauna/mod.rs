@@ -109,7 +109,7 @@ pub struct FaunaStore {
     /// The highest `txn_ts` seen, sent as `X-Last-Txn-Ts` so reads never go back in time.
     last_txn_ts: AtomicI64,
     /// HTTP requests sent, per operation (retries included).
-    requests: [AtomicU64; 11],
+    requests: [AtomicU64; queries::ALL.len()],
     metrics: Arc<StoreMetrics>,
     closed: AtomicBool,
 }
@@ -641,6 +641,23 @@ impl TokenStore for FaunaStore {
             }
             // Not an id Fauna could have minted: nothing to revoke.
             RevokeTarget::Token(_) | RevokeTarget::Account(_) => Ok(0),
+        }
+    }
+
+    async fn revoke_email(&self, email: &Email) -> StoreResult<Option<(AccountId, u64)>> {
+        let arguments = json!({ "email": email.as_str() });
+        match self
+            .query(Op::RevokeEmail, Bearer::Server, arguments)
+            .await?
+        {
+            Answer::Data(Value::Null) => Ok(None),
+            Answer::Data(value) => match (value["account"].as_str(), value["revoked"].as_u64()) {
+                (Some(account), Some(revoked)) => {
+                    Ok(Some((AccountId::from_stored(account.to_owned()), revoked)))
+                }
+                _ => Err(unexpected(Op::RevokeEmail, "an account and a count")),
+            },
+            other => Err(unexpected_answer(Op::RevokeEmail, &other)),
         }
     }
 

@@ -169,6 +169,21 @@ if (account == null) {
   revoked
 }"#;
 
+/// Revokes every token of the account with an email (server key): the lookup and the revocation
+/// in one request.
+///
+/// Arguments: `email`. Result: `{ account, revoked }` (the account's id and the number of
+/// unconsumed tokens deleted), or null when no account has the email.
+pub const REVOKE_EMAIL: &str = r#"let account = Account.byEmail(email).first()
+if (account == null) {
+  null
+} else {
+  let tokens = Token.byDocument(account!)
+  let revoked = tokens.where(t => t.data.replaced_by == null && t.data.superseded != true).count()
+  tokens.forEach(.delete())
+  { account: account!.id, revoked: revoked }
+}"#;
+
 /// Writes the broker's limits into the `BrokerPolicy` document that `rotateRefreshToken` and
 /// `revokeCurrentToken` read (server key; the broker sends it once at start).
 ///
@@ -216,4 +231,5 @@ pub const ALL: &[(&str, &str)] = &[
     ("account_by_email", ACCOUNT_BY_EMAIL),
     ("list_tokens", LIST_TOKENS),
     ("publish_policy", PUBLISH_POLICY),
+    ("revoke_email", REVOKE_EMAIL),
 ];
