@@ -8,7 +8,9 @@
 //! `X-Query-Tags`, `X-Format` and the boolean headers, the body, the bearer (server keys, and
 //! `fnE…` token secrets that it mints itself in the layout of `docs/design.md` "Fauna over HTTP ›
 //! Token secrets"), the `arguments` in the request's format, the query text, the caller's
-//! privileges; then it runs the query as one serialised transaction and answers with the exact
+//! privileges; then it runs the query as one optimistic transaction (a snapshot, checked at
+//! its commit against what later commits wrote, run again on a conflict up to
+//! `X-Max-Contention-Retries` + 1 times, 5 by default, then 409) and answers with the exact
 //! response and error JSON of `docs/design.md` "Fauna over HTTP › Responses and errors", with
 //! values encoded as `docs/design.md` "Fauna over HTTP › Values" says. Time comes from an
 //! injected [`Clock`]; tokens expire at their `ttl`. [`FaunaDouble::inject`] makes the next
@@ -16,6 +18,9 @@
 //!
 //! A query is recognised by the SHA-256 of its exact text ([`KNOWN_QUERIES`]); any other text is
 //! answered with `invalid_query`, so the broker cannot drift from what this double implements.
+//! The schema's collections, roles and functions are recognised the same way
+//! ([`KNOWN_SCHEMA`]): the double does not start while `deploy/fauna/schema.fsl` holds an item
+//! it does not implement.
 //!
 //! The parts: `server` takes the HTTP requests and checks them in that order; `query` knows the
 //! texts; `txn` runs one as a transaction over `database` (accounts with their unique email,
@@ -24,12 +29,19 @@
 //!
 //! Where it deviates from real Fauna (not modelled):
 //! - FQL itself: only the known texts run, each implemented by hand from its source;
-//! - type checking: the database behaves as one created with `typechecked: false`, so bad
-//!   arguments give runtime errors and no response carries `static_type`; `X-Typecheck`,
-//!   `X-Linearized`, `X-Performance-Hints`, `X-Last-Txn-Ts` and `X-Max-Contention-Retries` are
-//!   validated and recorded, nothing more;
-//! - contention: requests are serialised, so there is none (and `contention_retries` is 0) unless
-//!   injected; the query timeout is never reached unless injected;
+//! - type checking: the database is typechecked, as one made from the typed schema, but the
+//!   double cannot check types. Without `X-Typecheck: false` it runs only the texts known to
+//!   pass the checker (the calls of the schema's functions) and answers the others
+//!   `invalid_query`, where the real checker might accept some; with it, bad arguments give
+//!   runtime errors. No response carries `static_type`;
+//! - `X-Linearized`, `X-Performance-Hints` and `X-Last-Txn-Ts` are validated and recorded,
+//!   nothing more: there is one node, so every read is already of the latest commit;
+//! - contention: a transaction's read set is the documents it read and the index terms it
+//!   looked up (an email, an account's tokens), at the granularity of a whole term; writes
+//!   that no one read never conflict. A transaction runs on the latest state, under one lock,
+//!   and takes its snapshot [`FaunaDouble::set_transaction_time`] before it; with no
+//!   transaction time (the default) snapshot and commit coincide and nothing conflicts, unless
+//!   a conflict is injected. The query timeout is never reached unless injected;
 //! - `BrokerPolicy` and `RotationAttempt` are modelled as the schema's functions use them (one
 //!   policy document, one attempt per rotated token, gone at that token's ttl), not as
 //!   collections any query could read;
@@ -48,6 +60,7 @@
 mod database;
 mod query;
 mod reply;
+mod schema;
 mod secret;
 mod server;
 #[cfg(test)]
@@ -71,6 +84,7 @@ use tokenbroker::model::clock::Clock;
 use tokio::task::JoinHandle;
 
 pub use query::{KNOWN_QUERIES, original_lambda};
+pub use schema::KNOWN_SCHEMA;
 
 use database::Db;
 use server::{Shared, accept_loop};
@@ -187,8 +201,10 @@ impl FaunaDouble {
     ///
     /// # Panics
     ///
-    /// If no loopback port can be bound.
+    /// If no loopback port can be bound, or if `deploy/fauna/schema.fsl` is not the schema the
+    /// double implements ([`KNOWN_SCHEMA`]).
     pub async fn start(clock: Arc<dyn Clock>) -> Self {
+        schema::verify().unwrap_or_else(|problem| panic!("{problem}"));
         let (listener, addr) = crate::loopback_listener().await;
         let schema_version = clock.now().0;
         let shared = Arc::new(Shared {
