@@ -8,7 +8,7 @@ use std::{net::SocketAddr, process::Stdio};
 use base64::Engine as _;
 use tokenbroker::app::settings::Settings;
 use tokenbroker_client::pb;
-use tokenbroker_tests::{TestBroker, claims_request, expose, require_tool};
+use tokenbroker_tests::{TestBroker, claims_request, expose, http, require_tool};
 use tokio::io::AsyncWriteExt as _;
 
 use crate::{
@@ -33,22 +33,17 @@ async fn web_broker(configure: impl FnOnce(&mut Settings)) -> TestBroker {
     .await
 }
 
-/// What curl printed: the status line's version and code, the headers, and the raw body.
+/// What curl printed: the status line and headers, and the raw body (binary for grpc-web).
 #[derive(Debug)]
 struct Answer {
-    version: String,
-    status: u16,
-    headers: Vec<(String, String)>,
+    head: http::Answer,
     body: Vec<u8>,
 }
 
 impl Answer {
     /// Returns the first value of header `name`, if present.
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.head.header(name)
     }
 
     /// The call's gRPC status: from the HTTP headers (a trailers-only answer, as errors come),
@@ -143,19 +138,8 @@ async fn try_curl(args: &[&str], body: &[u8]) -> Option<Answer> {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .expect("a header block");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.lines();
-    let mut status_line = lines.next().unwrap_or_default().split_whitespace();
-    let version = status_line.next().unwrap_or_default().to_owned();
-    let status = status_line.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let headers = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
     Some(Answer {
-        version,
-        status,
-        headers,
+        head: http::parse_answer(&String::from_utf8_lossy(&raw[..split])),
         body: raw[split + 4..].to_vec(),
     })
 }
@@ -210,7 +194,10 @@ async fn grpc_web_health_check_answers_over_http1() {
         &[],
     )
     .await;
-    assert_eq!((answer.version.as_str(), answer.status), ("HTTP/1.1", 200));
+    assert_eq!(
+        (answer.head.version.as_str(), answer.head.status),
+        ("HTTP/1.1", 200)
+    );
     assert_eq!(answer.header("content-type"), Some(WEB));
     assert_eq!(answer.grpc_status(false), "0", "{answer:?}");
     let health: tonic_health::pb::HealthCheckResponse = answer.message(false);
@@ -232,7 +219,7 @@ async fn token_broker_calls_work_in_grpc_web_and_grpc_web_text() {
         &["-H", &bearer(&broker.keys.trigger)],
     )
     .await;
-    assert_eq!(issue.status, 200, "{issue:?}");
+    assert_eq!(issue.head.status, 200, "{issue:?}");
     assert_eq!(issue.header("content-type"), Some(WEB_TEXT));
     assert_eq!(issue.grpc_status(true), "0", "{issue:?}");
     let issued: pb::IssueTokensResponse = issue.message(true);
@@ -259,7 +246,7 @@ async fn token_broker_calls_work_in_grpc_web_and_grpc_web_text() {
 
     // Without a key: UNAUTHENTICATED, as grpc-status in the HTTP headers (trailers-only).
     let refused = web_call(broker.addr, path, WEB, &introspect, &[]).await;
-    assert_eq!(refused.status, 200);
+    assert_eq!(refused.head.status, 200);
     assert_eq!(refused.grpc_status(false), "16", "{refused:?}");
     assert!(
         !String::from_utf8_lossy(&refused.body).contains(&access),
@@ -295,7 +282,7 @@ async fn cors_preflight_answers_allowed_origins_only() {
     };
 
     let allowed = preflight(APP_ORIGIN).await;
-    assert_eq!(allowed.status, 200, "{allowed:?}");
+    assert_eq!(allowed.head.status, 200, "{allowed:?}");
     assert_eq!(
         allowed.header("access-control-allow-origin"),
         Some(APP_ORIGIN)
@@ -466,7 +453,10 @@ async fn grpc_web_over_tls_offers_http1_in_alpn() {
     let answer = try_curl(&args, &frame(&request))
         .await
         .expect("a TLS answer over HTTP/1.1");
-    assert_eq!((answer.version.as_str(), answer.status), ("HTTP/1.1", 200));
+    assert_eq!(
+        (answer.head.version.as_str(), answer.head.status),
+        ("HTTP/1.1", 200)
+    );
     assert_eq!(answer.grpc_status(false), "0");
     // Native gRPC over TLS (ALPN h2) still works beside it.
     let pair = broker.issue("tls-web@example.com").await;

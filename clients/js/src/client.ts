@@ -83,9 +83,8 @@ export class TokenBrokerClient {
   readonly #health: Client<typeof Health>;
 
   /**
-   * Builds a client over `transport`, which must have been made with
-   * {@link transportInterceptors} of the same `options`; use {@link createNodeClient} or
-   * {@link createWebClient} instead.
+   * Builds a client over `transport`, which must carry the API-key interceptor of the same
+   * `options`; use `createNodeClient` or `createWebClient` instead.
    */
   constructor(options: ResolvedOptions, transport: Transport) {
     this.options = Object.freeze({ ...options });
@@ -167,7 +166,7 @@ export class TokenBrokerClient {
  * empty API key or one that cannot be an HTTP header value, or a deadline that is not a
  * positive number. The message never repeats the key.
  */
-export function resolveOptions(options: ClientOptions): ResolvedOptions {
+function resolveOptions(options: ClientOptions): ResolvedOptions {
   const invalid = (message: string) =>
     new TokenBrokerError(ErrorKind.InvalidArgument, Code.InvalidArgument, message);
   let url: URL;
@@ -190,15 +189,38 @@ export function resolveOptions(options: ClientOptions): ResolvedOptions {
   return { baseUrl: options.baseUrl, apiKey, timeoutMs };
 }
 
+/** What both Connect transport factories (gRPC and grpc-web) take from the client's options. */
+export interface TransportOptions {
+  baseUrl: string;
+  defaultTimeoutMs: number;
+  interceptors: Interceptor[];
+}
+
+/**
+ * Builds a client over the transport `makeTransport` makes: the factories' shared half. The
+ * options are checked first, so a bad one throws before any connection is set up.
+ *
+ * @throws {TokenBrokerError} `InvalidArgument` for bad options (see {@link resolveOptions}).
+ */
+export function clientOver(
+  options: ClientOptions,
+  makeTransport: (options: TransportOptions) => Transport,
+): TokenBrokerClient {
+  const resolved = resolveOptions(options);
+  const transport = makeTransport({
+    baseUrl: resolved.baseUrl,
+    defaultTimeoutMs: resolved.timeoutMs,
+    interceptors: transportInterceptors(resolved, options.interceptors),
+  });
+  return new TokenBrokerClient(resolved, transport);
+}
+
 /**
  * The interceptors every transport gets: the caller's own, then (outermost, so it runs first
  * and nothing later can drop it) the API key's, which sets `authorization: Bearer <key>`. The
  * key is read from the {@link Secret} only here, when a request is built.
  */
-export function transportInterceptors(
-  resolved: ResolvedOptions,
-  extra: Interceptor[] = [],
-): Interceptor[] {
+function transportInterceptors(resolved: ResolvedOptions, extra: Interceptor[] = []): Interceptor[] {
   const key = resolved.apiKey;
   if (key === undefined) {
     return extra;

@@ -4,27 +4,17 @@
  * which a browser bundle cannot.
  */
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import {
-  type ClientOptions,
-  TokenBrokerClient,
-  resolveOptions,
-  transportInterceptors,
-} from "./client.js";
+import { type ClientOptions, type TokenBrokerClient, clientOver } from "./client.js";
 
 /**
  * Returns a client that speaks gRPC over HTTP/2 to `options.baseUrl` (`https://` uses TLS with
  * Node's trusted CAs; `NODE_EXTRA_CA_CERTS` adds a private one).
  *
- * @throws {TokenBrokerError} `InvalidArgument` for bad options (see {@link resolveOptions}).
+ * @throws {TokenBrokerError} `InvalidArgument` for a base URL that is not `http(s)://…`, an
+ * empty API key or one that cannot be a header value, or a deadline that is not positive.
  */
 export function createNodeClient(options: ClientOptions): TokenBrokerClient {
-  const resolved = resolveOptions(options);
-  const transport = createGrpcTransport({
-    baseUrl: resolved.baseUrl,
-    defaultTimeoutMs: resolved.timeoutMs,
-    interceptors: transportInterceptors(resolved, options.interceptors),
-  });
-  return new TokenBrokerClient(resolved, transport);
+  return clientOver(options, createGrpcTransport);
 }
 
 export * from "./index.js";

@@ -4,30 +4,19 @@
  * and for a browser page its origin in `server.cors.allowed_origins` (`docs/configuration.md`).
  */
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
-import {
-  type ClientOptions,
-  TokenBrokerClient,
-  resolveOptions,
-  transportInterceptors,
-} from "./client.js";
+import { type ClientOptions, type TokenBrokerClient, clientOver } from "./client.js";
 
 /**
  * Returns a client that speaks grpc-web (binary) to `options.baseUrl`.
  *
- * The requests carry no cookies (`fetch`'s default `credentials: "same-origin"` for another
+ * The requests carry no cookies (`fetch`'s default `credentials: "same-origin"`, for another
  * origin): the broker reads its credential from the `authorization` header only, and its CORS
  * answer does not allow credentialed requests.
  *
- * @throws {TokenBrokerError} `InvalidArgument` for bad options (see {@link resolveOptions}).
+ * @throws {TokenBrokerError} `InvalidArgument` for bad options, as `createNodeClient`.
  */
 export function createWebClient(options: ClientOptions): TokenBrokerClient {
-  const resolved = resolveOptions(options);
-  const transport = createGrpcWebTransport({
-    baseUrl: resolved.baseUrl,
-    defaultTimeoutMs: resolved.timeoutMs,
-    interceptors: transportInterceptors(resolved, options.interceptors),
-  });
-  return new TokenBrokerClient(resolved, transport);
+  return clientOver(options, createGrpcWebTransport);
 }
 
 export * from "./index.js";
