@@ -1,7 +1,7 @@
 //! grpc-web on the gRPC listener (`server.grpc_web`), with real curl over HTTP/1.1: health and
 //! TokenBroker calls in grpc-web and grpc-web-text, the CORS answers for an allowed and a
-//! foreign origin, the same metrics and limits as native gRPC, HTTP/1.1 in TLS ALPN, and the
-//! listener refusing HTTP/1.1 when grpc-web is off (the default).
+//! foreign origin, the same metrics, limits and audit events as native gRPC, HTTP/1.1 in TLS
+//! ALPN, and the listener refusing HTTP/1.1 when grpc-web is off (the default).
 
 use std::{net::SocketAddr, process::Stdio};
 
@@ -461,4 +461,60 @@ async fn grpc_web_over_tls_offers_http1_in_alpn() {
     // Native gRPC over TLS (ALPN h2) still works beside it.
     let pair = broker.issue("tls-web@example.com").await;
     assert!(broker.is_active(&pair.access.secret).await);
+}
+
+#[tokio::test]
+async fn grpc_web_calls_are_audited_like_native_ones() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let path = dir.path().join("audit.log");
+    let broker = crate::audit::audited_broker(&path, |s| {
+        s.server.grpc_web = true;
+    })
+    .await;
+    let issue = web_call(
+        broker.addr,
+        "/tokenbroker.v1.TokenBroker/IssueTokens",
+        WEB,
+        &claims_request("audited-web@example.com", "web"),
+        &["-H", &bearer(&broker.keys.trigger)],
+    )
+    .await;
+    assert_eq!(issue.grpc_status(false), "0", "{issue:?}");
+    let issued: pb::IssueTokensResponse = issue.message(false);
+    let revoke = pb::RevokeRequest {
+        target: Some(pb::revoke_request::Target::FamilyId(
+            issued.family_id.clone(),
+        )),
+        ..Default::default()
+    };
+    let revoked = web_call(
+        broker.addr,
+        "/tokenbroker.v1.TokenBroker/Revoke",
+        WEB,
+        &revoke,
+        &["-H", &bearer(&broker.keys.admin)],
+    )
+    .await;
+    assert_eq!(revoked.grpc_status(false), "0", "{revoked:?}");
+    broker.stop().await.expect("a clean stop");
+
+    let events = crate::audit::read_events(&path);
+    let response = |name: &str| {
+        events
+            .iter()
+            .find(|e| e["event"] == name && e["phase"] == "response")
+            .unwrap_or_else(|| panic!("no {name} response in {events:?}"))
+    };
+    let issued_event = response("issue");
+    assert_eq!(issued_event["outcome"], "ok");
+    assert_eq!(issued_event["family_id"], issued.family_id.as_str());
+    let revoked_event = response("revoke");
+    assert_eq!(revoked_event["outcome"], "ok");
+    let secret = issued.access.expect("an access token").secret;
+    assert!(
+        !std::fs::read_to_string(&path)
+            .expect("the audit file")
+            .contains(&secret),
+        "a secret in the audit log"
+    );
 }
