@@ -322,9 +322,11 @@ impl Application {
         let limits = &self.server;
         let keepalive = |seconds| Some(Duration::from_secs(seconds));
         let meta_limit = InFlightLimit::new(limits.max_concurrent_health_and_reflection);
+        // Outside every service, so a grpc-web call becomes a native one before it is traced,
+        // metered, limited and audited (see `grpc::web`); no-ops while grpc-web is off.
+        let (cors, grpc_web) = crate::grpc::web::layers(limits.grpc_web.then_some(&limits.cors));
         // tonic leaves hyper's stream limit and its count of locally reset streams unset
         // unless told, so every HTTP/2 limit is set here, explicitly.
-        let (cors, grpc_web) = crate::grpc::web::layers(limits.grpc_web, &limits.cors);
         let router = Server::builder()
             // HTTP/1.1 only for grpc-web: without it the listener speaks HTTP/2 alone. hyper
             // then holds HTTP/1.1 requests to a 30 s header read timeout (tonic sets its timer).

@@ -150,11 +150,11 @@ pub type CorsOuter = Either<CorsLayer, tower::layer::util::Identity>;
 pub type GrpcWebInner = Either<GrpcWebLayer, tower::layer::util::Identity>;
 
 /// The layers the listener's router gets: `(cors, grpc_web)`, to be applied in that order
-/// (the first outermost). Both are no-ops when `grpc_web` is false.
-pub fn layers(grpc_web: bool, cors: &CorsSettings) -> (CorsOuter, GrpcWebInner) {
-    if !grpc_web {
+/// (the first outermost). `cors` is `Some` when grpc-web is on; with `None` both are no-ops.
+pub fn layers(cors: Option<&CorsSettings>) -> (CorsOuter, GrpcWebInner) {
+    let Some(cors) = cors else {
         return (option_layer(None), option_layer(None));
-    }
+    };
     (
         option_layer(cors_layer(cors)),
         option_layer(Some(GrpcWebLayer::new())),
