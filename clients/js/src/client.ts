@@ -41,9 +41,12 @@ export interface ClientOptions {
    * wrapped in a {@link Secret} at once.
    */
   apiKey?: string | Secret;
-  /** Deadline of each call, in milliseconds (sent as `grpc-timeout`); {@link DEFAULT_TIMEOUT_MS} if unset. */
+  /** Each call's deadline in milliseconds (sent as `grpc-timeout`); 5 s when unset. */
   timeoutMs?: number;
-  /** More Connect interceptors, run inside the API-key one (tracing headers and the like). */
+  /**
+   * More Connect interceptors (tracing headers and the like). They run before the API key is
+   * set, so they never see it.
+   */
   interceptors?: Interceptor[];
 }
 
@@ -216,9 +219,10 @@ export function clientOver(
 }
 
 /**
- * The interceptors every transport gets: the caller's own, then (outermost, so it runs first
- * and nothing later can drop it) the API key's, which sets `authorization: Bearer <key>`. The
- * key is read from the {@link Secret} only here, when a request is built.
+ * The interceptors every transport gets: the caller's own, then, innermost (Connect runs the
+ * first of the list outermost), the API key's, which sets `authorization: Bearer <key>` just
+ * before the request is sent. So no caller interceptor can drop the header, and none sees the
+ * key (one that logs headers logs no secret). The key is read from the {@link Secret} only here.
  */
 function transportInterceptors(resolved: ResolvedOptions, extra: Interceptor[] = []): Interceptor[] {
   const key = resolved.apiKey;
@@ -229,7 +233,7 @@ function transportInterceptors(resolved: ResolvedOptions, extra: Interceptor[] =
     req.header.set("authorization", `Bearer ${key.expose()}`);
     return next(req);
   };
-  return [bearer, ...extra];
+  return [...extra, bearer];
 }
 
 /** Runs one call and turns its failure into a {@link TokenBrokerError}. */

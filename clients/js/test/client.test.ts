@@ -161,6 +161,24 @@ describe.each(transports)("%s client", (name, create) => {
     );
   });
 
+  test("a caller's interceptor runs on every call but never sees the key", async () => {
+    const seen: (string | null)[] = [];
+    const client = create({
+      baseUrl: broker.baseUrl,
+      apiKey: broker.keys.service,
+      interceptors: [
+        (next) => (req) => {
+          seen.push(req.header.get("authorization"));
+          req.header.set("authorization", "Bearer tbk_overwritten");
+          return next(req);
+        },
+      ],
+    });
+    // The call is authenticated with the client's key all the same.
+    expect((await client.introspect({ token: "x" })).active).toBe(false);
+    expect(seen).toEqual([null]);
+  });
+
   test("INVALID_ARGUMENT: a bad email", async () => {
     const err = await failure(as(broker.keys.trigger).issueTokens(claims("not-an-email")));
     expect(err.kind).toBe(ErrorKind.InvalidArgument);
