@@ -96,9 +96,14 @@ export async function startBroker(): Promise<Broker> {
   ].join("\n");
   const configPath = join(dir, "tokenbroker.toml");
   writeFileSync(configPath, config);
+  // Without the caller's TOKENBROKER_* variables: the broker reads every one as a setting
+  // override (TOKENBROKER_BIN itself would be an unknown setting `bin`).
+  const env = Object.fromEntries(
+    Object.entries(process.env).filter(([name]) => !name.startsWith("TOKENBROKER_")),
+  );
   const child = spawn(binary, ["--config", configPath], {
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, RUST_LOG: "warn", TOKENBROKER_CONFIG: undefined },
+    env: { ...env, RUST_LOG: "warn" },
   });
   let stderr = "";
   child.stderr?.on("data", (chunk: Buffer) => {
