@@ -81,9 +81,10 @@ export class TokenBrokerError extends Error {
  * The code decides the class, as in the Rust client. Two cases need more than the code:
  * - A failure on this side before any answer (connection refused, reset, DNS) reaches Connect
  *   as a thrown `TypeError` or system error; the gRPC transport reports it as `UNAVAILABLE`,
- *   but the grpc-web transport (fetch) as `UNKNOWN`. An `UNKNOWN` or `CANCELED` error with a
- *   cause and without any response metadata was made here, not sent by the broker: it is
- *   `Unavailable`, "cannot reach the broker", like the Rust client's transport errors.
+ *   but the grpc-web transport (fetch) as `UNKNOWN`. An `UNKNOWN` or `CANCELED` error caused
+ *   by a network failure and without any response metadata was made here, not sent by the
+ *   broker: it is `Unavailable`, "cannot reach the broker", like the Rust client's transport
+ *   errors.
  * - The client's own deadline firing is `DEADLINE_EXCEEDED` in both transports already.
  */
 export function toTokenBrokerError(reason: unknown): TokenBrokerError {
@@ -91,8 +92,8 @@ export function toTokenBrokerError(reason: unknown): TokenBrokerError {
     return reason;
   }
   const err = ConnectError.from(reason);
-  const local = [...err.metadata.keys()].length === 0 && err.cause !== undefined;
-  if ((err.code === Code.Unknown || err.code === Code.Canceled) && local && !isAbort(err.cause)) {
+  const answered = [...err.metadata.keys()].length > 0;
+  if ((err.code === Code.Unknown || err.code === Code.Canceled) && !answered && isNetwork(err.cause)) {
     return new TokenBrokerError(
       ErrorKind.Unavailable,
       Code.Unavailable,
@@ -137,9 +138,18 @@ function retryDelayMs(err: ConnectError): number | undefined {
   return Number(delay.seconds) * 1000 + Math.floor(delay.nanos / 1_000_000);
 }
 
-/** Whether `cause` is the caller's own abort (an `AbortSignal`), which stays `CANCELED`. */
-function isAbort(cause: unknown): boolean {
-  return cause instanceof Error && cause.name === "AbortError";
+/**
+ * Whether `cause` is a network failure: what `fetch` throws when no response came (a
+ * `TypeError`, by the Fetch standard), or a Node system error (`ECONNREFUSED`, `ECONNRESET`,
+ * `ENOTFOUND`, ...). A caller's abort (`AbortError`) and an exception thrown by the caller's
+ * own interceptor are neither, and keep their code.
+ */
+function isNetwork(cause: unknown): boolean {
+  if (cause instanceof TypeError) {
+    return true;
+  }
+  const code = (cause as { code?: unknown } | undefined)?.code;
+  return typeof code === "string" && /^E[A-Z]+$/.test(code);
 }
 
 /**
