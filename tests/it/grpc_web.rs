@@ -179,6 +179,28 @@ async fn web_call(
     try_curl(&args, &body).await.expect("curl gets an answer")
 }
 
+/// IssueTokens over grpc-web in `content_type` (binary or text), as the trigger, for `email`
+/// on app client `web`; checks the answer is a success in that same encoding.
+async fn web_issue(
+    broker: &TestBroker,
+    email: &str,
+    content_type: &str,
+) -> pb::IssueTokensResponse {
+    let answer = web_call(
+        broker.addr,
+        "/tokenbroker.v1.TokenBroker/IssueTokens",
+        content_type,
+        &claims_request(email, "web"),
+        &["-H", &bearer(&broker.keys.trigger)],
+    )
+    .await;
+    let text = content_type == WEB_TEXT;
+    assert_eq!(answer.head.status, 200, "{answer:?}");
+    assert_eq!(answer.header("content-type"), Some(content_type));
+    assert_eq!(answer.grpc_status(text), "0", "{answer:?}");
+    answer.message(text)
+}
+
 fn bearer(key: &secrecy::SecretString) -> String {
     format!("authorization: Bearer {}", expose(key))
 }
@@ -211,18 +233,7 @@ async fn grpc_web_health_check_answers_over_http1() {
 async fn token_broker_calls_work_in_grpc_web_and_grpc_web_text() {
     let broker = web_broker(|_| {}).await;
     // IssueTokens in grpc-web-text (base64), as a trigger.
-    let issue = web_call(
-        broker.addr,
-        "/tokenbroker.v1.TokenBroker/IssueTokens",
-        WEB_TEXT,
-        &claims_request("web@example.com", "web"),
-        &["-H", &bearer(&broker.keys.trigger)],
-    )
-    .await;
-    assert_eq!(issue.head.status, 200, "{issue:?}");
-    assert_eq!(issue.header("content-type"), Some(WEB_TEXT));
-    assert_eq!(issue.grpc_status(true), "0", "{issue:?}");
-    let issued: pb::IssueTokensResponse = issue.message(true);
+    let issued = web_issue(&broker, "web@example.com", WEB_TEXT).await;
     let access = issued.access.expect("an access token").secret;
 
     // Introspect in binary grpc-web, as a service: the same token is active.
@@ -471,16 +482,7 @@ async fn grpc_web_calls_are_audited_like_native_ones() {
         s.server.grpc_web = true;
     })
     .await;
-    let issue = web_call(
-        broker.addr,
-        "/tokenbroker.v1.TokenBroker/IssueTokens",
-        WEB,
-        &claims_request("audited-web@example.com", "web"),
-        &["-H", &bearer(&broker.keys.trigger)],
-    )
-    .await;
-    assert_eq!(issue.grpc_status(false), "0", "{issue:?}");
-    let issued: pb::IssueTokensResponse = issue.message(false);
+    let issued = web_issue(&broker, "audited-web@example.com", WEB).await;
     let revoke = pb::RevokeRequest {
         target: Some(pb::revoke_request::Target::FamilyId(
             issued.family_id.clone(),
