@@ -81,10 +81,10 @@ export class TokenBrokerError extends Error {
  * The code decides the class, as in the Rust client. Two cases need more than the code:
  * - A failure on this side before any answer (connection refused, reset, DNS) reaches Connect
  *   as a thrown `TypeError` or system error; the gRPC transport reports it as `UNAVAILABLE`,
- *   but the grpc-web transport (fetch) as `UNKNOWN`. An `UNKNOWN` or `CANCELED` error caused
- *   by a network failure and without any response metadata was made here, not sent by the
- *   broker: it is `Unavailable`, "cannot reach the broker", like the Rust client's transport
- *   errors.
+ *   but the grpc-web transport (fetch) as `UNKNOWN`, and a connection that breaks under a call
+ *   comes as `INTERNAL`, `ABORTED` or `CANCELED`. Such an error, caused by a network failure
+ *   and without any response metadata, was made here, not sent by the broker: it is
+ *   `Unavailable`, "cannot reach the broker", like the Rust client's transport errors.
  * - The client's own deadline firing is `DEADLINE_EXCEEDED` in both transports already.
  */
 export function toTokenBrokerError(reason: unknown): TokenBrokerError {
@@ -93,7 +93,7 @@ export function toTokenBrokerError(reason: unknown): TokenBrokerError {
   }
   const err = ConnectError.from(reason);
   const answered = [...err.metadata.keys()].length > 0;
-  if ((err.code === Code.Unknown || err.code === Code.Canceled) && !answered && isNetwork(err.cause)) {
+  if (LOCAL_CODES.includes(err.code) && !answered && isNetwork(err.cause)) {
     return new TokenBrokerError(
       ErrorKind.Unavailable,
       Code.Unavailable,
@@ -139,17 +139,46 @@ function retryDelayMs(err: ConnectError): number | undefined {
 }
 
 /**
- * Whether `cause` is a network failure: what `fetch` throws when no response came (a
- * `TypeError`, by the Fetch standard), or a Node system error (`ECONNREFUSED`, `ECONNRESET`,
- * `ENOTFOUND`, ...). A caller's abort (`AbortError`) and an exception thrown by the caller's
- * own interceptor are neither, and keep their code.
+ * The codes Connect gives a failure it caught on this side: fetch's `TypeError` is `UNKNOWN`;
+ * Node's HTTP/2 errors are `INTERNAL` (a session that went away), `ABORTED` (`ECONNRESET`) or
+ * `CANCELED`.
+ */
+const LOCAL_CODES: readonly Code[] = [Code.Unknown, Code.Canceled, Code.Internal, Code.Aborted];
+
+/**
+ * Node's errors for a connection that broke or went away under a call (besides the `E…` system
+ * errors): the broker closed it (GOAWAY on shutdown, or at `server.max_connection_age_seconds`)
+ * or it was reset.
+ */
+const CONNECTION_GONE = [
+  "ERR_HTTP2_GOAWAY_SESSION",
+  "ERR_HTTP2_INVALID_SESSION",
+  "ERR_HTTP2_SESSION_ERROR",
+  "ERR_HTTP2_STREAM_CANCEL",
+  "ERR_HTTP2_STREAM_ERROR",
+  "ERR_STREAM_PREMATURE_CLOSE",
+  "ERR_SOCKET_CLOSED",
+];
+
+/**
+ * Whether `cause`, or an error in its `cause` chain, is a network failure: what `fetch` throws
+ * when no response came (a `TypeError`, by the Fetch standard), a Node system error
+ * (`ECONNREFUSED`, `ECONNRESET`, `ENOTFOUND`, `EAI_AGAIN`, ...) or one of
+ * {@link CONNECTION_GONE}. A caller's abort (`AbortError`) and an exception thrown by the
+ * caller's own interceptor are none of these, and keep their code.
  */
 function isNetwork(cause: unknown): boolean {
-  if (cause instanceof TypeError) {
-    return true;
+  for (let next = cause, depth = 0; next instanceof Error && depth < 8; depth++) {
+    if (next instanceof TypeError) {
+      return true;
+    }
+    const code = (next as { code?: unknown }).code;
+    if (typeof code === "string" && (/^E[A-Z_]+$/.test(code) || CONNECTION_GONE.includes(code))) {
+      return true;
+    }
+    next = next.cause;
   }
-  const code = (cause as { code?: unknown } | undefined)?.code;
-  return typeof code === "string" && /^E[A-Z]+$/.test(code);
+  return false;
 }
 
 /**

@@ -218,10 +218,11 @@ describe.each(transports)("%s client", (name, create) => {
     const client = create({ baseUrl: stopped.baseUrl, apiKey: stopped.keys.service });
     expect((await client.introspect({ token: "x" })).active).toBe(false);
     await stopped.stop();
+    // Refused, or (over HTTP/2, when the client has not yet seen the broker's GOAWAY) a
+    // session that went away: both are Unavailable.
     const gone = await failure(client.introspect({ token: "x" }));
-    expect(gone.kind).toBe(ErrorKind.Unavailable);
+    expect(gone.kind, gone.message).toBe(ErrorKind.Unavailable);
     expect(gone.code).toBe(Code.Unavailable);
-    expect(gone.message).toMatch(/ECONNREFUSED/);
 
     // A port that was just free: nothing listens, the connection is refused.
     const never = create({ baseUrl: `http://127.0.0.1:${await closedPort()}`, apiKey: broker.keys.service });

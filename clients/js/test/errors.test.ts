@@ -62,7 +62,14 @@ test("a failure before any answer is Unavailable, a caller's abort is not", () =
   expect(bug).toBeInstanceOf(TokenBrokerError);
   expect(bug.kind).toBe(ErrorKind.Internal);
 
+  // What connect-node makes of a connection reset (ABORTED) and of a session the broker closed
+  // with GOAWAY (INTERNAL), as in its connectErrorFromNodeReason.
   const reset = Object.assign(new Error("read ECONNRESET"), { code: "ECONNRESET" });
-  const dropped = toTokenBrokerError(caught(reset, Code.Unknown));
-  expect(dropped.kind).toBe(ErrorKind.Unavailable);
+  expect(toTokenBrokerError(caught(reset, Code.Aborted)).kind).toBe(ErrorKind.Unavailable);
+  const goaway = Object.assign(new Error("New streams cannot be created after receiving a GOAWAY"), {
+    code: "ERR_HTTP2_GOAWAY_SESSION",
+  });
+  expect(toTokenBrokerError(caught(goaway, Code.Internal)).kind).toBe(ErrorKind.Unavailable);
+  // An INTERNAL the broker sent stays Internal.
+  expect(toTokenBrokerError(answered(Code.Internal)).kind).toBe(ErrorKind.Internal);
 });
