@@ -35,7 +35,7 @@ export interface Broker {
   /** `http://127.0.0.1:PORT`. */
   baseUrl: string;
   keys: Keys;
-  /** Sends SIGTERM and waits for the process to exit; removes its directory. */
+  /** Sends the broker SIGTERM and waits for it to exit; removes its directory. */
   stop(): Promise<void>;
 }
 
@@ -50,6 +50,19 @@ export function brokerBinary(): string {
   }
   return path;
 }
+
+/**
+ * Runs the broker (`$0 "$@"`) under a small shell that also stops it when its stdin closes:
+ * `stop()` closes it, and so does the end of the test process, however it ends (vitest ends its
+ * workers with a signal, and a test that throws before its `stop()` would otherwise leave a
+ * broker running after the tests; seen once). The shell exits when the broker does, with its
+ * status. (A background job's stdin is /dev/null, hence the copy of it as fd 3.)
+ */
+const SUPERVISE = `exec 3<&0
+"$0" "$@" <&- & pid=$!
+{ cat <&3 >/dev/null; kill -TERM "$pid" 2>/dev/null; } &
+exec 3<&-
+wait "$pid"`;
 
 /** Makes an API key with `gen-key`: the key, and its `[[api_keys]]` entry. */
 function genKey(binary: string, name: string, role: string): { key: string; entry: string } {
@@ -101,15 +114,22 @@ export async function startBroker(): Promise<Broker> {
   const env = Object.fromEntries(
     Object.entries(process.env).filter(([name]) => !name.startsWith("TOKENBROKER_")),
   );
-  const child = spawn(binary, ["--config", configPath], {
-    stdio: ["ignore", "pipe", "pipe"],
+  const child = spawn("sh", ["-c", SUPERVISE, binary, "--config", configPath], {
+    stdio: ["pipe", "pipe", "pipe"],
     env: { ...env, RUST_LOG: "warn" },
   });
   let stderr = "";
   child.stderr?.on("data", (chunk: Buffer) => {
     stderr = (stderr + chunk.toString()).slice(-4000);
   });
-  const address = await listeningAddress(child, () => stderr);
+  let address: string;
+  try {
+    address = await listeningAddress(child, () => stderr);
+  } catch (err) {
+    child.stdin?.end();
+    rmSync(dir, { recursive: true, force: true });
+    throw err;
+  }
   const keys: Keys = {
     admin: made.admin.key,
     trigger: made.trigger.key,
@@ -131,7 +151,7 @@ function listeningAddress(child: ChildProcess, stderr: () => string): Promise<st
   return new Promise((resolve, reject) => {
     const lines = createInterface({ input: child.stdout! });
     const timer = setTimeout(() => {
-      child.kill("SIGKILL");
+      child.stdin?.end();
       reject(new Error(`the broker did not listen within 30 s: ${stderr()}`));
     }, 30_000);
     lines.on("line", (line) => {
@@ -148,17 +168,18 @@ function listeningAddress(child: ChildProcess, stderr: () => string): Promise<st
   });
 }
 
-/** SIGTERM, then wait for the exit (SIGKILL after 10 s). */
+/** Closes the supervisor's stdin (a SIGTERM to the broker), then waits for the exit. */
 function terminate(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) {
     return Promise.resolve();
   }
   return new Promise((resolve) => {
+    // The broker drains for at most shutdown_grace_seconds (2 s); past 10 s something is wrong.
     const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
     child.once("exit", () => {
       clearTimeout(timer);
       resolve();
     });
-    child.kill("SIGTERM");
+    child.stdin?.end();
   });
 }

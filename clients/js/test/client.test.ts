@@ -249,8 +249,11 @@ describe.each(transports)("%s client", (name, create) => {
   test("UNAVAILABLE: a stopped broker, and a port nothing listens on", async () => {
     const stopped = await startBroker();
     const client = create({ baseUrl: stopped.baseUrl, apiKey: stopped.keys.service });
-    expect((await client.introspect({ token: "x" })).active).toBe(false);
-    await stopped.stop();
+    try {
+      expect((await client.introspect({ token: "x" })).active).toBe(false);
+    } finally {
+      await stopped.stop();
+    }
     // Refused, or (over HTTP/2, when the client has not yet seen the broker's GOAWAY) a
     // session that went away: both are Unavailable.
     const gone = await failure(client.introspect({ token: "x" }));
