@@ -53,10 +53,11 @@ export function brokerBinary(): string {
 
 /**
  * Runs the broker (`$0 "$@"`) under a small shell that also stops it when its stdin closes:
- * `stop()` closes it, and so does the end of the test process, however it ends (vitest ends its
- * workers with a signal, and a test that throws before its `stop()` would otherwise leave a
- * broker running after the tests; seen once). The shell exits when the broker does, with its
- * status. (A background job's stdin is /dev/null, hence the copy of it as fd 3.)
+ * `stop()` closes it, and so does the end of the test process, however it ends. A test that
+ * throws before its `stop()` would otherwise leave a broker running after the tests (seen
+ * once), and a `process.on("exit")` hook does not run when vitest ends a worker. The shell
+ * exits when the broker does, with its status. (A background job's stdin is /dev/null, hence
+ * the copy of it as fd 3.)
  */
 const SUPERVISE = `exec 3<&0
 "$0" "$@" <&- & pid=$!
