@@ -11,6 +11,7 @@ mod dev_mode;
 mod durability;
 mod fauna;
 mod flood;
+mod grpc_web;
 mod grpcurl;
 mod h2_limits;
 mod http;

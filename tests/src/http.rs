@@ -80,7 +80,9 @@ pub async fn curl(args: &[&str]) -> Answer {
     parse_answer(&String::from_utf8_lossy(&output.stdout))
 }
 
-fn parse_answer(text: &str) -> Answer {
+/// Parses what `curl -D -` printed: the status line, the headers, and the rest as the body
+/// (empty when `text` is only a header block).
+pub fn parse_answer(text: &str) -> Answer {
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
     let mut lines = head.lines();
     let status_line = lines.next().unwrap_or_default();

@@ -14,6 +14,7 @@ use crate::store::StoreBackend;
 use crate::{
     domain::admission::LimitSettings,
     domain::{TokenSettings, audit::AuditSettings},
+    grpc::web::CorsSettings,
     http::settings::HttpSettings,
     identity::{
         Authenticator,
@@ -147,6 +148,11 @@ pub struct ServerSettings {
     /// The most health and reflection calls in flight at once (TokenBroker calls have
     /// `limits.max_concurrent_requests`); one over it is refused with RESOURCE_EXHAUSTED.
     pub max_concurrent_health_and_reflection: usize,
+    /// Serve grpc-web and grpc-web-text (browsers) beside native gRPC on this listener, which
+    /// then accepts HTTP/1.1 too (and offers it in TLS ALPN). Off by default.
+    pub grpc_web: bool,
+    /// `[server.cors]`: the web origins whose pages may call over grpc-web.
+    pub cors: CorsSettings,
 }
 
 impl Default for ServerSettings {
@@ -169,6 +175,8 @@ impl Default for ServerSettings {
             tcp_keepalive_seconds: 60,
             max_connection_age_seconds: 3600,
             max_concurrent_health_and_reflection: 64,
+            grpc_web: false,
+            cors: CorsSettings::default(),
         }
     }
 }
@@ -226,7 +234,7 @@ impl ServerSettings {
                 )));
             }
         }
-        Ok(())
+        self.cors.validate(self.grpc_web)
     }
 }
 

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::{
     listener::{ConnectionLimits, ListenerMetrics, plain_incoming},
     settings::{ServerSettings, Settings},
-    tls::{HTTP_ALPN, TlsServer},
+    tls::{GRPC_ALPN, HTTP_ALPN, TlsServer},
 };
 use crate::{
     domain::{
@@ -104,11 +104,17 @@ impl Application {
             .with_cert_callers(&settings.cert_callers)
             .map_err(anyhow::Error::msg)
             .context("invalid cert_callers")?;
+        // With grpc-web on, browsers reach this listener over HTTP/1.1 as well as HTTP/2.
+        let grpc_alpn = if settings.server.grpc_web {
+            HTTP_ALPN
+        } else {
+            GRPC_ALPN
+        };
         let tls = settings
             .server
             .tls
             .as_ref()
-            .map(TlsServer::load)
+            .map(|tls| TlsServer::load_with_alpn(tls, grpc_alpn))
             .transpose()
             .context("invalid server.tls")?;
         let cognito = if settings.cognito.is_enabled() {
@@ -316,9 +322,17 @@ impl Application {
         let limits = &self.server;
         let keepalive = |seconds| Some(Duration::from_secs(seconds));
         let meta_limit = InFlightLimit::new(limits.max_concurrent_health_and_reflection);
+        // Outside every service, so a grpc-web call becomes a native one before it is traced,
+        // metered, limited and audited (see `grpc::web`); no-ops while grpc-web is off.
+        let (cors, grpc_web) = crate::grpc::web::layers(limits.grpc_web.then_some(&limits.cors));
         // tonic leaves hyper's stream limit and its count of locally reset streams unset
         // unless told, so every HTTP/2 limit is set here, explicitly.
         let router = Server::builder()
+            // HTTP/1.1 only for grpc-web: without it the listener speaks HTTP/2 alone. hyper
+            // then holds HTTP/1.1 requests to a 30 s header read timeout (tonic sets its timer).
+            .accept_http1(limits.grpc_web)
+            .layer(cors)
+            .layer(grpc_web)
             .max_concurrent_streams(limits.max_concurrent_streams)
             .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))
             .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
@@ -419,6 +433,7 @@ impl Application {
         info!(
             address = %self.local_addr,
             tls = self.tls.is_some(),
+            grpc_web = limits.grpc_web,
             client_auth = ?self.tls.as_ref().and_then(TlsServer::client_auth),
             "tokenbroker serving"
         );

@@ -7,6 +7,7 @@
 
 pub mod metered;
 mod trace;
+pub mod web;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
