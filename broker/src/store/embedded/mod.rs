@@ -53,9 +53,10 @@ mod tests;
 mod writer;
 
 use schema::migrate;
+pub(in crate::store) use sql::TokenRow;
 use sql::{
-    FreshPair, PairRow, RotationResult, TOKEN_COLUMN_COUNT, TOKEN_COLUMNS, TokenRow, active,
-    insert_pair, load_token, revoke_family, revoke_token, rotate, upsert_account,
+    FreshPair, PairRow, RotationResult, TOKEN_COLUMN_COUNT, TOKEN_COLUMNS, active, insert_pair,
+    load_token, revoke_family, revoke_token, rotate, upsert_account,
 };
 use writer::{Checkpointer, Job, Op, Writer, open_writer};
 
