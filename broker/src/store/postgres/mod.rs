@@ -192,6 +192,9 @@ impl PostgresStore {
                     debug!(attempt, error = %err, "schema migration raced another broker");
                     tokio::time::sleep(backoff(attempt)).await;
                 }
+                Err(failure @ Failure::Pool(_)) => {
+                    return Err(failure.into_error("cannot connect to postgres"));
+                }
                 Err(failure) => {
                     return Err(failure.into_error("the postgres schema migration failed"));
                 }
