@@ -351,23 +351,8 @@ impl TokenStore for EmbeddedStore {
             return Ok(None);
         };
         self.read(|conn, now| {
-            let Some(row) = load_token(conn, &parsed.id)? else {
-                return Ok(None);
-            };
-            if !row.matches(&parsed.digest) || row.state(now) != TokenState::Active {
-                return Ok(None);
-            }
-            Ok(Some(TokenInfo {
-                id: parsed.id.clone(),
-                kind: row.kind,
-                account_id: row.account_id,
-                email: Email::from_stored(row.email),
-                cognito_sub: row.cognito_sub,
-                family_id: row.family_id,
-                client_id: row.client_id,
-                issued_at: row.issued_at,
-                expires_at: row.expires_at,
-            }))
+            Ok(load_token(conn, &parsed.id)?
+                .and_then(|row| row.active_info(parsed.id.clone(), &parsed.digest, now)))
         })
     }
 

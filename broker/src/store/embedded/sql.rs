@@ -12,8 +12,8 @@ use tracing::{debug, warn};
 use crate::{
     model::secret::{self, SecretDigest},
     model::{
-        AccountId, FamilyId, Metadata, MintedPair, MintedToken, NewSession, Rotation, TokenId,
-        TokenKind, TokenRecord, TokenState, UnixMicros,
+        AccountId, Email, FamilyId, Metadata, MintedPair, MintedToken, NewSession, Rotation,
+        TokenId, TokenInfo, TokenKind, TokenRecord, TokenState, UnixMicros,
     },
 };
 
@@ -89,6 +89,29 @@ impl TokenRow {
     /// Whether `digest` is this token's secret digest, compared in constant time.
     pub(in crate::store) fn matches(&self, digest: &SecretDigest) -> bool {
         self.digest.as_slice().ct_eq(digest.as_slice()).into()
+    }
+
+    /// The token's facts if it is the active token whose secret has `digest`.
+    pub(in crate::store) fn active_info(
+        self,
+        id: TokenId,
+        digest: &SecretDigest,
+        now: UnixMicros,
+    ) -> Option<TokenInfo> {
+        if !self.matches(digest) || self.state(now) != TokenState::Active {
+            return None;
+        }
+        Some(TokenInfo {
+            id,
+            kind: self.kind,
+            account_id: self.account_id,
+            email: Email::from_stored(self.email),
+            cognito_sub: self.cognito_sub,
+            family_id: self.family_id,
+            client_id: self.client_id,
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+        })
     }
 
     pub(in crate::store) fn state(&self, now: UnixMicros) -> TokenState {

@@ -25,6 +25,11 @@
 //! and revocation compare it in SQL, where the timing would reveal at most a prefix of the
 //! stored digest, which gives no way to a secret that hashes to it.
 //!
+//! `may_hold` keeps the trait's default (yes): answering it would cost refresh and revocation
+//! a second round trip. A forged secret therefore reaches the statement, which changes nothing
+//! and answers "inactive", and the broker writes its audit line as for any presented secret
+//! (anonymous calls are rate-limited per client network).
+//!
 //! Time comes from the broker's clock (a [`MonotonicClock`] per process), not the database's:
 //! the same times the embedded store uses, and the tests move them by hand. Replicas whose
 //! clocks disagree by a few milliseconds disagree by as much on expiry, as any JWT verifier
@@ -62,10 +67,9 @@ use super::{
 use crate::model::{
     AccountId, ClientCheck, Email, FamilyId, MintedPair, MintedToken, NewSession, PageRequest,
     RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo, TokenKind,
-    TokenPage, TokenState, UnixMicros,
+    TokenPage, UnixMicros,
     clock::{Clock, MonotonicClock},
-    deadline, random_hex,
-    secret::{self, ParsedSecret},
+    deadline, random_hex, secret,
 };
 
 /// The PostgreSQL store. See the module documentation.
@@ -101,6 +105,8 @@ enum Failure {
     Db(tokio_postgres::Error),
     /// The database's schema is this version, newer than the broker knows.
     Newer(usize),
+    /// The connection runs at this isolation level instead of serializable.
+    Isolation(String),
 }
 
 impl PostgresStore {
@@ -212,6 +218,16 @@ impl PostgresStore {
             ))
             .await
             .map_err(Failure::Db)?;
+        // A pooler in front of the server may drop the startup options that ask for
+        // serializable; the statements are not safe without it, so the broker refuses to start.
+        let isolation: String = client
+            .query_one("SHOW transaction_isolation", &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(Failure::Db)?;
+        if isolation != "serializable" {
+            return Err(Failure::Isolation(isolation));
+        }
         let tx = client.transaction().await.map_err(Failure::Db)?;
         let version: Option<i32> = tx
             .query_one(
@@ -470,8 +486,8 @@ impl TokenStore for PostgresStore {
         let Some(row) = rows.first() else {
             return Ok(None);
         };
-        let (_, row) = token_row(row)?;
-        Ok(active_info(&parsed, row, now))
+        let (id, row) = token_row(row)?;
+        Ok(row.active_info(id, &parsed.digest, now))
     }
 
     async fn revoke_secret(
@@ -576,24 +592,6 @@ impl TokenStore for PostgresStore {
     }
 }
 
-/// The token's facts if `row` is the active token that `parsed` names.
-fn active_info(parsed: &ParsedSecret, row: TokenRow, now: UnixMicros) -> Option<TokenInfo> {
-    if !row.matches(&parsed.digest) || row.state(now) != TokenState::Active {
-        return None;
-    }
-    Some(TokenInfo {
-        id: parsed.id.clone(),
-        kind: row.kind,
-        account_id: row.account_id,
-        email: Email::from_stored(row.email),
-        cognito_sub: row.cognito_sub,
-        family_id: row.family_id,
-        client_id: row.client_id,
-        issued_at: row.issued_at,
-        expires_at: row.expires_at,
-    })
-}
-
 /// Reads a row of `sql::token_columns!()`.
 fn token_row(row: &Row) -> StoreResult<(TokenId, TokenRow)> {
     let kind: String = get(row, 0)?;
@@ -668,7 +666,9 @@ impl Failure {
             Self::Pool(PoolError::Timeout(_)) => (StoreErrorKind::Unavailable, true),
             Self::Pool(PoolError::Backend(err)) | Self::Db(err) => classify(err),
             Self::Pool(PoolError::Closed) => (StoreErrorKind::Unavailable, false),
-            Self::Pool(_) | Self::Newer(_) => (StoreErrorKind::Internal, false),
+            Self::Pool(_) | Self::Newer(_) | Self::Isolation(_) => {
+                (StoreErrorKind::Internal, false)
+            }
         }
     }
 
@@ -691,6 +691,16 @@ impl Failure {
                 ),
                 None,
             ),
+            Self::Isolation(level) => StoreError::new(
+                StoreErrorKind::Internal,
+                format!(
+                    "postgres runs the broker's connections at {level}, not serializable (a \
+                     connection pooler may have dropped the startup option that asks for it); \
+                     connect to the server directly or set default_transaction_isolation = \
+                     serializable for the broker's role"
+                ),
+                None,
+            ),
         }
     }
 }
@@ -701,6 +711,7 @@ impl fmt::Display for Failure {
             Self::Pool(err) => write!(f, "{err}"),
             Self::Db(err) => write!(f, "{err}"),
             Self::Newer(version) => write!(f, "schema version {version} is newer"),
+            Self::Isolation(level) => write!(f, "isolation {level}"),
         }
     }
 }

@@ -16,7 +16,7 @@ use tokio::{
 
 use super::{testing::cluster, *};
 use crate::{
-    model::{Metadata, clock::ManualClock},
+    model::{Metadata, TokenState, clock::ManualClock},
     store::testsuite::{StoreHarness, store_test_suite},
 };
 
