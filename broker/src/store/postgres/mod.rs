@@ -94,7 +94,8 @@ impl fmt::Debug for PostgresStore {
 }
 
 /// How much earlier than the caller's deadline the server gives up on a statement, so that its
-/// cancellation (a Timeout the caller can tell from a lost server) arrives before the deadline.
+/// cancellation (a Timeout the caller can tell from a lost server) arrives before the deadline;
+/// at most half the time left, so a call near its deadline still gets a chance to run.
 const SERVER_MARGIN: Duration = Duration::from_millis(20);
 
 /// Why one attempt failed.
@@ -322,6 +323,7 @@ impl PostgresStore {
             .map_err(Failure::Db)?;
         let timeout_ms = left
             .saturating_sub(SERVER_MARGIN)
+            .max(left / 2)
             .as_millis()
             .clamp(1, i32::MAX as u128);
         let set_timeout = format!("SET statement_timeout = {timeout_ms}");
