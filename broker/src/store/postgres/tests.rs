@@ -1,6 +1,6 @@
 //! The PostgreSQL store's tests, on the real server of [`testing::cluster`]: the conformance
 //! suite, round trips per RPC counted on the wire, retries after an ambiguous commit, deadlines,
-//! lost connections, migrations and settings.
+//! lost connections, migrations, settings and a Unix socket.
 
 use std::{
     sync::{Arc, Mutex},
@@ -532,4 +532,13 @@ async fn settings_are_checked_and_never_show_the_password() {
         shown.contains("nobody"),
         "the server's reason is kept: {shown}"
     );
+}
+
+#[tokio::test]
+async fn a_unix_socket_directory_is_a_host() {
+    let mut settings = cluster().create_database().await;
+    settings.host = cluster().dir().display().to_string();
+    let store = open_store(&settings).await;
+    let pair = store.issue(session("eve@example.com")).await.unwrap();
+    assert!(store.introspect(&pair.access.secret).await.unwrap().is_some());
 }
