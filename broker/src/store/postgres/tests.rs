@@ -540,5 +540,11 @@ async fn a_unix_socket_directory_is_a_host() {
     settings.host = cluster().dir().display().to_string();
     let store = open_store(&settings).await;
     let pair = store.issue(session("eve@example.com")).await.unwrap();
-    assert!(store.introspect(&pair.access.secret).await.unwrap().is_some());
+    assert!(
+        store
+            .introspect(&pair.access.secret)
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
