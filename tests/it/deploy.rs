@@ -227,15 +227,20 @@ fn check_k8s(dir: &str, extra_env: &[(&str, &str)]) -> (Value, BTreeMap<String, 
     (workload, env)
 }
 
+/// The broker's settings in a setup's ConfigMap.
+fn configmap_toml(docs: &[Value]) -> toml::Table {
+    of_kind(docs, &["ConfigMap"])["data"]["tokenbroker.toml"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn fauna_manifests_load_and_declare_the_autoscalers_maximum() {
     let docs = manifests("deploy/k8s/fauna");
     let pod = &of_kind(&docs, &["Deployment"])["spec"]["template"]["spec"];
-    let config: toml::Table = of_kind(&docs, &["ConfigMap"])["data"]["tokenbroker.toml"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let config = configmap_toml(&docs);
     assert_eq!(config["store"]["backend"].as_str(), Some("fauna"));
 
     // The key file named in the config is where the Secret is mounted.
@@ -330,11 +335,7 @@ fn postgres_manifests_take_the_password_from_the_secret_and_fit_max_connections(
     let docs = manifests("deploy/k8s/postgres");
     let workload = of_kind(&docs, &["Deployment"]);
     let pod = &workload["spec"]["template"]["spec"];
-    let config: toml::Table = of_kind(&docs, &["ConfigMap"])["data"]["tokenbroker.toml"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let config = configmap_toml(&docs);
     assert_eq!(config["store"]["backend"].as_str(), Some("postgres"));
     let postgres = &config["store"]["postgres"];
 
