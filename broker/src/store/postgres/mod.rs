@@ -2,7 +2,8 @@
 //! operators already run.
 //!
 //! tokio-postgres with a deadpool pool. Every operation is one prepared statement (`sql.rs`):
-//! issue, refresh, introspect and revoke by secret cost one round trip each, with the
+//! issue, refresh, introspect, revoke by secret and revoke by email cost one round trip each,
+//! with the
 //! statement's timeout set in the same flush (see `PostgresStore::attempt`). Prepared
 //! statements come from the pool's per-connection cache, so a connection parses each statement
 //! once.
@@ -547,6 +548,16 @@ impl TokenStore for PostgresStore {
             }
         };
         Ok(count(get(&row, 0)?))
+    }
+
+    async fn revoke_email(&self, email: &Email) -> StoreResult<Option<(AccountId, u64)>> {
+        let now = self.clock.stamp();
+        let row = self
+            .query_one(sql::REVOKE_EMAIL, &[&email.as_str(), &now.0])
+            .await?;
+        let account: Option<String> = get(&row, 1)?;
+        let revoked = count(get(&row, 0)?);
+        Ok(account.map(|id| (AccountId::from_stored(id), revoked)))
     }
 
     async fn account_by_email(&self, email: &Email) -> StoreResult<Option<AccountId>> {

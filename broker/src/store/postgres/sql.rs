@@ -289,22 +289,40 @@ pub(super) const REVOKE_FAMILY: &str = concat!(
 SELECT (SELECT count(*) FROM revoked) + (SELECT n FROM earlier)"
 );
 
-/// Revokes an account as a not-before watermark and counts the tokens it turned inactive:
-/// `$1` account, `$2` now. `greatest`: the watermark never moves back. (A retry after an
-/// ambiguous commit counts 0: the watermark left nothing active to count, and stamping every
-/// token of the account with the nonce would cost the write this statement avoids.)
-pub(super) const REVOKE_ACCOUNT: &str = concat!(
-    "WITH counted AS (
+/// Revokes the account that `target` names (a query for its `id`) as a not-before watermark
+/// and counts the tokens it turned inactive; `$2` now. Answers one row: the count and the
+/// account's id (NULL, with a count of 0, when no account matches). `greatest`: the watermark
+/// never moves back. (A retry after an ambiguous commit counts 0: the watermark left nothing
+/// active to count, and stamping every token of the account with the nonce would cost the
+/// write this statement avoids.)
+macro_rules! revoke_account {
+    ($target:literal) => {
+        concat!(
+            "WITH target AS (",
+            $target,
+            "), counted AS (
     SELECT count(*) AS n FROM tokens t JOIN accounts a ON a.id = t.account_id
-    WHERE t.account_id = $1::text AND ",
-    active!("t", "a", "$2::bigint"),
-    "
+    WHERE t.account_id = (SELECT id FROM target) AND ",
+            active!("t", "a", "$2::bigint"),
+            "
 ), moved AS (
-    UPDATE accounts SET not_before = greatest(not_before, $2::bigint) WHERE id = $1::text
+    UPDATE accounts SET not_before = greatest(not_before, $2::bigint)
+    WHERE id = (SELECT id FROM target)
     RETURNING 1
 )
-SELECT n FROM counted"
-);
+SELECT n, (SELECT id FROM target) FROM counted"
+        )
+    };
+}
+
+/// Revokes an account by id: `$1` account, `$2` now; see `revoke_account!`.
+pub(super) const REVOKE_ACCOUNT: &str =
+    revoke_account!("SELECT id FROM accounts WHERE id = $1::text");
+
+/// Finds the account of an email and revokes it, in one round trip: `$1` email, `$2` now; see
+/// `revoke_account!`.
+pub(super) const REVOKE_EMAIL: &str =
+    revoke_account!("SELECT id FROM accounts WHERE email = $1::text");
 
 /// The account of an email: `$1` email.
 pub(super) const ACCOUNT_BY_EMAIL: &str = "SELECT id FROM accounts WHERE email = $1::text";

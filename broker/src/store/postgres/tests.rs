@@ -69,9 +69,13 @@ async fn open_store(settings: &PostgresSettings) -> PostgresStore {
         .expect("the store opens")
 }
 
-fn session(email: &str) -> NewSession {
+fn email(address: &str) -> Email {
+    Email::parse(address).expect("test emails are valid")
+}
+
+fn session(address: &str) -> NewSession {
     NewSession {
-        email: Email::parse(email).expect("test emails are valid"),
+        email: email(address),
         known_account: None,
         cognito_sub: None,
         client_id: Some("app-1".into()),
@@ -220,7 +224,7 @@ async fn relay(mut client: TcpStream, mut server: TcpStream, wire: Arc<Mutex<Wir
 }
 
 #[tokio::test]
-async fn issue_refresh_introspect_and_revoke_by_secret_take_one_round_trip_each() {
+async fn issue_refresh_introspect_and_revocations_take_one_round_trip_each() {
     let mut settings = cluster().create_database().await;
     let proxy = CountingProxy::start(settings.port).await;
     settings.port = proxy.port;
@@ -239,6 +243,10 @@ async fn issue_refresh_introspect_and_revoke_by_secret_take_one_round_trip_each(
     store.introspect(&warm.access.secret).await.unwrap();
     store
         .revoke_secret(&warm.access.secret, &ClientCheck::Any)
+        .await
+        .unwrap();
+    store
+        .revoke_email(&email("warm@example.com"))
         .await
         .unwrap();
     proxy.take();
@@ -276,6 +284,34 @@ async fn issue_refresh_introspect_and_revoke_by_secret_take_one_round_trip_each(
     assert_eq!(proxy.take(), one, "revoke by secret");
     // The family: the first access token (a rotation leaves it active) and the new pair.
     assert_eq!(revoked, SecretRevocation::Revoked(3));
+
+    // Finding the account and revoking it is one statement too.
+    let again = store.issue(session("ann@example.com")).await.unwrap();
+    proxy.take();
+    let (account, revoked) = store
+        .revoke_email(&email("ann@example.com"))
+        .await
+        .unwrap()
+        .expect("the account exists");
+    assert_eq!(proxy.take(), one, "revoke by email");
+    assert_eq!(account, again.account_id);
+    assert_eq!(revoked, 2, "the new pair");
+    assert!(
+        store
+            .introspect(&again.access.secret)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    proxy.take();
+    assert_eq!(
+        store
+            .revoke_email(&email("nobody@example.com"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(proxy.take(), one, "revoke by an unknown email");
 }
 
 #[tokio::test]
