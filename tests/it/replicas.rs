@@ -235,6 +235,32 @@ async fn a_revocation_on_one_replica_is_seen_by_the_others_at_once() {
             ClientErrorKind::Unauthenticated
         );
     }
+    // A rotation remembered by replica A for its grace window is not handed out again once
+    // replica B revoked the session: A checks the successor with the store first.
+    let pair = replicas.trigger[a]
+        .issue_tokens(claims_request("grace@example.com", CLIENT))
+        .await
+        .unwrap();
+    let next = replicas.anonymous[a]
+        .refresh_tokens(refresh_request(&pair))
+        .await
+        .expect("RefreshTokens rotates");
+    replicas.admin[b]
+        .revoke(pb::RevokeRequest {
+            target: Some(pb::revoke_request::Target::FamilyId(next.family_id.clone())),
+            ..Default::default()
+        })
+        .await
+        .expect("Revoke acknowledged");
+    let replayed = replicas.anonymous[a]
+        .refresh_tokens(refresh_request(&pair))
+        .await;
+    assert_eq!(
+        replayed.map(|_| ()).expect_err("a revoked session").kind(),
+        ClientErrorKind::Unauthenticated
+    );
+    assert!(!is_active(&replicas.service[a], &next.access.secret).await);
+
     // The account survives: a sign-in after the revocation is active everywhere.
     let after = replicas.trigger[a]
         .issue_tokens(claims_request("rev@example.com", CLIENT))
