@@ -53,6 +53,9 @@ replicas = 3
 [server]
 request_timeout_seconds = 30
 
+[tokens]
+replay_key = "{replay_key}"
+
 [store]
 backend = "postgres"
 
@@ -92,6 +95,7 @@ sha256 = "{admin}"
             trigger = api_key_digest(&trigger_key),
             service = api_key_digest(&service_key),
             admin = api_key_digest(&admin_key),
+            replay_key = generate_replay_key(),
         );
         let path = dir.path().join("tokenbroker.toml");
         std::fs::write(&path, config).expect("config written");
@@ -133,6 +137,11 @@ sha256 = "{admin}"
             .expect("the count query runs")
             .get(0)
     }
+}
+
+/// A fresh `tokens.replay_key`: 32 random bytes in hex.
+fn generate_replay_key() -> String {
+    tokenbroker::model::random_hex() + &tokenbroker::model::random_hex()
 }
 
 fn with_key(client: &Client, key: &SecretString) -> Client {
@@ -178,6 +187,45 @@ async fn concurrent_first_sign_ins_of_one_email_over_three_replicas_make_one_acc
         1
     );
     assert_eq!(replicas.count("SELECT count(*) FROM tokens").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_the_same_idempotency_key_on_other_replicas_gets_the_same_pair() {
+    let replicas = Replicas::start().await;
+    let request = pb::IssueTokensRequest {
+        idempotency_key: "cognito-request-7".into(),
+        ..claims_request("retry@example.com", CLIENT)
+    };
+    let first = replicas.trigger[0]
+        .issue_tokens(request.clone())
+        .await
+        .expect("IssueTokens succeeds");
+    assert!(!first.replayed);
+    // Cognito retries: concurrently, on the other replicas.
+    let mut retries = JoinSet::new();
+    for i in 0..6 {
+        let (trigger, request) = (replicas.trigger[1 + i % 2].clone(), request.clone());
+        retries.spawn(async move { trigger.issue_tokens(request).await.expect("a replay") });
+    }
+    for retry in retries.join_all().await {
+        assert!(retry.replayed);
+        assert_eq!(retry.refresh.token_id, first.refresh.token_id);
+        assert_eq!(expose(&retry.access.secret), expose(&first.access.secret));
+        assert_eq!(expose(&retry.refresh.secret), expose(&first.refresh.secret));
+    }
+    assert_eq!(replicas.count("SELECT count(*) FROM tokens").await, 2);
+    assert_eq!(replicas.count("SELECT count(*) FROM replays").await, 1);
+
+    // A new key is a new sign-in, wherever it lands.
+    let other = replicas.trigger[2]
+        .issue_tokens(pb::IssueTokensRequest {
+            idempotency_key: "cognito-request-8".into(),
+            ..claims_request("retry@example.com", CLIENT)
+        })
+        .await
+        .unwrap();
+    assert!(!other.replayed);
+    assert_ne!(other.refresh.token_id, first.refresh.token_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
