@@ -140,3 +140,39 @@ impl TokenSettings {
             .transpose()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replay_key_is_checked_read_from_a_file_and_never_shown() {
+        let key = "0f".repeat(32);
+        let with = |replay_key: Option<&str>, replay_key_file: Option<PathBuf>| TokenSettings {
+            replay_key: replay_key.map(|k| SecretString::from(k.to_owned())),
+            replay_key_file,
+            ..TokenSettings::default()
+        };
+        assert!(with(None, None).replay_key().unwrap().is_none());
+        let settings = with(Some(&key), None);
+        settings.validate().unwrap();
+        assert!(!format!("{settings:?}").contains(&key));
+        let err = with(Some(&key[2..]), None).validate().unwrap_err();
+        assert!(
+            err.0.contains("64 hex digits") && !err.0.contains(&key[2..]),
+            "{err:?}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replay.key");
+        std::fs::write(&path, format!("{key}\n")).unwrap();
+        let from_file = with(None, Some(path.clone()))
+            .replay_key()
+            .unwrap()
+            .unwrap();
+        let inline = settings.replay_key().unwrap().unwrap();
+        assert_eq!(from_file.id(), inline.id());
+        let err = with(Some(&key), Some(path)).validate().unwrap_err();
+        assert!(err.0.contains("not both"), "{err:?}");
+    }
+}
