@@ -24,6 +24,7 @@ mod metrics;
 mod otel;
 mod postgres;
 mod refresh;
+mod replicas;
 mod revoke;
 mod secrets;
 mod server;
