@@ -355,6 +355,11 @@ fn postgres_manifests_take_the_password_from_the_secret_and_fit_max_connections(
         postgres["password_file"].as_str().unwrap(),
         mounted_secret(pod, secret("tokenbroker-postgres"), "password")
     );
+    // The replicas share idempotent replays, sealed with a key from the same Secret.
+    assert_eq!(
+        config["tokens"]["replay_key_file"].as_str().unwrap(),
+        mounted_secret(pod, secret("tokenbroker-postgres"), "replay-key")
+    );
     // TLS with the server's certificate checked, against the CA from its Secret.
     assert_eq!(postgres["sslmode"].as_str(), Some("verify-full"));
     assert_eq!(
