@@ -33,6 +33,8 @@ crate::label! {
     pub enum ThrottleReason: "reason" {
         /// A caller's (or its role's) rate limit.
         CallerRate = "caller_rate",
+        /// A Cognito user's direct-exchange limit (`limits.direct_exchange`).
+        DirectExchange = "direct_exchange",
         /// The per-network limit of calls without a credential.
         AnonymousRate = "anonymous_rate",
         /// The limit all calls without a credential share.
@@ -105,6 +107,10 @@ pub struct LimitSettings {
     pub roles: HashMap<Role, RateLimit>,
     /// Per caller name (an API key's or client certificate's `name`); wins over `roles`.
     pub callers: HashMap<String, RateLimit>,
+    /// Direct exchange (a user's own Cognito ID token as the credential), per Cognito `sub`.
+    /// A user signs in a few times a day; a few exchanges a minute are plenty, and bound what
+    /// a stolen ID token can mint before its `exp`.
+    pub direct_exchange: Option<RateLimit>,
 }
 
 impl Default for LimitSettings {
@@ -129,6 +135,11 @@ impl Default for LimitSettings {
             trusted_proxies: Vec::new(),
             roles: HashMap::new(),
             callers: HashMap::new(),
+            // 3 a minute, 5 at once.
+            direct_exchange: Some(RateLimit {
+                per_second: 0.05,
+                burst: 5,
+            }),
         }
     }
 }
@@ -174,6 +185,7 @@ impl LimitSettings {
             ("limits.anonymous", &self.anonymous),
             ("limits.anonymous_total", &self.anonymous_total),
             ("limits.failed_auth", &self.failed_auth),
+            ("limits.direct_exchange", &self.direct_exchange),
         ]
         .into_iter()
         .filter_map(|(name, limit)| Some((name.to_owned(), limit.as_ref()?)))
@@ -465,6 +477,25 @@ impl Limiter {
         client: Option<IpAddr>,
         now: Instant,
     ) -> Result<(), BrokerError> {
+        if let Some(caller) = caller.filter(|c| c.direct_exchange.is_some()) {
+            // Named `cognito-id:<sub>`: one bucket per user, whatever the address.
+            let Some(limit) = self.settings.direct_exchange.filter(|l| !l.is_unlimited()) else {
+                return Ok(());
+            };
+            return self
+                .take(
+                    BucketKey::Caller(Arc::from(caller.name.as_str())),
+                    limit,
+                    now,
+                )
+                .map_err(|retry_after| {
+                    self.refuse(
+                        ThrottleReason::DirectExchange,
+                        "this user's direct exchanges are over their rate limit".into(),
+                        retry_after,
+                    )
+                });
+        }
         match caller.filter(|c| !c.roles.is_empty()) {
             Some(caller) => match self.caller_limit(caller) {
                 None => Ok(()),
@@ -570,6 +601,7 @@ mod tests {
 
     fn caller(name: &str, roles: &[Role]) -> Caller {
         Caller {
+            direct_exchange: None,
             name: name.into(),
             roles: roles.to_vec(),
         }

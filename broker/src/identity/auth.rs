@@ -90,10 +90,7 @@ impl Authenticator {
                         key.name
                     )
                 })?;
-            let caller = Arc::new(Caller {
-                name: key.name.clone(),
-                roles: key.roles.clone(),
-            });
+            let caller = Arc::new(Caller::with_roles(key.name.clone(), key.roles.clone()));
             if table.insert(digest, caller).is_some() {
                 return Err(format!(
                     "api key {:?}: the same key is configured twice",
@@ -121,10 +118,7 @@ impl Authenticator {
             }
             let subject = DistinguishedName::parse(&entry.subject)
                 .map_err(|err| format!("cert_callers {:?}: subject: {err}", entry.name))?;
-            let caller = Arc::new(Caller {
-                name: entry.name.clone(),
-                roles: entry.roles.clone(),
-            });
+            let caller = Arc::new(Caller::with_roles(entry.name.clone(), entry.roles.clone()));
             if self.certificates.insert(subject, caller).is_some() {
                 return Err(format!(
                     "cert_callers {:?}: the same subject is configured twice",
@@ -263,10 +257,7 @@ mod tests {
 
     #[test]
     fn role_checks_distinguish_anonymous_from_forbidden() {
-        let trigger = Caller {
-            name: "t".into(),
-            roles: vec![Role::Trigger],
-        };
+        let trigger = Caller::with_roles("t", vec![Role::Trigger]);
         assert!(matches!(
             require(None, &[Role::Admin]),
             Err(AuthError::Unauthenticated(_))
