@@ -11,10 +11,12 @@ use tokenbroker_client::{Client, ClientErrorKind, pb};
 use tokenbroker_tests::{
     TestBroker, claims_request,
     cognito::{CLIENT_ID, SUB, TestPool, id_claims, now, patched},
+    http::curl,
 };
 
 use crate::{
     audit::{audited_broker, read_events},
+    http::{url, with_http},
     kind_of,
     metrics::Scrape,
 };
@@ -46,10 +48,15 @@ fn id_token_of(pool: &TestPool, email: &str, sub: &str) -> SecretString {
     )
 }
 
+/// A broker that trusts `pool` with direct exchange, with its HTTP listener on too.
 async fn direct_broker(pool: &TestPool) -> TestBroker {
     let mut cognito = pool.settings();
     cognito.pools[0].direct_exchange = true;
-    TestBroker::spawn_with(move |s| s.cognito = cognito).await
+    TestBroker::spawn_with(move |s| {
+        s.cognito = cognito;
+        with_http(s);
+    })
+    .await
 }
 
 #[tokio::test]
@@ -193,6 +200,17 @@ async fn id_token_is_refused_everywhere_but_its_own_exchange() {
     for (what, kind) in denied {
         assert_eq!(kind, ClientErrorKind::PermissionDenied, "{what}");
     }
+    // Nor is it a credential on the HTTP listener.
+    let answer = curl(&[
+        "-H",
+        &format!("authorization: Bearer {}", token.expose_secret()),
+        "--data-raw",
+        "token=tba_x",
+        &url(&broker, "/oauth2/introspect"),
+    ])
+    .await;
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(!answer.body.contains(token.expose_secret()));
     assert!(broker.is_active(&victim.access.secret).await);
     assert!(broker.is_active(&victim.refresh.secret).await);
 
