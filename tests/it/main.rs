@@ -23,6 +23,7 @@ mod limits;
 mod list;
 mod metrics;
 mod otel;
+mod postgres;
 mod refresh;
 mod revoke;
 mod secrets;

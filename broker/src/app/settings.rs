@@ -369,9 +369,9 @@ impl Settings {
             return Err(ConfigError(format!(
                 "store.backend = embedded cannot run with replicas > 1: replicas = {replicas}, but \
                  the embedded store is one SQLite file owned by one process, so each replica \
-                 would mint, revoke and introspect against its own copy; use store.backend = \
-                 \"fauna\" (a shared store) for several replicas, or set replicas = 1 \
-                 ({ENV_PREFIX}REPLICAS)"
+                 would mint, revoke and introspect against its own copy; use a shared store \
+                 (store.backend = \"postgres\" or \"fauna\") for several replicas, or set \
+                 replicas = 1 ({ENV_PREFIX}REPLICAS)"
             )));
         }
         Ok(())

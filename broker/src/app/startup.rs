@@ -34,8 +34,8 @@ use crate::{
     model::clock::{Clock, SystemClock},
     obs::metrics::{MetricsServer, Registry},
     store::{
-        CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaStore, ObservedStore, RotationPolicy,
-        StoreBackend, StoreMetrics, TokenStore,
+        CachedStore, EmbeddedStore, EmbeddedStoreConfig, FaunaStore, ObservedStore, PostgresStore,
+        RotationPolicy, StoreBackend, StoreMetrics, TokenStore,
     },
 };
 
@@ -178,6 +178,20 @@ impl Application {
                 Arc::new(
                     CachedStore::new(
                         ObservedStore::new(store, Arc::clone(&store_metrics), "fauna"),
+                        settings.store.account_cache_capacity,
+                    )
+                    .with_metrics(Arc::clone(&store_metrics)),
+                )
+            }
+            StoreBackend::Postgres => {
+                let store = PostgresStore::connect(&settings.store.postgres, Arc::clone(&clock))
+                    .await
+                    .context("failed to open the postgres store")?;
+                // The account cache is safe on a shared store: accounts are never deleted, so
+                // a cached email → account mapping cannot go stale on another replica.
+                Arc::new(
+                    CachedStore::new(
+                        ObservedStore::new(store, Arc::clone(&store_metrics), "postgres"),
                         settings.store.account_cache_capacity,
                     )
                     .with_metrics(Arc::clone(&store_metrics)),

@@ -1,5 +1,6 @@
 //! Token stores: one async trait, every operation atomic, one conformance suite
-//! (`testsuite`, behind the feature of that name) that every backend passes, and decorators:
+//! (`testsuite`, behind the feature of that name) that every backend passes (embedded SQLite,
+//! Fauna, PostgreSQL), and decorators:
 //! the account cache and [`ObservedStore`] (spans and metrics).
 
 mod cached;
@@ -7,6 +8,7 @@ mod embedded;
 pub mod fauna;
 pub mod metrics;
 mod observed;
+pub mod postgres;
 pub mod settings;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
@@ -21,7 +23,10 @@ pub use embedded::{Durability, EmbeddedStore, EmbeddedStoreConfig};
 pub use fauna::{FaunaStore, RotationPolicy};
 pub use metrics::StoreMetrics;
 pub use observed::ObservedStore;
-pub use settings::{EmbeddedSettings, FaunaSettings, StoreBackend, StoreSettings};
+pub use postgres::PostgresStore;
+pub use settings::{
+    EmbeddedSettings, FaunaSettings, PostgresSettings, SslMode, StoreBackend, StoreSettings,
+};
 
 use crate::model::{
     AccountId, ClientCheck, Email, MintedPair, NewSession, PageRequest, RefreshOutcome,

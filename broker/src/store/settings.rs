@@ -1,6 +1,10 @@
 //! `[store]`: which backend keeps the tokens, and each backend's settings.
 
-use std::{fmt, fs, path::PathBuf, time::Duration};
+use std::{
+    fmt, fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -16,6 +20,8 @@ pub enum StoreBackend {
     Embedded,
     /// A self-hosted FaunaDB (FQL v10 over HTTP).
     Fauna,
+    /// PostgreSQL (or an engine that speaks its protocol and SQL: CockroachDB, YugabyteDB).
+    Postgres,
 }
 
 /// `[store]`: the token store.
@@ -30,6 +36,151 @@ pub struct StoreSettings {
     pub embedded: EmbeddedSettings,
     /// `[store.fauna]`.
     pub fauna: FaunaSettings,
+    /// `[store.postgres]`.
+    pub postgres: PostgresSettings,
+}
+
+/// How the PostgreSQL connections use TLS (libpq's `sslmode` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SslMode {
+    /// Plain TCP (or a Unix socket): for a server on the same host or a private network.
+    #[serde(rename = "disable")]
+    Disable,
+    /// Encrypted, the server's certificate not checked: safe against a passive listener only.
+    #[serde(rename = "require")]
+    Require,
+    /// Encrypted, the certificate checked against `ca_file` and the host name.
+    #[serde(rename = "verify-full")]
+    VerifyFull,
+}
+
+/// `[store.postgres]`: the PostgreSQL store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresSettings {
+    /// Host name or IP address; a path that starts with `/` is a Unix socket directory.
+    pub host: String,
+    /// TCP port (also the socket file's suffix).
+    pub port: u16,
+    /// Database name.
+    pub dbname: String,
+    /// Role to connect as.
+    pub user: String,
+    /// The role's password. Prefer `password_file` or `TOKENBROKER_STORE__POSTGRES__PASSWORD`
+    /// to a password in a config file. None for trust or peer authentication.
+    pub password: Option<SecretString>,
+    /// A file holding the password (surrounding whitespace is ignored).
+    pub password_file: Option<PathBuf>,
+    /// `disable`, `require` or `verify-full` (the default).
+    pub sslmode: SslMode,
+    /// PEM file with the CA certificates that sign the server's certificate (`verify-full`).
+    pub ca_file: Option<PathBuf>,
+    /// Most connections this broker keeps open.
+    pub pool_size: usize,
+    /// Longest a connection attempt may take.
+    pub connect_timeout_ms: u64,
+    /// Longest an operation may take (with its retries) when the caller set no deadline.
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        Self {
+            host: "localhost".into(),
+            port: 5432,
+            dbname: "tokenbroker".into(),
+            user: "tokenbroker".into(),
+            password: None,
+            password_file: None,
+            sslmode: SslMode::VerifyFull,
+            ca_file: None,
+            pool_size: 16,
+            connect_timeout_ms: 5000,
+            statement_timeout_ms: 5000,
+        }
+    }
+}
+
+impl PostgresSettings {
+    /// Checks the connection settings and reads the password, if any.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the setting that is wrong.
+    pub fn validate(&self) -> Result<Option<SecretString>, ConfigError> {
+        for (name, value) in [
+            ("host", &self.host),
+            ("dbname", &self.dbname),
+            ("user", &self.user),
+        ] {
+            if value.trim().is_empty() {
+                return Err(ConfigError(format!(
+                    "store.postgres.{name} must not be empty"
+                )));
+            }
+        }
+        if self.port == 0 {
+            return Err(ConfigError("store.postgres.port must not be 0".into()));
+        }
+        if self.pool_size == 0 || self.connect_timeout_ms == 0 || self.statement_timeout_ms == 0 {
+            return Err(ConfigError(
+                "store.postgres.pool_size, connect_timeout_ms and statement_timeout_ms must be at \
+                 least 1"
+                    .into(),
+            ));
+        }
+        match (self.sslmode, &self.ca_file) {
+            (SslMode::VerifyFull, None) => {
+                return Err(ConfigError(
+                    "store.postgres.sslmode = \"verify-full\" needs store.postgres.ca_file (or set \
+                     sslmode = \"require\" or \"disable\")"
+                        .into(),
+                ));
+            }
+            (SslMode::Disable | SslMode::Require, Some(_)) => {
+                return Err(ConfigError(
+                    "store.postgres.ca_file is used only with sslmode = \"verify-full\"".into(),
+                ));
+            }
+            _ => {}
+        }
+        self.password()
+    }
+
+    /// Returns the password from `password` or `password_file`, or none.
+    ///
+    /// # Errors
+    ///
+    /// When both are set, or the file cannot be read or is empty.
+    pub fn password(&self) -> Result<Option<SecretString>, ConfigError> {
+        match (&self.password, &self.password_file) {
+            (Some(password), None) => Ok(Some(password.clone())),
+            (None, Some(path)) => read_secret_file("store.postgres.password_file", path).map(Some),
+            (None, None) => Ok(None),
+            (Some(_), Some(_)) => Err(ConfigError(
+                "set store.postgres.password or store.postgres.password_file, not both".into(),
+            )),
+        }
+    }
+
+    /// Returns the longest an operation may take when the caller set no deadline.
+    pub fn statement_timeout(&self) -> Duration {
+        Duration::from_millis(self.statement_timeout_ms)
+    }
+}
+
+/// Reads a secret from a file, trimmed; `setting` names the file's setting in errors.
+fn read_secret_file(setting: &str, path: &Path) -> Result<SecretString, ConfigError> {
+    let text = fs::read_to_string(path)
+        .map_err(|err| ConfigError(format!("cannot read {setting} {}: {err}", path.display())))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(ConfigError(format!(
+            "{setting} {} is empty",
+            path.display()
+        )));
+    }
+    Ok(SecretString::from(secret.to_owned()))
 }
 
 /// `[store.fauna]`: the Fauna store.
@@ -80,6 +231,7 @@ impl StoreSettings {
             )),
             StoreBackend::Embedded => Ok(()),
             StoreBackend::Fauna => self.fauna.validate().map(drop),
+            StoreBackend::Postgres => self.postgres.validate().map(drop),
         }
     }
 }
@@ -126,22 +278,7 @@ impl FaunaSettings {
     pub fn server_key(&self) -> Result<SecretString, ConfigError> {
         match (&self.secret, &self.secret_file) {
             (Some(secret), None) => Ok(secret.clone()),
-            (None, Some(path)) => {
-                let text = fs::read_to_string(path).map_err(|err| {
-                    ConfigError(format!(
-                        "cannot read store.fauna.secret_file {}: {err}",
-                        path.display()
-                    ))
-                })?;
-                let key = text.trim();
-                if key.is_empty() {
-                    return Err(ConfigError(format!(
-                        "store.fauna.secret_file {} is empty",
-                        path.display()
-                    )));
-                }
-                Ok(SecretString::from(key.to_owned()))
-            }
+            (None, Some(path)) => read_secret_file("store.fauna.secret_file", path),
             (None, None) => Err(ConfigError(
                 "store.backend = \"fauna\" needs store.fauna.secret or store.fauna.secret_file"
                     .into(),
@@ -175,6 +312,7 @@ impl Default for StoreSettings {
             account_cache_capacity: 100_000,
             embedded: EmbeddedSettings::default(),
             fauna: FaunaSettings::default(),
+            postgres: PostgresSettings::default(),
         }
     }
 }
@@ -195,6 +333,7 @@ impl fmt::Display for StoreBackend {
         f.write_str(match self {
             Self::Embedded => "embedded",
             Self::Fauna => "fauna",
+            Self::Postgres => "postgres",
         })
     }
 }

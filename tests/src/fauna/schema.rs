@@ -165,7 +165,10 @@ mod tests {
         let items = items(schema);
         let names: Vec<&str> = items.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["collection A", "function f", "role r"]);
-        assert_eq!(items[1].1, "@role(server)\nfunction f(a) {\n  { k: \"}\" }\n}");
+        assert_eq!(
+            items[1].1,
+            "@role(server)\nfunction f(a) {\n  { k: \"}\" }\n}"
+        );
         assert!(items[0].1.ends_with("  }\n}"));
     }
 
@@ -173,7 +176,10 @@ mod tests {
     fn a_changed_new_or_missing_item_is_named() {
         let changed = SCHEMA.replace("Math.min(grace, policy.grace)", "grace");
         let problem = verify_text(&changed).expect_err("changed");
-        assert!(problem.contains("function rotateRefreshToken changed"), "{problem}");
+        assert!(
+            problem.contains("function rotateRefreshToken changed"),
+            "{problem}"
+        );
         let added = format!("{SCHEMA}\ncollection Extra {{\n}}\n");
         let problem = verify_text(&added).expect_err("added");
         assert!(problem.contains("collection Extra is new"), "{problem}");

@@ -79,23 +79,39 @@ async fn serve(
         tokio::time::sleep(latency).await;
     }
     let reply = match fault {
-        None => shared.process(parts.uri.path(), &parts.headers, &parsed).await,
+        None => {
+            shared
+                .process(parts.uri.path(), &parts.headers, &parsed)
+                .await
+        }
         Some(Fault::Slow(delay)) => {
-            let reply = shared.process(parts.uri.path(), &parts.headers, &parsed).await;
+            let reply = shared
+                .process(parts.uri.path(), &parts.headers, &parsed)
+                .await;
             tokio::time::sleep(delay).await;
             reply
         }
         Some(Fault::CommittedUnavailable) => {
-            drop(shared.process(parts.uri.path(), &parts.headers, &parsed).await);
+            drop(
+                shared
+                    .process(parts.uri.path(), &parts.headers, &parsed)
+                    .await,
+            );
             fault_reply(Fault::CommittedUnavailable, &parts.headers)
         }
         Some(Fault::CommittedLost) => {
-            drop(shared.process(parts.uri.path(), &parts.headers, &parsed).await);
+            drop(
+                shared
+                    .process(parts.uri.path(), &parts.headers, &parsed)
+                    .await,
+            );
             // An error from the service makes hyper close the connection unanswered.
             return Err(AnswerLost);
         }
         Some(Fault::CommittedTimeout) => {
-            let reply = shared.process(parts.uri.path(), &parts.headers, &parsed).await;
+            let reply = shared
+                .process(parts.uri.path(), &parts.headers, &parsed)
+                .await;
             let within = header(&parts.headers, "x-query-timeout-ms")
                 .and_then(|t| t.parse::<u64>().ok())
                 .unwrap_or(120_000);

@@ -723,7 +723,11 @@ async fn at_once(
 fn contention_retries(answers: &[Answer]) -> Vec<u64> {
     answers
         .iter()
-        .map(|a| a.body["stats"]["contention_retries"].as_u64().expect("stats"))
+        .map(|a| {
+            a.body["stats"]["contention_retries"]
+                .as_u64()
+                .expect("stats")
+        })
         .collect()
 }
 
@@ -732,9 +736,7 @@ async fn overlapping_transactions_conflict_on_what_they_read() {
     let h = Arc::new(harness().await);
     // Long enough that the requests below overlap on a loaded machine.
     h.double.set_transaction_time(Duration::from_millis(300));
-    let issue = |email: String| {
-        move |_| (queries::ISSUE_BY_EMAIL, issue_args(&email), Vec::new())
-    };
+    let issue = |email: String| move |_| (queries::ISSUE_BY_EMAIL, issue_args(&email), Vec::new());
 
     // First sign-ins of one email all read its index term; the first commit writes it, and the
     // others run again, and find that account.
@@ -770,10 +772,17 @@ async fn overlapping_transactions_conflict_on_what_they_read() {
     let mut tasks = JoinSet::new();
     for _ in 0..2 {
         let (h, refresh) = (Arc::clone(&h), refresh.clone());
-        tasks.spawn(async move { h.query(&refresh, queries::ROTATE, rotate_args(60, Some("app"))).await });
+        tasks.spawn(async move {
+            h.query(&refresh, queries::ROTATE, rotate_args(60, Some("app")))
+                .await
+        });
     }
     let answers = tasks.join_all().await;
-    assert!(answers.iter().all(|a| a.body["data"]["outcome"] == "rotated"));
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.body["data"]["outcome"] == "rotated")
+    );
     let mut retries = contention_retries(&answers);
     retries.sort_unstable();
     assert_eq!(retries, [0, 1]);
@@ -842,8 +851,12 @@ async fn a_typechecked_database_runs_only_the_function_calls() {
     }
     let (status, body) = send(SERVER_KEY, queries::INTROSPECT, json!({}), Some("false")).await;
     assert_eq!(status, 200, "{body}");
-    let recorded: Vec<Option<String>> =
-        h.double.requests().into_iter().map(|r| r.typecheck).collect();
+    let recorded: Vec<Option<String>> = h
+        .double
+        .requests()
+        .into_iter()
+        .map(|r| r.typecheck)
+        .collect();
     assert_eq!(recorded[1], None);
     assert_eq!(recorded[3].as_deref(), Some("true"));
     assert_eq!(recorded.last().cloned().flatten().as_deref(), Some("false"));
@@ -1231,7 +1244,9 @@ async fn committed_faults_commit_then_fail() {
     };
 
     h.double.inject(Fault::CommittedUnavailable, 1);
-    let response = send(&first, Duration::from_secs(10)).await.expect("an answer");
+    let response = send(&first, Duration::from_secs(10))
+        .await
+        .expect("an answer");
     assert_eq!(response.status().as_u16(), 503);
     assert_eq!(
         response.json::<Json>().await.expect("JSON"),

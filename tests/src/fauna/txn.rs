@@ -328,7 +328,11 @@ impl<'a> Txn<'a> {
     }
 
     /// `Account.create({ email, cognito_sub })`: the unique check reads the email's index term.
-    fn create_account(&mut self, email: &str, cognito_sub: Option<String>) -> Result<String, Failure> {
+    fn create_account(
+        &mut self,
+        email: &str,
+        cognito_sub: Option<String>,
+    ) -> Result<String, Failure> {
         self.read(Key::Email(email.to_owned()));
         self.stats.writes += 1;
         let id = self.db.create_account(email, cognito_sub, self.now)?;
@@ -596,9 +600,7 @@ impl<'a> Txn<'a> {
         // Checks are done: write.
         let account = match (existing, create) {
             (Some(id), _) => id,
-            (None, Some((address, sub))) => {
-                self.create_account(address, sub.map(str::to_owned))?
-            }
+            (None, Some((address, sub))) => self.create_account(address, sub.map(str::to_owned))?,
             (None, None) => unreachable!("an account is found or created"),
         };
         let family = Value::Str(format!("fam_{account}_{nonce}"));

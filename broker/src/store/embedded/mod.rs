@@ -53,9 +53,10 @@ mod tests;
 mod writer;
 
 use schema::migrate;
+pub(in crate::store) use sql::TokenRow;
 use sql::{
-    FreshPair, PairRow, RotationResult, TOKEN_COLUMN_COUNT, TOKEN_COLUMNS, TokenRow, active,
-    insert_pair, load_token, revoke_family, revoke_token, rotate, upsert_account,
+    FreshPair, PairRow, RotationResult, TOKEN_COLUMN_COUNT, TOKEN_COLUMNS, active, insert_pair,
+    load_token, revoke_family, revoke_token, rotate, upsert_account,
 };
 use writer::{Checkpointer, Job, Op, Writer, open_writer};
 
@@ -350,23 +351,8 @@ impl TokenStore for EmbeddedStore {
             return Ok(None);
         };
         self.read(|conn, now| {
-            let Some(row) = load_token(conn, &parsed.id)? else {
-                return Ok(None);
-            };
-            if !row.matches(&parsed.digest) || row.state(now) != TokenState::Active {
-                return Ok(None);
-            }
-            Ok(Some(TokenInfo {
-                id: parsed.id.clone(),
-                kind: row.kind,
-                account_id: row.account_id,
-                email: Email::from_stored(row.email),
-                cognito_sub: row.cognito_sub,
-                family_id: row.family_id,
-                client_id: row.client_id,
-                issued_at: row.issued_at,
-                expires_at: row.expires_at,
-            }))
+            Ok(load_token(conn, &parsed.id)?
+                .and_then(|row| row.active_info(parsed.id.clone(), &parsed.digest, now)))
         })
     }
 

@@ -12,8 +12,8 @@ use tracing::{debug, warn};
 use crate::{
     model::secret::{self, SecretDigest},
     model::{
-        AccountId, FamilyId, Metadata, MintedPair, MintedToken, NewSession, Rotation, TokenId,
-        TokenKind, TokenRecord, TokenState, UnixMicros,
+        AccountId, Email, FamilyId, Metadata, MintedPair, MintedToken, NewSession, Rotation,
+        TokenId, TokenInfo, TokenKind, TokenRecord, TokenState, UnixMicros,
     },
 };
 
@@ -33,26 +33,27 @@ pub(super) const TOKEN_COLUMNS: &str = "t.kind, t.account_id, t.family_id, t.par
      t.metadata, a.not_before, a.email, a.cognito_sub, t.session_ends_at, t.superseded_at";
 pub(super) const TOKEN_COLUMN_COUNT: usize = 17;
 
-/// A token as stored, without its id.
+/// A token as stored, without its id. The PostgreSQL store reads its rows into this too, so
+/// both stores derive a token's state in one place.
 #[derive(Debug)]
-pub(super) struct TokenRow {
-    pub(super) kind: TokenKind,
-    pub(super) account_id: AccountId,
-    pub(super) family_id: FamilyId,
-    pub(super) parent_id: Option<TokenId>,
-    pub(super) client_id: Option<String>,
-    pub(super) digest: Vec<u8>,
-    pub(super) issued_at: UnixMicros,
-    pub(super) expires_at: UnixMicros,
-    pub(super) revoked_at: Option<UnixMicros>,
-    pub(super) rotated_at: Option<UnixMicros>,
-    pub(super) replaced_by: Option<TokenId>,
-    pub(super) metadata: String,
-    pub(super) not_before: UnixMicros,
-    pub(super) email: String,
-    pub(super) cognito_sub: Option<String>,
-    pub(super) session_ends_at: Option<UnixMicros>,
-    pub(super) superseded_at: Option<UnixMicros>,
+pub(in crate::store) struct TokenRow {
+    pub(in crate::store) kind: TokenKind,
+    pub(in crate::store) account_id: AccountId,
+    pub(in crate::store) family_id: FamilyId,
+    pub(in crate::store) parent_id: Option<TokenId>,
+    pub(in crate::store) client_id: Option<String>,
+    pub(in crate::store) digest: Vec<u8>,
+    pub(in crate::store) issued_at: UnixMicros,
+    pub(in crate::store) expires_at: UnixMicros,
+    pub(in crate::store) revoked_at: Option<UnixMicros>,
+    pub(in crate::store) rotated_at: Option<UnixMicros>,
+    pub(in crate::store) replaced_by: Option<TokenId>,
+    pub(in crate::store) metadata: String,
+    pub(in crate::store) not_before: UnixMicros,
+    pub(in crate::store) email: String,
+    pub(in crate::store) cognito_sub: Option<String>,
+    pub(in crate::store) session_ends_at: Option<UnixMicros>,
+    pub(in crate::store) superseded_at: Option<UnixMicros>,
 }
 
 impl TokenRow {
@@ -86,11 +87,34 @@ impl TokenRow {
     }
 
     /// Whether `digest` is this token's secret digest, compared in constant time.
-    pub(super) fn matches(&self, digest: &SecretDigest) -> bool {
+    pub(in crate::store) fn matches(&self, digest: &SecretDigest) -> bool {
         self.digest.as_slice().ct_eq(digest.as_slice()).into()
     }
 
-    pub(super) fn state(&self, now: UnixMicros) -> TokenState {
+    /// The token's facts if it is the active token whose secret has `digest`.
+    pub(in crate::store) fn active_info(
+        self,
+        id: TokenId,
+        digest: &SecretDigest,
+        now: UnixMicros,
+    ) -> Option<TokenInfo> {
+        if !self.matches(digest) || self.state(now) != TokenState::Active {
+            return None;
+        }
+        Some(TokenInfo {
+            id,
+            kind: self.kind,
+            account_id: self.account_id,
+            email: Email::from_stored(self.email),
+            cognito_sub: self.cognito_sub,
+            family_id: self.family_id,
+            client_id: self.client_id,
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+        })
+    }
+
+    pub(in crate::store) fn state(&self, now: UnixMicros) -> TokenState {
         if self.revoked_at.is_some() || self.issued_at <= self.not_before {
             TokenState::Revoked
         } else if self.replaced_by.is_some() {
@@ -102,7 +126,7 @@ impl TokenRow {
         }
     }
 
-    pub(super) fn into_record(self, id: TokenId, now: UnixMicros) -> TokenRecord {
+    pub(in crate::store) fn into_record(self, id: TokenId, now: UnixMicros) -> TokenRecord {
         let state = self.state(now);
         let revoked_at = match state {
             TokenState::Revoked => self.revoked_at.or(Some(self.not_before)),
