@@ -7,7 +7,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::json;
 use tokenbroker::domain::admission::RateLimit;
-use tokenbroker_client::{Client, ClientErrorKind, pb};
+use tokenbroker_client::{ClientErrorKind, pb};
 use tokenbroker_tests::{
     TestBroker, claims_request,
     cognito::{CLIENT_ID, SUB, TestPool, id_claims, now, patched},
@@ -16,29 +16,11 @@ use tokenbroker_tests::{
 
 use crate::{
     audit::{audited_broker, read_events},
+    cognito::{bearer, exchange},
     http::{url, with_http},
     kind_of,
     metrics::Scrape,
 };
-
-/// An IssueTokens request that exchanges `token`.
-fn exchange(token: &SecretString) -> pb::IssueTokensRequest {
-    pb::IssueTokensRequest {
-        subject: Some(pb::issue_tokens_request::Subject::CognitoToken(
-            token.expose_secret().into(),
-        )),
-        ..Default::default()
-    }
-}
-
-/// A client of `broker` whose bearer credential is `token`.
-fn bearer(broker: &TestBroker, token: &SecretString) -> Client {
-    broker
-        .anonymous
-        .clone()
-        .with_api_key(token)
-        .expect("a jwt is ascii")
-}
 
 /// An ID token of `pool` for `email` with `sub`.
 fn id_token_of(pool: &TestPool, email: &str, sub: &str) -> SecretString {
@@ -70,7 +52,7 @@ async fn own_id_token_exchanges_for_its_own_pair_and_is_audited_by_sub() {
     let token = pool.id_token("Alice@Example.com");
 
     let pair = bearer(&broker, &token)
-        .issue_tokens(exchange(&token))
+        .issue_tokens(exchange(token.expose_secret()))
         .await
         .unwrap();
     let info = broker
@@ -128,14 +110,16 @@ async fn id_token_is_refused_everywhere_but_its_own_exchange() {
         // Another user's ID token: the minted tokens would not be the caller's own.
         (
             "another user's token",
-            kind_of(user.issue_tokens(exchange(&other)).await),
+            kind_of(user.issue_tokens(exchange(other.expose_secret())).await),
         ),
         // An access token, even the caller's own user's: only the credential itself.
         (
             "an access token",
             kind_of(
-                user.issue_tokens(exchange(&pool.access_token(&["users"], "openid")))
-                    .await,
+                user.issue_tokens(exchange(
+                    pool.access_token(&["users"], "openid").expose_secret(),
+                ))
+                .await,
             ),
         ),
         // Asserted claims need trigger or admin.
@@ -219,7 +203,7 @@ async fn id_token_is_refused_everywhere_but_its_own_exchange() {
     assert_eq!(
         kind_of(
             bearer(&broker, &access)
-                .issue_tokens(exchange(&token))
+                .issue_tokens(exchange(token.expose_secret()))
                 .await
         ),
         ClientErrorKind::PermissionDenied
@@ -235,7 +219,7 @@ async fn id_token_is_refused_everywhere_but_its_own_exchange() {
         &json!({ "sub": "sub-bob", "iat": now() - 7200, "exp": now() - 3600 }),
     )));
     let err = bearer(&broker, &expired)
-        .issue_tokens(exchange(&expired))
+        .issue_tokens(exchange(expired.expose_secret()))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::Unauthenticated);
@@ -244,14 +228,14 @@ async fn id_token_is_refused_everywhere_but_its_own_exchange() {
     assert_eq!(
         kind_of(
             bearer(&broker, &access)
-                .issue_tokens(exchange(&access))
+                .issue_tokens(exchange(access.expose_secret()))
                 .await
         ),
         ClientErrorKind::PermissionDenied
     );
     // The one allowed call still works after all of that.
     bearer(&broker, &token)
-        .issue_tokens(exchange(&token))
+        .issue_tokens(exchange(token.expose_secret()))
         .await
         .unwrap();
 }
@@ -264,7 +248,7 @@ async fn id_token_of_a_pool_without_direct_exchange_is_unauthenticated() {
     let broker = TestBroker::spawn_with(move |s| s.cognito = settings).await;
     let token = pool.id_token("dora@example.com");
     let err = bearer(&broker, &token)
-        .issue_tokens(exchange(&token))
+        .issue_tokens(exchange(token.expose_secret()))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::Unauthenticated, "{err}");
@@ -275,7 +259,11 @@ async fn id_token_of_a_pool_without_direct_exchange_is_unauthenticated() {
     );
     assert!(!err.to_string().contains(token.expose_secret()));
     // The same token exchanged by a service caller still works.
-    broker.service.issue_tokens(exchange(&token)).await.unwrap();
+    broker
+        .service
+        .issue_tokens(exchange(token.expose_secret()))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -296,9 +284,14 @@ async fn direct_exchange_is_limited_per_sub() {
     let erin = id_token_of(&pool, "erin@example.com", "sub-erin");
     let user = bearer(&broker, &erin);
     for _ in 0..3 {
-        user.issue_tokens(exchange(&erin)).await.unwrap();
+        user.issue_tokens(exchange(erin.expose_secret()))
+            .await
+            .unwrap();
     }
-    let err = user.issue_tokens(exchange(&erin)).await.unwrap_err();
+    let err = user
+        .issue_tokens(exchange(erin.expose_secret()))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::ResourceExhausted, "{err}");
     let retry_after = err.retry_after().expect("a RetryInfo detail");
     assert!(
@@ -311,13 +304,17 @@ async fn direct_exchange_is_limited_per_sub() {
         &json!({ "sub": "sub-erin", "jti": "another-sign-in" }),
     )));
     assert_eq!(
-        kind_of(bearer(&broker, &again).issue_tokens(exchange(&again)).await),
+        kind_of(
+            bearer(&broker, &again)
+                .issue_tokens(exchange(again.expose_secret()))
+                .await
+        ),
         ClientErrorKind::ResourceExhausted
     );
     // Another user is not affected.
     let frank = id_token_of(&pool, "frank@example.com", "sub-frank");
     bearer(&broker, &frank)
-        .issue_tokens(exchange(&frank))
+        .issue_tokens(exchange(frank.expose_secret()))
         .await
         .unwrap();
     let scrape = Scrape::parse(broker.scrape().await);

@@ -3,7 +3,8 @@
 //! Every `TokenBroker` call takes a permit from the in-flight limit before anything else (a
 //! call over the limit is refused at once, not queued), then is charged to one bucket once its
 //! caller is known: the caller's own (`[limits.callers.<name>]`), else its roles'
-//! (`[limits.roles.<role>]`), else, for calls without a credential (refresh and self-revoke by
+//! (`[limits.roles.<role>]`); for a direct-exchange caller, its Cognito user's
+//! (`[limits.direct_exchange]`); else, for calls without a credential (refresh and self-revoke by
 //! secret) and callers that hold no role, the client network's (`[limits.anonymous]`: an IPv4
 //! address, an IPv6 /64), and also one bucket all of those share (`[limits.anonymous_total]`),
 //! so that no number of addresses buys more. A network whose calls keep failing
@@ -457,8 +458,9 @@ impl Limiter {
         }
     }
 
-    /// Charges one call to the caller's bucket, or, for a call without a credential or by a
-    /// caller that holds no role, to the client network's and the shared anonymous one.
+    /// Charges one call to the caller's bucket (a direct-exchange caller's is its Cognito
+    /// user's, `limits.direct_exchange`), or, for a call without a credential or by a caller
+    /// that holds no role, to the client network's and the shared anonymous one.
     ///
     /// # Errors
     ///
@@ -477,27 +479,21 @@ impl Limiter {
         client: Option<IpAddr>,
         now: Instant,
     ) -> Result<(), BrokerError> {
-        if let Some(caller) = caller.filter(|c| c.direct_exchange.is_some()) {
-            // Named `cognito-id:<sub>`: one bucket per user, whatever the address.
-            let Some(limit) = self.settings.direct_exchange.filter(|l| !l.is_unlimited()) else {
-                return Ok(());
-            };
-            return self
-                .take(
-                    BucketKey::Caller(Arc::from(caller.name.as_str())),
-                    limit,
-                    now,
-                )
-                .map_err(|retry_after| {
-                    self.refuse(
-                        ThrottleReason::DirectExchange,
-                        "this user's direct exchanges are over their rate limit".into(),
-                        retry_after,
-                    )
-                });
-        }
-        match caller.filter(|c| !c.roles.is_empty()) {
-            Some(caller) => match self.caller_limit(caller) {
+        // A named bucket: a direct-exchange caller's is its user's (`cognito-id:<sub>`, whatever
+        // the address); a caller with a role has its own.
+        let named = match caller {
+            Some(c) if c.direct_exchange.is_some() => Some((
+                c,
+                self.settings.direct_exchange.filter(|l| !l.is_unlimited()),
+                ThrottleReason::DirectExchange,
+            )),
+            Some(c) if !c.roles.is_empty() => {
+                Some((c, self.caller_limit(c), ThrottleReason::CallerRate))
+            }
+            _ => None,
+        };
+        match named {
+            Some((caller, limit, reason)) => match limit {
                 None => Ok(()),
                 Some(limit) => self
                     .take(
@@ -507,7 +503,7 @@ impl Limiter {
                     )
                     .map_err(|retry_after| {
                         self.refuse(
-                            ThrottleReason::CallerRate,
+                            reason,
                             format!("caller {} is over its rate limit", caller.name),
                             retry_after,
                         )

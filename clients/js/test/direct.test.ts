@@ -4,10 +4,11 @@
  * real broker process that trusts a pool double whose JWKS is served on loopback.
  */
 import { afterAll, beforeAll, expect, test } from "vitest";
-import { ErrorKind, TokenBrokerError } from "../src/index.js";
+import { ErrorKind } from "../src/index.js";
 import { createWebClient } from "../src/web.js";
 import { type Broker, startBroker } from "./broker.js";
 import { CLIENT_ID, type TestPool, startPool } from "./cognito.js";
+import { failure } from "./failure.js";
 
 let pool: TestPool;
 let broker: Broker;
@@ -21,16 +22,6 @@ afterAll(async () => {
   await broker?.stop();
   await pool?.close();
 });
-
-/** The error of a call that must fail. */
-async function failure(call: Promise<unknown>): Promise<TokenBrokerError> {
-  const err = await call.then(
-    () => undefined,
-    (reason: unknown) => reason,
-  );
-  expect(err, "the call must fail").toBeInstanceOf(TokenBrokerError);
-  return err as TokenBrokerError;
-}
 
 const exchange = (token: string) => ({ subject: { case: "cognitoToken" as const, value: token } });
 
