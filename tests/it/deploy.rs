@@ -1,6 +1,7 @@
 //! The deployment files under `deploy/`, loaded by the real broker: each config passes
 //! `tokenbroker check-config` with the environment its manifest gives it, the manifests agree
-//! with each other (ports, replica counts, the mounted Fauna key), and `tokenbroker health`, the
+//! with each other (ports, replica counts, the mounted Fauna key and PostgreSQL password, the
+//! connection pools against `max_connections`), and `tokenbroker health`, the
 //! container health check, answers as the probes expect. The linters (`scripts/lint-deploy`)
 //! check the files' shape; these tests check what the broker makes of them.
 
@@ -109,6 +110,16 @@ fn container_env(container: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
+fn toml_file(path: &Path) -> toml::Table {
+    std::fs::read_to_string(path).unwrap().parse().unwrap()
+}
+
+/// The port of a section's `listen` address (`server`, `http`, `metrics`).
+fn listen_port(config: &toml::Table, section: &str) -> String {
+    let listen = config[section]["listen"].as_str().unwrap();
+    listen.rsplit(':').next().unwrap().to_owned()
+}
+
 #[test]
 fn docker_config_is_valid_and_refuses_a_second_replica() {
     let config = repo("deploy/docker/tokenbroker.toml");
@@ -119,14 +130,8 @@ fn docker_config_is_valid_and_refuses_a_second_replica() {
     assert_valid(&check_config(&config, &env), "compose broker");
     assert_valid(&check_config(&config, &BTreeMap::new()), "image alone");
     // The HTTP listener the image's config enables is published on its port.
-    let table: toml::Table = std::fs::read_to_string(&config).unwrap().parse().unwrap();
-    let http_port = table["http"]["listen"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_owned();
+    let table = toml_file(&config);
+    let http_port = listen_port(&table, "http");
     let published = compose["services"]["broker"]["ports"].as_array().unwrap();
     assert!(
         published
@@ -222,39 +227,26 @@ fn check_k8s(dir: &str, extra_env: &[(&str, &str)]) -> (Value, BTreeMap<String, 
     (workload, env)
 }
 
+/// The broker's settings in a setup's ConfigMap.
+fn configmap_toml(docs: &[Value]) -> toml::Table {
+    of_kind(docs, &["ConfigMap"])["data"]["tokenbroker.toml"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn fauna_manifests_load_and_declare_the_autoscalers_maximum() {
     let docs = manifests("deploy/k8s/fauna");
     let pod = &of_kind(&docs, &["Deployment"])["spec"]["template"]["spec"];
-    let config: toml::Table = of_kind(&docs, &["ConfigMap"])["data"]["tokenbroker.toml"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let config = configmap_toml(&docs);
     assert_eq!(config["store"]["backend"].as_str(), Some("fauna"));
 
     // The key file named in the config is where the Secret is mounted.
     let secret_file = config["store"]["fauna"]["secret_file"].as_str().unwrap();
     let secret = of_kind(&docs, &["Secret"]);
-    let volume = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["secret"]["secretName"] == secret["metadata"]["name"])
-        .expect("the Fauna Secret is a volume");
-    let mount = pod["containers"][0]["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == volume["name"])
-        .expect("and it is mounted");
-    let path = format!(
-        "{}/{}",
-        mount["mountPath"].as_str().unwrap(),
-        volume["secret"]["items"][0]["path"].as_str().unwrap()
-    );
-    assert_eq!(secret_file, path);
-    assert!(secret["stringData"]["server-key"].is_string());
+    assert_eq!(secret_file, mounted_secret(pod, secret, "server-key"));
 
     // That path does not exist here: point the override at a real file instead.
     let key = tempfile::NamedTempFile::new().unwrap();
@@ -265,8 +257,52 @@ fn fauna_manifests_load_and_declare_the_autoscalers_maximum() {
         &[("TOKENBROKER_STORE__FAUNA__SECRET_FILE", key_path)],
     );
 
+    check_autoscaled(&docs, &workload, &env);
+}
+
+/// Where `pod` mounts the item `key` of `secret` (a Secret manifest): the file a setting names.
+#[track_caller]
+fn mounted_secret(pod: &Value, secret: &Value, key: &str) -> String {
+    assert!(
+        secret["stringData"][key].is_string(),
+        "{key} in {}",
+        secret["metadata"]["name"]
+    );
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == secret["metadata"]["name"])
+        .unwrap_or_else(|| panic!("the Secret {} is a volume", secret["metadata"]["name"]));
+    let item = volume["secret"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|item| item["key"] == key)
+        .unwrap_or_else(|| panic!("{key} is projected"));
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("and it is mounted");
+    format!(
+        "{}/{}",
+        mount["mountPath"].as_str().unwrap(),
+        item["path"].as_str().unwrap()
+    )
+}
+
+/// A shared-store setup: at least two replicas, an autoscaler on the workload whose maximum is
+/// the declared TOKENBROKER_REPLICAS, and a disruption budget. Returns the autoscaler.
+#[track_caller]
+fn check_autoscaled<'a>(
+    docs: &'a [Value],
+    workload: &Value,
+    env: &BTreeMap<String, String>,
+) -> &'a Value {
     let declared: u64 = env["TOKENBROKER_REPLICAS"].parse().unwrap();
-    let hpa = of_kind(&docs, &["HorizontalPodAutoscaler"]);
+    let hpa = of_kind(docs, &["HorizontalPodAutoscaler"]);
     assert_eq!(
         hpa["spec"]["scaleTargetRef"]["name"],
         workload["metadata"]["name"]
@@ -275,9 +311,179 @@ fn fauna_manifests_load_and_declare_the_autoscalers_maximum() {
         hpa["spec"]["maxReplicas"], declared,
         "TOKENBROKER_REPLICAS = maxReplicas"
     );
-    assert!(workload["spec"]["replicas"].as_u64().unwrap() <= declared);
+    let replicas = workload["spec"]["replicas"].as_u64().unwrap();
+    assert!((2..=declared).contains(&replicas), "{replicas} replicas");
     assert!(hpa["spec"]["minReplicas"].as_u64().unwrap() >= 2);
-    of_kind(&docs, &["PodDisruptionBudget"]);
+    let pdb = of_kind(docs, &["PodDisruptionBudget"]);
+    assert_eq!(
+        pdb["spec"]["selector"], workload["spec"]["selector"],
+        "the budget covers the workload's pods"
+    );
+    hpa
+}
+
+/// PostgreSQL's defaults: `max_connections`, and how many of them only superusers may use
+/// (`superuser_reserved_connections`).
+const PG_MAX_CONNECTIONS: u64 = 100;
+const PG_SUPERUSER_RESERVED: u64 = 3;
+/// Connections left for administrators, migrations by hand and monitoring
+/// (docs/deployment.md, "Sizing the connection pool").
+const PG_HEADROOM: u64 = 10;
+
+#[test]
+fn postgres_manifests_take_the_password_from_the_secret_and_fit_max_connections() {
+    let docs = manifests("deploy/k8s/postgres");
+    let workload = of_kind(&docs, &["Deployment"]);
+    let pod = &workload["spec"]["template"]["spec"];
+    let config = configmap_toml(&docs);
+    assert_eq!(config["store"]["backend"].as_str(), Some("postgres"));
+    let postgres = &config["store"]["postgres"];
+
+    // The password only from its Secret, as a file; no Secret holds a real value.
+    let secrets: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Secret").collect();
+    let secret = |name: &str| {
+        *secrets
+            .iter()
+            .find(|s| s["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("a Secret {name}"))
+    };
+    assert!(
+        postgres.get("password").is_none(),
+        "no password in the ConfigMap"
+    );
+    assert_eq!(
+        postgres["password_file"].as_str().unwrap(),
+        mounted_secret(pod, secret("tokenbroker-postgres"), "password")
+    );
+    // TLS with the server's certificate checked, against the CA from its Secret.
+    assert_eq!(postgres["sslmode"].as_str(), Some("verify-full"));
+    assert_eq!(
+        postgres["ca_file"].as_str().unwrap(),
+        mounted_secret(pod, secret("tokenbroker-postgres-ca"), "ca.crt")
+    );
+    for secret in &secrets {
+        for (key, value) in secret["stringData"].as_object().unwrap() {
+            assert!(
+                value.as_str().unwrap().starts_with("REPLACE-"),
+                "{key}: a placeholder, not a value"
+            );
+        }
+    }
+
+    let manifest_env = container_env(&pod["containers"][0]);
+    assert!(
+        !manifest_env.keys().any(|name| name.contains("PASSWORD")),
+        "no password in the environment: {manifest_env:?}"
+    );
+
+    // The mounted file does not exist here: point the setting at a real one instead.
+    let password = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(password.path(), "a-password-for-tests").unwrap();
+    let (workload, env) = check_k8s(
+        "deploy/k8s/postgres",
+        &[(
+            "TOKENBROKER_STORE__POSTGRES__PASSWORD_FILE",
+            password.path().to_str().unwrap(),
+        )],
+    );
+    let hpa = check_autoscaled(&docs, &workload, &env);
+
+    // The most pods at once (the autoscaler's maximum and the rollout's surge) with full
+    // pools, plus headroom, fit a default server.
+    let surge = workload["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+        .as_u64()
+        .expect("maxSurge as a count");
+    let pods = hpa["spec"]["maxReplicas"].as_u64().unwrap() + surge;
+    let pool_size = postgres["pool_size"].as_integer().unwrap().unsigned_abs();
+    assert!(
+        pods * pool_size + PG_HEADROOM <= PG_MAX_CONNECTIONS - PG_SUPERUSER_RESERVED,
+        "{pods} pods x pool_size {pool_size} + {PG_HEADROOM} > max_connections"
+    );
+}
+
+#[test]
+fn postgres_compose_starts_the_broker_on_a_healthy_database() {
+    let compose = &yaml(&repo("deploy/docker/compose.postgres.yaml"))[0];
+    let services = &compose["services"];
+    let (broker, postgres) = (&services["broker"], &services["postgres"]);
+
+    assert_eq!(postgres["image"], "postgres:15");
+    assert!(postgres["healthcheck"]["test"].is_array());
+    assert_eq!(
+        broker["depends_on"]["postgres"]["condition"],
+        "service_healthy"
+    );
+    let data = postgres["volumes"][0].as_str().unwrap();
+    let (volume, target) = data.split_once(':').unwrap();
+    assert_eq!(target, "/var/lib/postgresql/data");
+    assert!(
+        compose["volumes"].get(volume).is_some(),
+        "{volume} is a named volume"
+    );
+
+    // The broker's config is the one mounted, and names the service, its role and database.
+    let config_path = repo("deploy/docker/tokenbroker-postgres.toml");
+    assert!(
+        broker["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "./tokenbroker-postgres.toml:/etc/tokenbroker/tokenbroker.toml:ro")
+    );
+    let config = toml_file(&config_path);
+    let settings = &config["store"]["postgres"];
+    let db_env = &postgres["environment"];
+    assert_eq!(config["store"]["backend"].as_str(), Some("postgres"));
+    assert_eq!(settings["host"].as_str(), Some("postgres"));
+    assert_eq!(settings["port"].as_integer(), Some(5432));
+    assert_eq!(settings["user"].as_str(), db_env["POSTGRES_USER"].as_str());
+    assert_eq!(settings["dbname"].as_str(), db_env["POSTGRES_DB"].as_str());
+
+    // One password, from one compose secret given to both services as a file.
+    assert!(settings.get("password").is_none());
+    let secret = compose["secrets"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap();
+    assert_eq!(broker["secrets"][0], *secret);
+    assert_eq!(postgres["secrets"][0], *secret);
+    let file = format!("/run/secrets/{secret}");
+    assert_eq!(settings["password_file"].as_str(), Some(file.as_str()));
+    assert_eq!(db_env["POSTGRES_PASSWORD_FILE"], file);
+
+    // Every listener the config enables is published on loopback.
+    let published = broker["ports"].as_array().unwrap();
+    for section in ["server", "http", "metrics"] {
+        let port = listen_port(&config, section);
+        assert!(
+            published
+                .iter()
+                .any(|p| p.as_str() == Some(format!("127.0.0.1:{port}:{port}").as_str())),
+            "{section} {published:?}"
+        );
+    }
+
+    let mut env: BTreeMap<String, String> =
+        serde_json::from_value(broker["environment"].clone()).unwrap();
+    assert!(!env.keys().any(|name| name.contains("PASSWORD")), "{env:?}");
+    let password = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(password.path(), "a-password-for-tests").unwrap();
+    env.insert(
+        "TOKENBROKER_STORE__POSTGRES__PASSWORD_FILE".into(),
+        password.path().to_str().unwrap().into(),
+    );
+    assert_valid(
+        &check_config(&config_path, &env),
+        "compose broker on postgres",
+    );
+    // A shared store: the broker accepts being one of several.
+    env.insert("TOKENBROKER_REPLICAS".into(), "3".into());
+    assert_valid(
+        &check_config(&config_path, &env),
+        "three brokers on postgres",
+    );
 }
 
 #[test]
