@@ -618,8 +618,9 @@ async fn a_concurrent_first_sign_in_is_retried_not_internal() {
 async fn concurrent_first_sign_ins_on_a_contended_cluster_make_one_account() {
     let double = wall_clock_double().await;
     let broker = fauna_broker(&double, |_| {}).await;
-    // Transactions that overlap, as on a cluster under load.
-    double.set_transaction_time(Duration::from_millis(100));
+    // Transactions that overlap, as on a cluster under load: long enough that the 20 calls
+    // arrive within the first one's even on a loaded machine.
+    double.set_transaction_time(Duration::from_secs(1));
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..20 {
         let client = broker.trigger.clone();

@@ -25,6 +25,7 @@ mod metrics;
 mod otel;
 mod postgres;
 mod refresh;
+mod replicas;
 mod revoke;
 mod secrets;
 mod server;

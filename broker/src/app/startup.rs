@@ -204,6 +204,30 @@ impl Application {
         if let Some(verifier) = &cognito {
             broker = broker.with_cognito(Arc::clone(verifier));
         }
+        match settings.tokens.replay_key()? {
+            Some(key) if settings.store.backend == StoreBackend::Postgres => {
+                info!(
+                    key_id = key.id(),
+                    "idempotent replays are kept in the store, sealed"
+                );
+                broker = broker.with_replay_key(key);
+            }
+            Some(_) => {
+                warn!(
+                    "tokens.replay_key is set, but only store.backend = \"postgres\" keeps \
+                     idempotent replays; each broker replays from its own memory"
+                );
+            }
+            None if settings.store.backend == StoreBackend::Postgres && settings.replicas.0 > 1 => {
+                warn!(
+                    replicas = settings.replicas.0,
+                    "no tokens.replay_key: each replica replays idempotent IssueTokens calls from \
+                     its own memory, so a retry that reaches another replica mints a second pair; \
+                     set tokens.replay_key(_file) to share replays through postgres"
+                );
+            }
+            None => {}
+        }
         let broker = Arc::new(broker);
         let auth = Arc::new(auth);
         let limits =

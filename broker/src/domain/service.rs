@@ -20,8 +20,9 @@ use crate::{
     model::secret::{SecretDigest, sha256},
     model::{
         AccountId, ClientCheck, Email, FamilyId, MAX_GROUPS, MAX_SECRET_LEN, Metadata, MintedPair,
-        NewSession, PageCursor, PageRequest, RefreshOutcome, RevokeTarget, Rotation,
+        NewSession, PageCursor, PageRequest, RefreshOutcome, ReplayClaim, RevokeTarget, Rotation,
         SecretRevocation, TokenId, TokenInfo, TokenKind, TokenPage, UnixMicros, parse_name,
+        replay::ReplayKey,
     },
     store::TokenStore,
 };
@@ -182,6 +183,8 @@ pub struct Broker {
     /// token get one successor. The cache's own expiry is wall-clock; entries older than the
     /// grace window by `clock` are ignored too, so tests can move time by hand.
     rotated: Option<Cache<SecretDigest, (Arc<MintedPair>, UnixMicros)>>,
+    /// Seals the pairs a shared store keeps for idempotent replay; `None`: replay from `issued`.
+    replay_key: Option<Arc<ReplayKey>>,
     clock: Arc<dyn Clock>,
     /// Verifies `cognito_token` subjects; `None` while no user pool is configured.
     cognito: Option<Arc<CognitoVerifier>>,
@@ -222,6 +225,7 @@ impl Broker {
             tokens,
             issued,
             rotated,
+            replay_key: None,
             clock,
             cognito: None,
             audit: Arc::new(AuditLog::off()),
@@ -238,6 +242,13 @@ impl Broker {
     /// Counts tokens issued and revoked in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<DomainMetrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Keeps idempotent replays in the store, when it can share them with other replicas,
+    /// sealed by `key`.
+    pub fn with_replay_key(mut self, key: ReplayKey) -> Self {
+        self.replay_key = Some(Arc::new(key));
         self
     }
 
@@ -339,6 +350,26 @@ impl Broker {
                 metadata: request.metadata,
             };
             self.audit.request(record)?;
+            if let (Some(row), Some(key)) = (key, &self.replay_key) {
+                let claim = ReplayClaim {
+                    row,
+                    window: Duration::from_secs(self.tokens.idempotency_window_seconds.max(1)),
+                    key: Arc::clone(key),
+                };
+                if let Some((pair, replayed)) =
+                    self.store.issue_once(session.clone(), &claim).await?
+                {
+                    if replayed {
+                        info!(caller = %caller.name, family_id = %pair.family_id, "idempotent replay of issued tokens");
+                    } else {
+                        self.count_minted();
+                    }
+                    return Ok(Issued {
+                        pair: Arc::new(pair),
+                        replayed,
+                    });
+                }
+            }
             let mint = async {
                 let pair = self.store.issue(session).await?;
                 self.count_minted();

@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod deadline;
+pub mod replay;
 pub mod secret;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
@@ -379,6 +380,17 @@ pub struct MintedPair {
     pub refresh: MintedToken,
     /// The access token; its parent is `refresh`.
     pub access: MintedToken,
+}
+
+/// An IssueTokens idempotency key, as a shared store keeps its replay.
+#[derive(Debug, Clone)]
+pub struct ReplayClaim {
+    /// The digest of (caller, key, email, app client): the replay's row.
+    pub row: secret::SecretDigest,
+    /// How long the row replays its pair.
+    pub window: std::time::Duration,
+    /// The key the pair is sealed with.
+    pub key: std::sync::Arc<replay::ReplayKey>,
 }
 
 /// What a store needs to start a session.

@@ -14,7 +14,7 @@ use super::{StoreMetrics, StoreResult, TokenStore};
 use crate::{
     model::{
         AccountId, ClientCheck, Email, MintedPair, NewSession, PageRequest, RefreshOutcome,
-        RevokeTarget, Rotation, SecretRevocation, TokenInfo, TokenPage,
+        ReplayClaim, RevokeTarget, Rotation, SecretRevocation, TokenInfo, TokenPage,
     },
     obs::metrics::CacheResult,
 };
@@ -89,6 +89,17 @@ impl<S: TokenStore> TokenStore for CachedStore<S> {
             self.accounts.insert(email, pair.account_id.clone()).await;
         }
         Ok(pair)
+    }
+
+    async fn issue_once(
+        &self,
+        mut session: NewSession,
+        claim: &ReplayClaim,
+    ) -> StoreResult<Option<(MintedPair, bool)>> {
+        if session.known_account.is_none() {
+            session.known_account = self.cached(&session.email).await;
+        }
+        self.inner.issue_once(session, claim).await
     }
 
     async fn refresh(

@@ -30,7 +30,7 @@ pub use settings::{
 
 use crate::model::{
     AccountId, ClientCheck, Email, MintedPair, NewSession, PageRequest, RefreshOutcome,
-    RevokeTarget, Rotation, SecretRevocation, TokenInfo, TokenPage,
+    ReplayClaim, RevokeTarget, Rotation, SecretRevocation, TokenInfo, TokenPage,
 };
 
 /// A backend that keeps accounts and tokens.
@@ -42,6 +42,21 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
     /// Gets or creates the account for `session.email` and mints a refresh token and an access
     /// token (its child) in a new family.
     async fn issue(&self, session: NewSession) -> StoreResult<MintedPair>;
+
+    /// Issues like [`TokenStore::issue`], once per idempotency claim for every broker that
+    /// shares this store: within `claim.window` of a first call, a call with the same
+    /// `claim.row` gets that call's pair back (`true`: replayed) and changes nothing. The pair is
+    /// kept sealed by `claim.key` only, and forgotten when the window closes.
+    ///
+    /// `None` from a store that keeps no replays (the default); the broker then replays from
+    /// its own memory.
+    async fn issue_once(
+        &self,
+        _session: NewSession,
+        _claim: &ReplayClaim,
+    ) -> StoreResult<Option<(MintedPair, bool)>> {
+        Ok(None)
+    }
 
     /// Rotates the refresh token `secret`, with reuse detection; see [`RefreshOutcome`].
     ///

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::model::{
     AccountId, ClientCheck, Email, MintedPair, NewSession, PageRequest, RefreshOutcome,
-    RevokeTarget, Rotation, SecretRevocation, TokenInfo, TokenPage,
+    ReplayClaim, RevokeTarget, Rotation, SecretRevocation, TokenInfo, TokenPage,
 };
 
 /// A [`TokenStore`] whose every operation runs in its own span and is timed.
@@ -81,6 +81,15 @@ impl<S: fmt::Debug> fmt::Debug for ObservedStore<S> {
 impl<S: TokenStore> TokenStore for ObservedStore<S> {
     async fn issue(&self, session: NewSession) -> StoreResult<MintedPair> {
         self.observed(Operation::Issue, self.inner.issue(session))
+            .await
+    }
+
+    async fn issue_once(
+        &self,
+        session: NewSession,
+        claim: &ReplayClaim,
+    ) -> StoreResult<Option<(MintedPair, bool)>> {
+        self.observed(Operation::Issue, self.inner.issue_once(session, claim))
             .await
     }
 

@@ -734,8 +734,8 @@ fn contention_retries(answers: &[Answer]) -> Vec<u64> {
 #[tokio::test]
 async fn overlapping_transactions_conflict_on_what_they_read() {
     let h = Arc::new(harness().await);
-    // Long enough that the requests below overlap on a loaded machine.
-    h.double.set_transaction_time(Duration::from_millis(300));
+    // Long enough that the requests below overlap on a loaded machine (300 ms was not always).
+    h.double.set_transaction_time(Duration::from_secs(1));
     let issue = |email: String| move |_| (queries::ISSUE_BY_EMAIL, issue_args(&email), Vec::new());
 
     // First sign-ins of one email all read its index term; the first commit writes it, and the

@@ -2,7 +2,8 @@
 //! operators already run.
 //!
 //! tokio-postgres with a deadpool pool. Every operation is one prepared statement (`sql.rs`):
-//! issue, refresh, introspect and revoke by secret cost one round trip each, with the
+//! issue, refresh, introspect, revoke by secret and revoke by email cost one round trip each,
+//! with the
 //! statement's timeout set in the same flush (see `PostgresStore::attempt`). Prepared
 //! statements come from the pool's per-connection cache, so a connection parses each statement
 //! once.
@@ -46,7 +47,7 @@ use std::{
     fmt,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -66,10 +67,12 @@ use super::{
 };
 use crate::model::{
     AccountId, ClientCheck, Email, FamilyId, MintedPair, MintedToken, NewSession, PageRequest,
-    RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo, TokenKind,
-    TokenPage, UnixMicros,
+    RefreshOutcome, ReplayClaim, RevokeTarget, Rotation, SecretRevocation, TokenId, TokenInfo,
+    TokenKind, TokenPage, UnixMicros,
     clock::{Clock, MonotonicClock},
-    deadline, random_hex, secret,
+    deadline, random_hex,
+    replay::{OpenError, SealedPair},
+    secret,
 };
 
 /// The PostgreSQL store. See the module documentation.
@@ -83,6 +86,9 @@ pub struct PostgresStore {
     closed: AtomicBool,
     /// Attempts that failed in a retryable way and were retried, since the store opened.
     retries: AtomicU64,
+    /// When replays whose window closed were last deleted (µs), so that one sweep runs per
+    /// window.
+    swept_at: AtomicI64,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -166,6 +172,7 @@ impl PostgresStore {
             target: format!("{}:{}/{}", settings.host, settings.port, settings.dbname),
             closed: AtomicBool::new(false),
             retries: AtomicU64::new(0),
+            swept_at: AtomicI64::new(0),
         };
         store.migrate().await?;
         info!(target = %store.target, sslmode = ?settings.sslmode, "postgres store open");
@@ -335,6 +342,25 @@ impl PostgresStore {
         rows.map_err(Failure::Db)
     }
 
+    /// Deletes the replays whose window closed, at most once per `window` per broker: one
+    /// caller in a window pays a second round trip. Replays past their window are never
+    /// answered anyway; the deletion only frees their rows, and a failed one is left to the
+    /// next window.
+    async fn forget_replays(&self, now: UnixMicros, window: Duration) {
+        let last = self.swept_at.load(Ordering::Relaxed);
+        if now.0 < last.saturating_add(micros(window))
+            || self
+                .swept_at
+                .compare_exchange(last, now.0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        if let Err(err) = self.query(sql::FORGET_REPLAYS, &[&now.0]).await {
+            debug!(error = %err, "postgres: deleting closed replays failed; the next window retries");
+        }
+    }
+
     /// Runs a statement that answers exactly one row.
     async fn query_one(
         &self,
@@ -358,52 +384,60 @@ impl PostgresStore {
 #[async_trait]
 impl TokenStore for PostgresStore {
     async fn issue(&self, session: NewSession) -> StoreResult<MintedPair> {
-        let (refresh_id, refresh_secret, refresh_digest) = secret::mint(TokenKind::Refresh);
-        let (access_id, access_secret, access_digest) = secret::mint(TokenKind::Access);
-        let now = self.clock.stamp();
-        let family_id = FamilyId::random();
-        let refresh_expires = now.plus(session.refresh_ttl);
-        let access_expires = now.plus(session.access_ttl);
-        let session_ends = now.plus(session.session_ttl.max(session.refresh_ttl));
-        let metadata =
-            serde_json::to_string(&session.metadata).expect("a string map always serialises");
-        let new_account = AccountId::random();
-        let row = self
-            .query_one(
-                sql::ISSUE,
-                &[
-                    &new_account.as_str(),
-                    &session.email.as_str(),
-                    &session.cognito_sub,
-                    &now.0,
-                    &session.known_account.as_ref().map(AccountId::as_str),
-                    &family_id.as_str(),
-                    &session.client_id,
-                    &refresh_id.as_str(),
-                    &refresh_digest.as_slice(),
-                    &refresh_expires.0,
-                    &access_id.as_str(),
-                    &access_digest.as_slice(),
-                    &access_expires.0,
-                    &session_ends.0,
-                    &metadata,
-                ],
-            )
-            .await?;
-        Ok(MintedPair {
-            account_id: AccountId::from_stored(get(&row, 0)?),
-            family_id,
-            refresh: MintedToken {
-                id: refresh_id,
-                secret: refresh_secret,
-                expires_at: refresh_expires,
-            },
-            access: MintedToken {
-                id: access_id,
-                secret: access_secret,
-                expires_at: access_expires,
-            },
-        })
+        let issue = Issue::new(&session, self.clock.stamp());
+        let row = self.query_one(sql::ISSUE, &issue.params(&session)).await?;
+        Ok(issue.into_pair(AccountId::from_stored(get(&row, 0)?)))
+    }
+
+    async fn issue_once(
+        &self,
+        session: NewSession,
+        claim: &ReplayClaim,
+    ) -> StoreResult<Option<(MintedPair, bool)>> {
+        let issue = Issue::new(&session, self.clock.stamp());
+        // The sealed pair does not name its account, which the statement decides; the row
+        // keeps the account beside it.
+        let sealed = claim.key.seal(
+            &claim.row,
+            &issue.pair_of(AccountId::from_stored(String::new())),
+        );
+        let closes = issue.now.plus(claim.window);
+        let mut params = issue.params(&session);
+        let row = claim.row.to_vec();
+        params.extend_from_slice(&[
+            &row,
+            &closes.0,
+            &sealed.key_id,
+            &sealed.nonce,
+            &sealed.ciphertext,
+        ]);
+        let answer = self.query_one(sql::ISSUE_ONCE, &params).await?;
+        self.forget_replays(issue.now, claim.window).await;
+        if let Some(account) = get::<Option<String>>(&answer, 0)? {
+            return Ok(Some((
+                issue.into_pair(AccountId::from_stored(account)),
+                false,
+            )));
+        }
+        let stored = SealedPair {
+            key_id: get(&answer, 2)?,
+            nonce: get(&answer, 3)?,
+            ciphertext: get(&answer, 4)?,
+        };
+        let account = AccountId::from_stored(get(&answer, 1)?);
+        match claim.key.open(&claim.row, account, &stored) {
+            Ok(pair) => Ok(Some((pair, true))),
+            Err(OpenError::OtherKey) => Err(StoreError::new(
+                StoreErrorKind::Internal,
+                "the idempotency key's pair was sealed under another tokens.replay_key",
+                None,
+            )),
+            Err(OpenError::Corrupt) => Err(StoreError::new(
+                StoreErrorKind::Internal,
+                "the idempotency key's sealed pair does not open: corrupt or forged",
+                None,
+            )),
+        }
     }
 
     async fn refresh(
@@ -549,6 +583,16 @@ impl TokenStore for PostgresStore {
         Ok(count(get(&row, 0)?))
     }
 
+    async fn revoke_email(&self, email: &Email) -> StoreResult<Option<(AccountId, u64)>> {
+        let now = self.clock.stamp();
+        let row = self
+            .query_one(sql::REVOKE_EMAIL, &[&email.as_str(), &now.0])
+            .await?;
+        let account: Option<String> = get(&row, 1)?;
+        let revoked = count(get(&row, 0)?);
+        Ok(account.map(|id| (AccountId::from_stored(id), revoked)))
+    }
+
     async fn account_by_email(&self, email: &Email) -> StoreResult<Option<AccountId>> {
         let rows = self
             .query(sql::ACCOUNT_BY_EMAIL, &[&email.as_str()])
@@ -591,6 +635,95 @@ impl TokenStore for PostgresStore {
         self.closed.store(true, Ordering::Release);
         self.pool.close();
         Ok(())
+    }
+}
+
+/// A pair about to be issued: its ids, secrets and times, minted before the first attempt so
+/// that every attempt sends the same ones, and the statement's parameters.
+struct Issue {
+    now: UnixMicros,
+    family_id: FamilyId,
+    refresh: (TokenId, SecretString),
+    access: (TokenId, SecretString),
+    refresh_expires: UnixMicros,
+    access_expires: UnixMicros,
+    /// `$1` to `$15` of [`sql::ISSUE`] that are text or bytes.
+    text: [String; 6],
+    digests: [Vec<u8>; 2],
+    known_account: Option<String>,
+    session_ends: UnixMicros,
+}
+
+impl Issue {
+    fn new(session: &NewSession, now: UnixMicros) -> Self {
+        let family_id = FamilyId::random();
+        let (refresh_id, refresh_secret, refresh_digest) = secret::mint(TokenKind::Refresh);
+        let (access_id, access_secret, access_digest) = secret::mint(TokenKind::Access);
+        Self {
+            now,
+            text: [
+                AccountId::random().as_str().to_owned(),
+                session.email.as_str().to_owned(),
+                family_id.as_str().to_owned(),
+                refresh_id.as_str().to_owned(),
+                access_id.as_str().to_owned(),
+                serde_json::to_string(&session.metadata).expect("a string map always serialises"),
+            ],
+            digests: [refresh_digest.to_vec(), access_digest.to_vec()],
+            known_account: session
+                .known_account
+                .as_ref()
+                .map(|a| a.as_str().to_owned()),
+            family_id,
+            refresh: (refresh_id, refresh_secret),
+            access: (access_id, access_secret),
+            refresh_expires: now.plus(session.refresh_ttl),
+            access_expires: now.plus(session.access_ttl),
+            session_ends: now.plus(session.session_ttl.max(session.refresh_ttl)),
+        }
+    }
+
+    /// `$1` to `$15` of [`sql::ISSUE`].
+    fn params<'a>(&'a self, session: &'a NewSession) -> Vec<&'a (dyn ToSql + Sync)> {
+        let [account, email, family, refresh, access, metadata] = &self.text;
+        vec![
+            account,
+            email,
+            &session.cognito_sub,
+            &self.now.0,
+            &self.known_account,
+            family,
+            &session.client_id,
+            refresh,
+            &self.digests[0],
+            &self.refresh_expires.0,
+            access,
+            &self.digests[1],
+            &self.access_expires.0,
+            &self.session_ends.0,
+            metadata,
+        ]
+    }
+
+    fn pair_of(&self, account_id: AccountId) -> MintedPair {
+        MintedPair {
+            account_id,
+            family_id: self.family_id.clone(),
+            refresh: MintedToken {
+                id: self.refresh.0.clone(),
+                secret: self.refresh.1.clone(),
+                expires_at: self.refresh_expires,
+            },
+            access: MintedToken {
+                id: self.access.0.clone(),
+                secret: self.access.1.clone(),
+                expires_at: self.access_expires,
+            },
+        }
+    }
+
+    fn into_pair(self, account_id: AccountId) -> MintedPair {
+        self.pair_of(account_id)
     }
 }
 

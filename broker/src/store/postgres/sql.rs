@@ -24,7 +24,8 @@
 pub(super) const SCHEMA_TABLE: &str = "tokenbroker_schema";
 
 /// Schema migrations, applied in order; version `n` is `MIGRATIONS[n - 1]`.
-pub(super) const MIGRATIONS: &[&str] = &[r"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE accounts (
     id          TEXT PRIMARY KEY,
     email       TEXT NOT NULL UNIQUE,
@@ -52,7 +53,19 @@ CREATE TABLE tokens (
 );
 CREATE INDEX tokens_by_account ON tokens (account_id, issued_at, id);
 CREATE INDEX tokens_by_family ON tokens (family_id);
-"];
+",
+    r"
+CREATE TABLE replays (
+    row_digest BYTEA PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    key_id     TEXT NOT NULL,
+    nonce      BYTEA NOT NULL,
+    sealed     BYTEA NOT NULL
+);
+CREATE INDEX replays_by_expiry ON replays (expires_at);
+",
+];
 
 /// "Active at `$now`" over `tokens {t} JOIN accounts {a}`; agrees with `TokenRow::state`.
 macro_rules! active {
@@ -83,6 +96,47 @@ macro_rules! token_columns {
     };
 }
 
+/// Gets or creates the account and inserts a pair, unless `$guard` (SQL over the CTEs in
+/// `$before`) is false; see [`ISSUE`] and [`ISSUE_ONCE`].
+macro_rules! issue {
+    ($before:literal, $guard:literal, $after:literal) => {
+        concat!(
+            "WITH ",
+            $before,
+            "new_account AS (
+    INSERT INTO accounts (id, email, cognito_sub, created_at)
+    SELECT $1::text, $2::text, $3::text, $4::bigint WHERE $5::text IS NULL AND ",
+            $guard,
+            "
+    ON CONFLICT (email) DO UPDATE SET cognito_sub = excluded.cognito_sub
+        WHERE accounts.cognito_sub IS NULL AND excluded.cognito_sub IS NOT NULL
+    RETURNING id
+), account AS (
+    SELECT $5::text AS id WHERE $5::text IS NOT NULL AND ",
+            $guard,
+            "
+    UNION ALL SELECT id FROM new_account
+    UNION ALL SELECT id FROM accounts
+        WHERE email = $2::text AND $5::text IS NULL AND NOT EXISTS (SELECT 1 FROM new_account)
+          AND ",
+            $guard,
+            "
+), minted AS (
+    INSERT INTO tokens (id, kind, account_id, family_id, parent_id, client_id, secret_sha256,
+                        issued_at, expires_at, session_ends_at, metadata)
+    SELECT n.id, n.kind, account.id, $6::text, n.parent_id, $7::text, n.digest,
+           $4::bigint, n.expires_at, $14::bigint, $15::text
+    FROM account, (VALUES ($8::text, 'refresh', NULL::text, $9::bytea, $10::bigint),
+                          ($11::text, 'access', $8::text, $12::bytea, $13::bigint))
+         AS n (id, kind, parent_id, digest, expires_at)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING 1
+)",
+            $after
+        )
+    };
+}
+
 /// Gets or creates the account and inserts a pair.
 ///
 /// `$1` new account id, `$2` email, `$3` Cognito sub, `$4` now, `$5` known account (or NULL),
@@ -94,30 +148,36 @@ macro_rules! token_columns {
 /// writes nothing it returns nothing, and the account comes from the statement's snapshot
 /// (where it is, or the upsert would have failed with a serialization error). A retry after an
 /// ambiguous commit finds its own tokens (`ON CONFLICT (id) DO NOTHING`) and the account.
-pub(super) const ISSUE: &str = "\
-WITH new_account AS (
-    INSERT INTO accounts (id, email, cognito_sub, created_at)
-    SELECT $1::text, $2::text, $3::text, $4::bigint WHERE $5::text IS NULL
-    ON CONFLICT (email) DO UPDATE SET cognito_sub = excluded.cognito_sub
-        WHERE accounts.cognito_sub IS NULL AND excluded.cognito_sub IS NOT NULL
-    RETURNING id
-), account AS (
-    SELECT $5::text AS id WHERE $5::text IS NOT NULL
-    UNION ALL SELECT id FROM new_account
-    UNION ALL SELECT id FROM accounts
-        WHERE email = $2::text AND $5::text IS NULL AND NOT EXISTS (SELECT 1 FROM new_account)
-), minted AS (
-    INSERT INTO tokens (id, kind, account_id, family_id, parent_id, client_id, secret_sha256,
-                        issued_at, expires_at, session_ends_at, metadata)
-    SELECT n.id, n.kind, account.id, $6::text, n.parent_id, $7::text, n.digest,
-           $4::bigint, n.expires_at, $14::bigint, $15::text
-    FROM account, (VALUES ($8::text, 'refresh', NULL::text, $9::bytea, $10::bigint),
-                          ($11::text, 'access', $8::text, $12::bytea, $13::bigint))
-         AS n (id, kind, parent_id, digest, expires_at)
-    ON CONFLICT (id) DO NOTHING
+pub(super) const ISSUE: &str = issue!("", "TRUE", "\nSELECT id FROM account");
+
+/// [`ISSUE`] under an idempotency claim: `$16` the replay row's digest, `$17` when it closes,
+/// `$18` the sealing key's id, `$19` the nonce, `$20` the sealed pair. When the row holds a
+/// live replay, nothing is written and the row's sealed pair is answered (`account` is then
+/// NULL); otherwise the pair is inserted and the row claimed (or an expired row taken over),
+/// and `account` is answered with NULL replay columns. Two brokers claiming one row at once
+/// conflict on its key, and the serialization failure's retry finds the winner's row; a retry
+/// after an ambiguous commit finds its own row and answers its own pair from it.
+pub(super) const ISSUE_ONCE: &str = issue!(
+    "existing AS (
+    SELECT account_id, key_id, nonce, sealed FROM replays
+    WHERE row_digest = $16::bytea AND expires_at > $4::bigint
+), ",
+    "NOT EXISTS (SELECT 1 FROM existing)",
+    ", claimed AS (
+    INSERT INTO replays (row_digest, account_id, expires_at, key_id, nonce, sealed)
+    SELECT $16::bytea, account.id, $17::bigint, $18::text, $19::bytea, $20::bytea FROM account
+    ON CONFLICT (row_digest) DO UPDATE SET account_id = excluded.account_id,
+        expires_at = excluded.expires_at, key_id = excluded.key_id, nonce = excluded.nonce,
+        sealed = excluded.sealed
+        WHERE replays.expires_at <= $4::bigint
     RETURNING 1
 )
-SELECT id FROM account";
+SELECT (SELECT id FROM account), e.account_id, e.key_id, e.nonce, e.sealed
+FROM (SELECT 1) AS one LEFT JOIN existing e ON TRUE"
+);
+
+/// Forgets the replays whose window closed: `$1` now.
+pub(super) const FORGET_REPLAYS: &str = "DELETE FROM replays WHERE expires_at <= $1::bigint";
 
 /// A token's row with its account, by id: `$1` id.
 pub(super) const LOAD_TOKEN: &str = concat!(
@@ -289,22 +349,40 @@ pub(super) const REVOKE_FAMILY: &str = concat!(
 SELECT (SELECT count(*) FROM revoked) + (SELECT n FROM earlier)"
 );
 
-/// Revokes an account as a not-before watermark and counts the tokens it turned inactive:
-/// `$1` account, `$2` now. `greatest`: the watermark never moves back. (A retry after an
-/// ambiguous commit counts 0: the watermark left nothing active to count, and stamping every
-/// token of the account with the nonce would cost the write this statement avoids.)
-pub(super) const REVOKE_ACCOUNT: &str = concat!(
-    "WITH counted AS (
+/// Revokes the account that `target` names (a query for its `id`) as a not-before watermark
+/// and counts the tokens it turned inactive; `$2` now. Answers one row: the count and the
+/// account's id (NULL, with a count of 0, when no account matches). `greatest`: the watermark
+/// never moves back. (A retry after an ambiguous commit counts 0: the watermark left nothing
+/// active to count, and stamping every token of the account with the nonce would cost the
+/// write this statement avoids.)
+macro_rules! revoke_account {
+    ($target:literal) => {
+        concat!(
+            "WITH target AS (",
+            $target,
+            "), counted AS (
     SELECT count(*) AS n FROM tokens t JOIN accounts a ON a.id = t.account_id
-    WHERE t.account_id = $1::text AND ",
-    active!("t", "a", "$2::bigint"),
-    "
+    WHERE t.account_id = (SELECT id FROM target) AND ",
+            active!("t", "a", "$2::bigint"),
+            "
 ), moved AS (
-    UPDATE accounts SET not_before = greatest(not_before, $2::bigint) WHERE id = $1::text
+    UPDATE accounts SET not_before = greatest(not_before, $2::bigint)
+    WHERE id = (SELECT id FROM target)
     RETURNING 1
 )
-SELECT n FROM counted"
-);
+SELECT n, (SELECT id FROM target) FROM counted"
+        )
+    };
+}
+
+/// Revokes an account by id: `$1` account, `$2` now; see `revoke_account!`.
+pub(super) const REVOKE_ACCOUNT: &str =
+    revoke_account!("SELECT id FROM accounts WHERE id = $1::text");
+
+/// Finds the account of an email and revokes it, in one round trip: `$1` email, `$2` now; see
+/// `revoke_account!`.
+pub(super) const REVOKE_EMAIL: &str =
+    revoke_account!("SELECT id FROM accounts WHERE email = $1::text");
 
 /// The account of an email: `$1` email.
 pub(super) const ACCOUNT_BY_EMAIL: &str = "SELECT id FROM accounts WHERE email = $1::text";

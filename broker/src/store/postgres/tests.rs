@@ -69,9 +69,13 @@ async fn open_store(settings: &PostgresSettings) -> PostgresStore {
         .expect("the store opens")
 }
 
-fn session(email: &str) -> NewSession {
+fn email(address: &str) -> Email {
+    Email::parse(address).expect("test emails are valid")
+}
+
+fn session(address: &str) -> NewSession {
     NewSession {
-        email: Email::parse(email).expect("test emails are valid"),
+        email: email(address),
         known_account: None,
         cognito_sub: None,
         client_id: Some("app-1".into()),
@@ -220,7 +224,7 @@ async fn relay(mut client: TcpStream, mut server: TcpStream, wire: Arc<Mutex<Wir
 }
 
 #[tokio::test]
-async fn issue_refresh_introspect_and_revoke_by_secret_take_one_round_trip_each() {
+async fn issue_refresh_introspect_and_revocations_take_one_round_trip_each() {
     let mut settings = cluster().create_database().await;
     let proxy = CountingProxy::start(settings.port).await;
     settings.port = proxy.port;
@@ -239,6 +243,15 @@ async fn issue_refresh_introspect_and_revoke_by_secret_take_one_round_trip_each(
     store.introspect(&warm.access.secret).await.unwrap();
     store
         .revoke_secret(&warm.access.secret, &ClientCheck::Any)
+        .await
+        .unwrap();
+    store
+        .revoke_email(&email("warm@example.com"))
+        .await
+        .unwrap();
+    let window = Duration::from_secs(30);
+    store
+        .issue_once(session("warm@example.com"), &claim(1, 9, window))
         .await
         .unwrap();
     proxy.take();
@@ -276,6 +289,44 @@ async fn issue_refresh_introspect_and_revoke_by_secret_take_one_round_trip_each(
     assert_eq!(proxy.take(), one, "revoke by secret");
     // The family: the first access token (a rotation leaves it active) and the new pair.
     assert_eq!(revoked, SecretRevocation::Revoked(3));
+
+    // Finding the account and revoking it is one statement too.
+    let again = store.issue(session("ann@example.com")).await.unwrap();
+    proxy.take();
+    let (account, revoked) = store
+        .revoke_email(&email("ann@example.com"))
+        .await
+        .unwrap()
+        .expect("the account exists");
+    assert_eq!(proxy.take(), one, "revoke by email");
+    assert_eq!(account, again.account_id);
+    assert_eq!(revoked, 2, "the new pair");
+    assert!(
+        store
+            .introspect(&again.access.secret)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    proxy.take();
+    assert_eq!(
+        store
+            .revoke_email(&email("nobody@example.com"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(proxy.take(), one, "revoke by an unknown email");
+
+    // An idempotent issue, first and replayed (the deletion of closed replays is a second
+    // statement, once per window, which the warm-up ran).
+    for what in ["idempotent issue", "idempotent replay"] {
+        store
+            .issue_once(session("ann@example.com"), &claim(2, 9, window))
+            .await
+            .unwrap();
+        assert_eq!(proxy.take(), one, "{what}");
+    }
 }
 
 #[tokio::test]
@@ -577,4 +628,112 @@ async fn a_unix_socket_directory_is_a_host() {
             .unwrap()
             .is_some()
     );
+}
+
+fn claim(row: u8, key: u8, window: Duration) -> ReplayClaim {
+    let text = SecretString::from(hex::encode([key; 32]));
+    ReplayClaim {
+        row: [row; 32],
+        window,
+        key: Arc::new(crate::model::replay::ReplayKey::from_hex(&text).unwrap()),
+    }
+}
+
+#[tokio::test]
+async fn an_idempotency_claim_replays_one_sealed_pair_across_stores_until_its_window_closes() {
+    let settings = cluster().create_database().await;
+    let clock = Arc::new(ManualClock::new());
+    // Two stores on one database: two replicas.
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        replicas.push(Arc::new(
+            PostgresStore::connect(&settings, clock.clone())
+                .await
+                .unwrap(),
+        ));
+    }
+    let window = Duration::from_secs(30);
+    let mut calls = JoinSet::new();
+    for i in 0..10 {
+        let store = replicas[i % 2].clone();
+        calls.spawn(async move {
+            store
+                .issue_once(session("ivy@example.com"), &claim(1, 9, window))
+                .await
+                .unwrap()
+                .expect("postgres keeps replays")
+        });
+    }
+    let answers = calls.join_all().await;
+    assert_eq!(answers.iter().filter(|(_, replayed)| !replayed).count(), 1);
+    let (first, _) = &answers[0];
+    for (pair, _) in &answers {
+        assert_eq!(pair.refresh.id, first.refresh.id);
+        assert_eq!(pair.account_id, first.account_id);
+        assert_eq!(pair.access.expires_at, first.access.expires_at);
+        assert_eq!(
+            pair.access.secret.expose_secret(),
+            first.access.secret.expose_secret()
+        );
+    }
+    let admin = cluster().admin(&settings.dbname).await;
+    let tokens: i64 = admin
+        .query_one("SELECT count(*) FROM tokens", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tokens, 2, "one pair");
+    // Nothing in the database holds a secret in plaintext.
+    let dump: String = admin
+        .query_one(
+            "SELECT string_agg(encode(sealed, 'escape') || key_id || encode(nonce, 'hex'), ' ') \
+             FROM replays",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for secret in [&first.access.secret, &first.refresh.secret] {
+        let text = secret.expose_secret();
+        assert!(
+            !dump.contains(&text[4..]),
+            "a secret is stored in plaintext"
+        );
+    }
+
+    // Another key opens nothing; another row is another call.
+    let err = replicas[1]
+        .issue_once(session("ivy@example.com"), &claim(1, 8, window))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Internal);
+    assert!(!err.to_string().contains(&hex::encode([8u8; 32])));
+    let (other, replayed) = replicas[0]
+        .issue_once(session("ivy@example.com"), &claim(2, 9, window))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!replayed);
+    assert_ne!(other.refresh.id, first.refresh.id);
+
+    // When the window closes the claim mints a new pair, and the closed rows are deleted.
+    clock.advance(window + Duration::from_secs(1));
+    let (later, replayed) = replicas[1]
+        .issue_once(session("ivy@example.com"), &claim(1, 9, window))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!replayed);
+    assert_ne!(later.refresh.id, first.refresh.id);
+    clock.advance(window + Duration::from_secs(1));
+    replicas[0]
+        .issue_once(session("ivy@example.com"), &claim(3, 9, window))
+        .await
+        .unwrap();
+    let left: i64 = admin
+        .query_one("SELECT count(*) FROM replays", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1, "only the open claim is left");
 }

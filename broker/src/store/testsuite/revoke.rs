@@ -11,6 +11,7 @@ pub(super) fn cases() -> Vec<(&'static str, Case)> {
         revoking_by_token_id_cascades_only_from_refresh_tokens,
         revoking_a_family_revokes_every_token_in_it,
         revoking_an_account_is_a_watermark,
+        revoking_by_email_finds_the_account,
         revoking_unknown_targets_revokes_nothing,
     ]
 }
@@ -182,6 +183,39 @@ pub(super) async fn revoking_a_family_revokes_every_token_in_it(ctx: Ctx) {
             .await,
         0,
         "idempotent"
+    );
+}
+
+pub(super) async fn revoking_by_email_finds_the_account(ctx: Ctx) {
+    let first = ctx.issue("yara@example.com").await;
+    let second = ctx.issue("yara@example.com").await;
+    let other = ctx.issue("yuri@example.com").await;
+
+    let found = ctx
+        .store
+        .revoke_email(&email("yara@example.com"))
+        .await
+        .expect("revoke_email succeeds");
+    assert_eq!(found, Some((first.account_id.clone(), 4)), "both pairs");
+    for secret in [&first.access.secret, &second.refresh.secret] {
+        assert!(!ctx.is_active(secret).await);
+    }
+    assert!(
+        ctx.is_active(&other.access.secret).await,
+        "other accounts are untouched"
+    );
+    let after = ctx.issue("yara@example.com").await;
+    assert!(
+        ctx.is_active(&after.access.secret).await,
+        "the account survives as a watermark"
+    );
+
+    assert_eq!(
+        ctx.store
+            .revoke_email(&email("nobody@example.com"))
+            .await
+            .expect("revoke_email succeeds"),
+        None
     );
 }
 

@@ -1,0 +1,246 @@
+//! Sealing a minted pair for the idempotency replay of a shared store: AES-256-GCM (aws-lc-rs)
+//! under the key of `tokens.replay_key`, so the pair's secrets are never stored in plaintext.
+//!
+//! A sealed pair is the key's id, a random 96-bit nonce and the ciphertext with its tag. The
+//! authenticated data is the row's idempotency digest (caller, key, email and app client), so a
+//! sealed pair copied to another row does not open. The key id (a digest of the key, which
+//! reveals nothing of it) tells a pair sealed under another key, after the key was changed,
+//! from a forged one.
+
+use std::fmt;
+
+use aws_lc_rs::{
+    aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey},
+    rand::{SecureRandom as _, SystemRandom},
+};
+use secrecy::{ExposeSecret as _, SecretString};
+
+use crate::model::{
+    AccountId, ConfigError, FamilyId, MintedPair, MintedToken, UnixMicros,
+    secret::{self, SecretDigest},
+};
+
+/// Length of a replay key in bytes (AES-256).
+pub const REPLAY_KEY_LEN: usize = 32;
+
+/// The key that seals replayed pairs.
+pub struct ReplayKey {
+    key: LessSafeKey,
+    id: String,
+}
+
+impl fmt::Debug for ReplayKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplayKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A sealed pair, as a store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedPair {
+    /// The id of the key that sealed it.
+    pub key_id: String,
+    /// The nonce, unique per seal.
+    pub nonce: Vec<u8>,
+    /// The ciphertext and its tag.
+    pub ciphertext: Vec<u8>,
+}
+
+/// Why a sealed pair does not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenError {
+    /// It was sealed under another key (the key was changed within the window).
+    OtherKey,
+    /// It does not authenticate, or does not hold a pair: corrupt or forged.
+    Corrupt,
+}
+
+impl ReplayKey {
+    /// Reads a key written as 64 hex digits (surrounding whitespace ignored).
+    ///
+    /// # Errors
+    ///
+    /// When it is not 32 bytes of hex; the message never contains the key.
+    pub fn from_hex(text: &SecretString) -> Result<Self, ConfigError> {
+        let invalid = || {
+            ConfigError(format!(
+                "tokens.replay_key must be {} hex digits ({REPLAY_KEY_LEN} bytes)",
+                REPLAY_KEY_LEN * 2
+            ))
+        };
+        let bytes = hex::decode(text.expose_secret().trim()).map_err(|_| invalid())?;
+        if bytes.len() != REPLAY_KEY_LEN {
+            return Err(invalid());
+        }
+        let key = UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| invalid())?;
+        let mut labelled = b"tokenbroker replay key ".to_vec();
+        labelled.extend_from_slice(&bytes);
+        let id = hex::encode(&secret::sha256(&labelled)[..8]);
+        Ok(Self {
+            key: LessSafeKey::new(key),
+            id,
+        })
+    }
+
+    /// The key's id: a digest of it, safe to store and log.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Seals `pair` (all but its account) for the row `row`.
+    ///
+    /// # Panics
+    ///
+    /// When the system's random source or AES-GCM fails, which a working host never does.
+    pub fn seal(&self, row: &SecretDigest, pair: &MintedPair) -> SealedPair {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .expect("the system random source works");
+        let mut data = [
+            pair.family_id.as_str(),
+            pair.refresh.secret.expose_secret(),
+            &pair.refresh.expires_at.0.to_string(),
+            pair.access.secret.expose_secret(),
+            &pair.access.expires_at.0.to_string(),
+        ]
+        .join("\n")
+        .into_bytes();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(row),
+                &mut data,
+            )
+            .expect("AES-GCM seals any message of this size");
+        SealedPair {
+            key_id: self.id.clone(),
+            nonce: nonce.to_vec(),
+            ciphertext: data,
+        }
+    }
+
+    /// Opens a pair sealed for the row `row`, as the pair of `account`.
+    ///
+    /// # Errors
+    ///
+    /// See [`OpenError`].
+    pub fn open(
+        &self,
+        row: &SecretDigest,
+        account: AccountId,
+        sealed: &SealedPair,
+    ) -> Result<MintedPair, OpenError> {
+        if sealed.key_id != self.id {
+            return Err(OpenError::OtherKey);
+        }
+        let nonce =
+            Nonce::try_assume_unique_for_key(&sealed.nonce).map_err(|_| OpenError::Corrupt)?;
+        let mut data = sealed.ciphertext.clone();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(row), &mut data)
+            .map_err(|_| OpenError::Corrupt)?;
+        let text = String::from_utf8(plain.to_vec()).map_err(|_| OpenError::Corrupt)?;
+        let fields: Vec<&str> = text.split('\n').collect();
+        let [family, refresh, refresh_expires, access, access_expires] = fields[..] else {
+            return Err(OpenError::Corrupt);
+        };
+        let token = |value: &str, expires: &str| {
+            let secret = SecretString::from(value.to_owned());
+            let id = secret::parse(&secret).ok_or(OpenError::Corrupt)?.id;
+            let expires_at = UnixMicros(expires.parse().map_err(|_| OpenError::Corrupt)?);
+            Ok(MintedToken {
+                id,
+                secret,
+                expires_at,
+            })
+        };
+        Ok(MintedPair {
+            account_id: account,
+            family_id: FamilyId::from_stored(family.to_owned()),
+            refresh: token(refresh, refresh_expires)?,
+            access: token(access, access_expires)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TokenKind;
+
+    fn key(byte: u8) -> ReplayKey {
+        ReplayKey::from_hex(&SecretString::from(hex::encode([byte; 32]))).unwrap()
+    }
+
+    fn pair() -> MintedPair {
+        let token = |kind| {
+            let (id, secret, _) = secret::mint(kind);
+            MintedToken {
+                id,
+                secret,
+                expires_at: UnixMicros(1_700_000_000_000_000),
+            }
+        };
+        MintedPair {
+            account_id: AccountId::random(),
+            family_id: FamilyId::random(),
+            refresh: token(TokenKind::Refresh),
+            access: token(TokenKind::Access),
+        }
+    }
+
+    #[test]
+    fn a_sealed_pair_opens_only_for_its_row_and_key_and_holds_no_plaintext() {
+        let (sealer, pair, row) = (key(7), pair(), [1u8; 32]);
+        let sealed = sealer.seal(&row, &pair);
+        for secret in [&pair.refresh.secret, &pair.access.secret] {
+            let text = secret.expose_secret().as_bytes();
+            assert!(!sealed.ciphertext.windows(text.len()).any(|w| w == text));
+        }
+        let opened = sealer.open(&row, pair.account_id.clone(), &sealed).unwrap();
+        assert_eq!(opened.family_id, pair.family_id);
+        assert_eq!(opened.refresh.id, pair.refresh.id);
+        assert_eq!(opened.access.expires_at, pair.access.expires_at);
+        assert_eq!(
+            opened.access.secret.expose_secret(),
+            pair.access.secret.expose_secret()
+        );
+        assert_ne!(sealer.seal(&row, &pair).nonce, sealed.nonce, "fresh nonces");
+
+        assert_eq!(
+            sealer
+                .open(&[2u8; 32], pair.account_id.clone(), &sealed)
+                .unwrap_err(),
+            OpenError::Corrupt,
+            "another row"
+        );
+        let mut tampered = sealed.clone();
+        tampered.ciphertext[0] ^= 1;
+        assert_eq!(
+            sealer
+                .open(&row, pair.account_id.clone(), &tampered)
+                .unwrap_err(),
+            OpenError::Corrupt
+        );
+        assert_eq!(
+            key(8).open(&row, pair.account_id, &sealed).unwrap_err(),
+            OpenError::OtherKey
+        );
+    }
+
+    #[test]
+    fn a_key_must_be_32_bytes_of_hex_and_is_never_shown() {
+        for bad in ["", "00", &"g".repeat(64), &"0".repeat(66)] {
+            let err = ReplayKey::from_hex(&SecretString::from(bad.to_owned())).unwrap_err();
+            assert!(err.0.contains("64 hex digits"), "{err:?}");
+        }
+        let text = "ab".repeat(32);
+        let key = ReplayKey::from_hex(&SecretString::from(format!(" {text}\n"))).unwrap();
+        assert!(!format!("{key:?}").contains(&text));
+        assert_eq!(key.id().len(), 16);
+    }
+}
