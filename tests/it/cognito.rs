@@ -31,7 +31,7 @@ use tonic_health::pb::{
 use crate::kind_of;
 
 /// An IssueTokens request that exchanges `token`.
-fn exchange(token: &str) -> pb::IssueTokensRequest {
+pub(crate) fn exchange(token: &str) -> pb::IssueTokensRequest {
     pb::IssueTokensRequest {
         subject: Some(pb::issue_tokens_request::Subject::CognitoToken(
             token.into(),
@@ -46,7 +46,7 @@ async fn spawn(pool: &TestPool) -> TestBroker {
 }
 
 /// A client of `broker` that presents `token` as its bearer credential.
-fn bearer(broker: &TestBroker, token: &SecretString) -> Client {
+pub(crate) fn bearer(broker: &TestBroker, token: &SecretString) -> Client {
     broker
         .anonymous
         .clone()

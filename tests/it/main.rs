@@ -8,6 +8,7 @@ mod cognito;
 mod concurrency;
 mod deploy;
 mod dev_mode;
+mod direct_exchange;
 mod durability;
 mod fauna;
 mod flood;

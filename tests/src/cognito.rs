@@ -422,6 +422,7 @@ pub fn settings_for(jwks_url: &str) -> CognitoSettings {
             client_ids: vec![CLIENT_ID.into()],
             group_roles: BTreeMap::from([(ADMIN_GROUP.into(), vec![Role::Admin])]),
             scope_roles: BTreeMap::from([(SERVICE_SCOPE.into(), vec![Role::Service])]),
+            direct_exchange: false,
         }],
         ..CognitoSettings::default()
     }

@@ -3,7 +3,8 @@
 //! Every `TokenBroker` call takes a permit from the in-flight limit before anything else (a
 //! call over the limit is refused at once, not queued), then is charged to one bucket once its
 //! caller is known: the caller's own (`[limits.callers.<name>]`), else its roles'
-//! (`[limits.roles.<role>]`), else, for calls without a credential (refresh and self-revoke by
+//! (`[limits.roles.<role>]`); for a direct-exchange caller, its Cognito user's
+//! (`[limits.direct_exchange]`); else, for calls without a credential (refresh and self-revoke by
 //! secret) and callers that hold no role, the client network's (`[limits.anonymous]`: an IPv4
 //! address, an IPv6 /64), and also one bucket all of those share (`[limits.anonymous_total]`),
 //! so that no number of addresses buys more. A network whose calls keep failing
@@ -33,6 +34,8 @@ crate::label! {
     pub enum ThrottleReason: "reason" {
         /// A caller's (or its role's) rate limit.
         CallerRate = "caller_rate",
+        /// A Cognito user's direct-exchange limit (`limits.direct_exchange`).
+        DirectExchange = "direct_exchange",
         /// The per-network limit of calls without a credential.
         AnonymousRate = "anonymous_rate",
         /// The limit all calls without a credential share.
@@ -105,6 +108,10 @@ pub struct LimitSettings {
     pub roles: HashMap<Role, RateLimit>,
     /// Per caller name (an API key's or client certificate's `name`); wins over `roles`.
     pub callers: HashMap<String, RateLimit>,
+    /// Direct exchange (a user's own Cognito ID token as the credential), per Cognito `sub`.
+    /// A user signs in a few times a day; a few exchanges a minute are plenty, and bound what
+    /// a stolen ID token can mint before its `exp`.
+    pub direct_exchange: Option<RateLimit>,
 }
 
 impl Default for LimitSettings {
@@ -129,6 +136,11 @@ impl Default for LimitSettings {
             trusted_proxies: Vec::new(),
             roles: HashMap::new(),
             callers: HashMap::new(),
+            // 3 a minute, 5 at once.
+            direct_exchange: Some(RateLimit {
+                per_second: 0.05,
+                burst: 5,
+            }),
         }
     }
 }
@@ -174,6 +186,7 @@ impl LimitSettings {
             ("limits.anonymous", &self.anonymous),
             ("limits.anonymous_total", &self.anonymous_total),
             ("limits.failed_auth", &self.failed_auth),
+            ("limits.direct_exchange", &self.direct_exchange),
         ]
         .into_iter()
         .filter_map(|(name, limit)| Some((name.to_owned(), limit.as_ref()?)))
@@ -445,8 +458,9 @@ impl Limiter {
         }
     }
 
-    /// Charges one call to the caller's bucket, or, for a call without a credential or by a
-    /// caller that holds no role, to the client network's and the shared anonymous one.
+    /// Charges one call to the caller's bucket (a direct-exchange caller's is its Cognito
+    /// user's, `limits.direct_exchange`), or, for a call without a credential or by a caller
+    /// that holds no role, to the client network's and the shared anonymous one.
     ///
     /// # Errors
     ///
@@ -465,8 +479,21 @@ impl Limiter {
         client: Option<IpAddr>,
         now: Instant,
     ) -> Result<(), BrokerError> {
-        match caller.filter(|c| !c.roles.is_empty()) {
-            Some(caller) => match self.caller_limit(caller) {
+        // A named bucket: a direct-exchange caller's is its user's (`cognito-id:<sub>`, whatever
+        // the address); a caller with a role has its own.
+        let named = match caller {
+            Some(c) if c.direct_exchange.is_some() => Some((
+                c,
+                self.settings.direct_exchange.filter(|l| !l.is_unlimited()),
+                ThrottleReason::DirectExchange,
+            )),
+            Some(c) if !c.roles.is_empty() => {
+                Some((c, self.caller_limit(c), ThrottleReason::CallerRate))
+            }
+            _ => None,
+        };
+        match named {
+            Some((caller, limit, reason)) => match limit {
                 None => Ok(()),
                 Some(limit) => self
                     .take(
@@ -476,7 +503,7 @@ impl Limiter {
                     )
                     .map_err(|retry_after| {
                         self.refuse(
-                            ThrottleReason::CallerRate,
+                            reason,
                             format!("caller {} is over its rate limit", caller.name),
                             retry_after,
                         )
@@ -570,6 +597,7 @@ mod tests {
 
     fn caller(name: &str, roles: &[Role]) -> Caller {
         Caller {
+            direct_exchange: None,
             name: name.into(),
             roles: roles.to_vec(),
         }

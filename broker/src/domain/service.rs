@@ -15,9 +15,9 @@ use crate::{
     domain::error::{BrokerError, BrokerErrorKind, BrokerResult},
     domain::{RevokeCause, TokenSettings},
     identity::cognito::CognitoVerifier,
-    identity::{Caller, Role, require},
+    identity::{Caller, DirectExchange, Role, require},
     model::clock::Clock,
-    model::secret::SecretDigest,
+    model::secret::{SecretDigest, sha256},
     model::{
         AccountId, ClientCheck, Email, FamilyId, MAX_GROUPS, MAX_SECRET_LEN, Metadata, MintedPair,
         NewSession, PageCursor, PageRequest, RefreshOutcome, ReplayClaim, RevokeTarget, Rotation,
@@ -284,7 +284,23 @@ impl Broker {
                     claims
                 }
                 Subject::CognitoToken(token) => {
-                    require(caller, &[Role::Service, Role::Trigger, Role::Admin])?;
+                    match caller.and_then(|c| c.direct_exchange) {
+                        // Direct exchange: the caller's credential is an ID token, and the
+                        // only token it may exchange is that one, so the tokens minted are
+                        // for its own subject.
+                        Some(DirectExchange(presented)) => {
+                            if sha256(token.expose_secret().as_bytes()) != presented {
+                                return Err(BrokerError::PermissionDenied(
+                                    "an ID token caller may exchange only its own token: \
+                                     cognito_token must be the bearer credential"
+                                        .into(),
+                                ));
+                            }
+                        }
+                        None => {
+                            require(caller, &[Role::Service, Role::Trigger, Role::Admin])?;
+                        }
+                    }
                     let Some(cognito) = &self.cognito else {
                         return Err(BrokerError::FailedPrecondition(
                             "no Cognito user pool is configured",

@@ -71,9 +71,30 @@ impl GrpcAdapter {
     /// is charged to the client network, which is refused before authenticating once it has
     /// failed too often. The slot is held until the returned [`InFlight`] is dropped, at the
     /// end of the call.
+    ///
+    /// A direct-exchange caller (a Cognito ID token as the credential) is refused here with
+    /// `PERMISSION_DENIED`: its token is a credential for `IssueTokens` alone, which admits
+    /// with [`GrpcAdapter::admit_issue`].
     async fn admit<T>(
         &self,
         request: &Request<T>,
+    ) -> Result<(InFlight, Option<Arc<Caller>>), Status> {
+        self.admit_as(request, false).await
+    }
+
+    /// Admits an `IssueTokens` call: as [`GrpcAdapter::admit`], direct-exchange callers
+    /// included (the domain checks that they exchange their own token).
+    async fn admit_issue<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(InFlight, Option<Arc<Caller>>), Status> {
+        self.admit_as(request, true).await
+    }
+
+    async fn admit_as<T>(
+        &self,
+        request: &Request<T>,
+        direct_exchange: bool,
     ) -> Result<(InFlight, Option<Arc<Caller>>), Status> {
         let in_flight = self.limits.enter()?;
         let client = self.limits.client(
@@ -93,6 +114,14 @@ impl GrpcAdapter {
                 return Err(status);
             }
         };
+        if !direct_exchange && let Some(caller) = caller.as_deref() {
+            // Before the user's own bucket, which is for exchanges: a page that misuses its
+            // ID token is charged like a failed authentication, to its network.
+            if let Err(err) = caller.refuse_direct_exchange() {
+                self.limits.charge_failure(client);
+                return Err(BrokerError::from(err).into());
+            }
+        }
         self.limits.charge(caller.as_deref(), client)?;
         Ok((in_flight, caller))
     }
@@ -163,7 +192,7 @@ impl TokenBroker for GrpcAdapter {
         &self,
         request: Request<pb::IssueTokensRequest>,
     ) -> Result<Response<pb::IssueTokensResponse>, Status> {
-        let (_in_flight, caller) = self.admit(&request).await?;
+        let (_in_flight, caller) = self.admit_issue(&request).await?;
         let (metadata, _, message) = request.into_parts();
         let parsed = issue_request(message)?;
         let issued = self

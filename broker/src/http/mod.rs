@@ -267,6 +267,12 @@ impl HttpAdapter {
             }
         };
         Span::current().record("caller", caller.name.as_str());
+        if let Err(err) = caller.refuse_direct_exchange() {
+            // A Cognito ID token is a credential for gRPC IssueTokens alone (direct exchange);
+            // misusing it here counts like a failed authentication, as over gRPC.
+            limits.charge_failure(client);
+            return Err(BrokerError::from(err).into());
+        }
         limits.charge(Some(&caller), client)?;
         Ok((in_flight, Some(caller)))
     }

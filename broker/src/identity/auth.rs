@@ -9,7 +9,9 @@
 //! is a caller too, when the call carries no `authorization` header (see [`Authenticator::certificate_caller`]).
 //!
 //! A credential shaped like a JWT (`ey…` with two dots) is verified as a Cognito access token
-//! instead; its roles come from the pool's group and scope mappings. Verifying may fetch the
+//! instead; its roles come from the pool's group and scope mappings. Where a pool allows direct
+//! exchange, one of its ID tokens is a caller too, without roles, that may only exchange
+//! itself (see [`crate::identity::Caller::direct_exchange`]). Verifying may fetch the
 //! pool's keys, so authentication is async and runs at the top of each gRPC method, never in
 //! a (synchronous) tonic interceptor.
 
@@ -90,10 +92,7 @@ impl Authenticator {
                         key.name
                     )
                 })?;
-            let caller = Arc::new(Caller {
-                name: key.name.clone(),
-                roles: key.roles.clone(),
-            });
+            let caller = Arc::new(Caller::with_roles(key.name.clone(), key.roles.clone()));
             if table.insert(digest, caller).is_some() {
                 return Err(format!(
                     "api key {:?}: the same key is configured twice",
@@ -121,10 +120,7 @@ impl Authenticator {
             }
             let subject = DistinguishedName::parse(&entry.subject)
                 .map_err(|err| format!("cert_callers {:?}: subject: {err}", entry.name))?;
-            let caller = Arc::new(Caller {
-                name: entry.name.clone(),
-                roles: entry.roles.clone(),
-            });
+            let caller = Arc::new(Caller::with_roles(entry.name.clone(), entry.roles.clone()));
             if self.certificates.insert(subject, caller).is_some() {
                 return Err(format!(
                     "cert_callers {:?}: the same subject is configured twice",
@@ -159,7 +155,8 @@ impl Authenticator {
         }
     }
 
-    /// Also accepts Cognito access tokens, verified by `verifier`.
+    /// Also accepts Cognito tokens (access tokens; ID tokens where direct exchange is on),
+    /// verified by `verifier`.
     pub fn with_cognito(mut self, verifier: Arc<CognitoVerifier>) -> Self {
         self.cognito = Some(verifier);
         self
@@ -171,8 +168,9 @@ impl Authenticator {
     /// is present but not a known bearer key is an error even where none is needed, so a
     /// misconfigured client learns of it at once.
     ///
-    /// A credential shaped like a JWT is verified as a Cognito access token; one that verifies
-    /// is a caller even when none of its groups or scopes maps to a role.
+    /// A credential shaped like a JWT is verified as a Cognito access token (or, for a pool with
+    /// direct exchange, an ID token); one that verifies is a caller even when none of its
+    /// groups or scopes maps to a role.
     ///
     /// # Errors
     ///
@@ -263,10 +261,7 @@ mod tests {
 
     #[test]
     fn role_checks_distinguish_anonymous_from_forbidden() {
-        let trigger = Caller {
-            name: "t".into(),
-            roles: vec![Role::Trigger],
-        };
+        let trigger = Caller::with_roles("t", vec![Role::Trigger]);
         assert!(matches!(
             require(None, &[Role::Admin]),
             Err(AuthError::Unauthenticated(_))

@@ -8,5 +8,5 @@ mod error;
 pub mod subject;
 
 pub use auth::Authenticator;
-pub use caller::{Caller, Role, require};
+pub use caller::{Caller, DirectExchange, Role, require};
 pub use error::{AuthError, AuthResult};

@@ -83,8 +83,11 @@ function genKey(binary: string, name: string, role: string): { key: string; entr
   return { key, entry };
 }
 
-/** Starts a broker and waits (at most 30 s) until it listens. */
-export async function startBroker(): Promise<Broker> {
+/**
+ * Starts a broker and waits (at most 30 s) until it listens. `extraConfig` is TOML appended
+ * to the generated config (tables only, such as a `[[cognito.pools]]` entry).
+ */
+export async function startBroker(extraConfig = ""): Promise<Broker> {
   const binary = brokerBinary();
   const dir = mkdtempSync(join(tmpdir(), "tokenbroker-js-"));
   const made = {
@@ -107,6 +110,7 @@ export async function startBroker(): Promise<Broker> {
     "burst = 1",
     "",
     ...Object.values(made).map((k) => k.entry),
+    extraConfig,
   ].join("\n");
   const configPath = join(dir, "tokenbroker.toml");
   writeFileSync(configPath, config);

@@ -18,6 +18,7 @@ import {
 } from "../src/index.js";
 import { createWebClient } from "../src/web.js";
 import { type Broker, startBroker } from "./broker.js";
+import { failure } from "./failure.js";
 
 let broker: Broker;
 
@@ -37,16 +38,6 @@ function claims(email: string) {
       value: { email, clientId: "web", cognitoSub: "5f0c1a3e-0000-4000-8000-00000000000a" },
     },
   };
-}
-
-/** Runs `call`, which must fail, and returns its error. */
-async function failure(call: Promise<unknown>): Promise<TokenBrokerError> {
-  const err = await call.then(
-    () => undefined,
-    (reason: unknown) => reason,
-  );
-  expect(err, "the call must fail").toBeInstanceOf(TokenBrokerError);
-  return err as TokenBrokerError;
 }
 
 /** Returns a loopback port that was free a moment ago (bound, then closed). */

@@ -37,7 +37,7 @@ pub use jwt::{Audience, CognitoClaims, MAX_TOKEN_BYTES, looks_like_jwt};
 pub use settings::{CognitoSettings, MAX_LEEWAY_SECONDS, PoolSettings};
 
 use crate::{
-    identity::{Caller, Role},
+    identity::{Caller, DirectExchange, Role},
     model::clock::Clock,
     model::secret::{SecretDigest, sha256},
     obs::metrics::{CacheResult, Counter, Family, MetricSet, Outcome, Zeros},
@@ -174,6 +174,7 @@ struct Pool {
     client_ids: BTreeSet<String>,
     group_roles: HashMap<String, Vec<Role>>,
     scope_roles: HashMap<String, Vec<Role>>,
+    direct_exchange: bool,
     jwks: Arc<CachedJwks>,
 }
 
@@ -273,6 +274,7 @@ impl CognitoVerifier {
                 client_ids: pool.client_ids.iter().cloned().collect(),
                 group_roles: roles(&pool.group_roles),
                 scope_roles: roles(&pool.scope_roles),
+                direct_exchange: pool.direct_exchange,
                 jwks,
             });
         }
@@ -412,16 +414,36 @@ impl CognitoVerifier {
         })
     }
 
-    /// Authenticates a caller by a Cognito access token: its roles are those its pool maps
-    /// its groups and scopes to (none is a valid caller without roles).
+    /// Authenticates a caller by a Cognito token.
+    ///
+    /// An access token is a caller whose roles are those its pool maps its groups and scopes
+    /// to (none is a valid caller without roles). An ID token is a caller only where its pool
+    /// allows direct exchange: a caller without roles, named `cognito-id:<sub>`, that may
+    /// exchange that very token and do nothing else.
     ///
     /// # Errors
     ///
-    /// As [`CognitoVerifier::verify`]; only access tokens are accepted.
+    /// As [`CognitoVerifier::verify`]; a claims error for an ID token of a pool without direct
+    /// exchange.
     pub async fn caller(&self, token: &SecretString) -> Result<Caller, CognitoError> {
-        let verified = self.verify(token, &[TokenUse::Access]).await?;
+        let verified = self
+            .verify(token, &[TokenUse::Access, TokenUse::Id])
+            .await?;
         let pool = &self.pools[verified.pool];
         let claims = &verified.claims;
+        if claims.token_use == "id" {
+            if !pool.direct_exchange {
+                return Err(rejected(CognitoError::claims(
+                    "an ID token is not a caller credential: its pool does not allow direct \
+                     exchange (send an access token or an api key)",
+                )));
+            }
+            return Ok(Caller {
+                name: format!("cognito-id:{}", claims.sub),
+                roles: Vec::new(),
+                direct_exchange: Some(DirectExchange(sha256(token.expose_secret().as_bytes()))),
+            });
+        }
         let mut roles: Vec<Role> = claims
             .groups
             .iter()
@@ -432,10 +454,7 @@ impl CognitoVerifier {
             .collect();
         roles.sort_by_key(|r| r.as_str());
         roles.dedup();
-        Ok(Caller {
-            name: format!("cognito:{}", claims.sub),
-            roles,
-        })
+        Ok(Caller::with_roles(format!("cognito:{}", claims.sub), roles))
     }
 
     /// Structure, issuer and signature: what the verified-token cache remembers.

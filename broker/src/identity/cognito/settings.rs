@@ -53,6 +53,13 @@ pub struct PoolSettings {
     /// Roles granted to a caller whose access token lists the scope in `scope`.
     #[serde(default)]
     pub scope_roles: BTreeMap<String, Vec<Role>>,
+    /// Direct exchange: whether a user's own ID token from this pool is a caller credential
+    /// for `IssueTokens` with that same token as `cognito_token` (and for nothing else), so a
+    /// browser app can get its user's tokens without an API key. Off by default; see
+    /// `docs/cognito.md` for what it trusts. Rate limited per `sub` by
+    /// `limits.direct_exchange`.
+    #[serde(default)]
+    pub direct_exchange: bool,
 }
 
 impl Default for CognitoSettings {
@@ -183,6 +190,7 @@ mod tests {
             client_ids: vec!["client-1".into()],
             group_roles: BTreeMap::new(),
             scope_roles: BTreeMap::new(),
+            direct_exchange: false,
         }
     }
 

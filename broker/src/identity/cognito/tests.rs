@@ -120,6 +120,7 @@ fn settings() -> CognitoSettings {
             client_ids: vec![CLIENT.into()],
             group_roles: BTreeMap::from([("admins".into(), vec![Role::Admin])]),
             scope_roles: BTreeMap::from([("tokenbroker/introspect".into(), vec![Role::Service])]),
+            direct_exchange: false,
         }],
         ..CognitoSettings::default()
     }
