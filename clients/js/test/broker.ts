@@ -52,11 +52,11 @@ export function brokerBinary(): string {
 }
 
 /**
- * Runs the broker (`$0 "$@"`) under a small shell that also stops it when its stdin closes:
+ * Runs a program (`$0 "$@"`) under a small shell that also stops it when its stdin closes:
  * `stop()` closes it, and so does the end of the test process, however it ends. A test that
  * throws before its `stop()` would otherwise leave a broker running after the tests (seen
  * once), and a `process.on("exit")` hook does not run when vitest ends a worker. The shell
- * exits when the broker does, with its status. (A background job's stdin is /dev/null, hence
+ * exits when the program does, with its status. (A background job's stdin is /dev/null, hence
  * the copy of it as fd 3.)
  */
 const SUPERVISE = `exec 3<&0
@@ -64,6 +64,21 @@ const SUPERVISE = `exec 3<&0
 { cat <&3 >/dev/null; kill -TERM "$pid" 2>/dev/null; } &
 exec 3<&-
 wait "$pid"`;
+
+/**
+ * Starts `program` with `args` under {@link SUPERVISE}: its stdout and stderr are pipes, and
+ * {@link terminate} (or the end of the test process) sends it SIGTERM.
+ */
+export function spawnSupervised(
+  program: string,
+  args: string[],
+  env: NodeJS.ProcessEnv,
+): ChildProcess {
+  return spawn("sh", ["-c", SUPERVISE, program, ...args], {
+    stdio: ["pipe", "pipe", "pipe"],
+    env,
+  });
+}
 
 /** Makes an API key with `gen-key`: the key, and its `[[api_keys]]` entry. */
 function genKey(binary: string, name: string, role: string): { key: string; entry: string } {
@@ -85,9 +100,10 @@ function genKey(binary: string, name: string, role: string): { key: string; entr
 
 /**
  * Starts a broker and waits (at most 30 s) until it listens. `extraConfig` is TOML appended
- * to the generated config (tables only, such as a `[[cognito.pools]]` entry).
+ * to the generated config (tables only, such as a `[[cognito.pools]]` entry, or `[tokens]`);
+ * `origins` are the pages allowed to call it over grpc-web (`server.cors.allowed_origins`).
  */
-export async function startBroker(extraConfig = ""): Promise<Broker> {
+export async function startBroker(extraConfig = "", origins = [APP_ORIGIN]): Promise<Broker> {
   const binary = brokerBinary();
   const dir = mkdtempSync(join(tmpdir(), "tokenbroker-js-"));
   const made = {
@@ -102,7 +118,7 @@ export async function startBroker(extraConfig = ""): Promise<Broker> {
     "grpc_web = true",
     "shutdown_grace_seconds = 2",
     "[server.cors]",
-    `allowed_origins = ["${APP_ORIGIN}"]`,
+    `allowed_origins = ${JSON.stringify(origins)}`,
     "[store.embedded]",
     `dir = ${JSON.stringify(join(dir, "data"))}`,
     `[limits.callers.${THROTTLED}]`,
@@ -119,10 +135,7 @@ export async function startBroker(extraConfig = ""): Promise<Broker> {
   const env = Object.fromEntries(
     Object.entries(process.env).filter(([name]) => !name.startsWith("TOKENBROKER_")),
   );
-  const child = spawn("sh", ["-c", SUPERVISE, binary, "--config", configPath], {
-    stdio: ["pipe", "pipe", "pipe"],
-    env: { ...env, RUST_LOG: "warn" },
-  });
+  const child = spawnSupervised(binary, ["--config", configPath], { ...env, RUST_LOG: "warn" });
   let stderr = "";
   child.stderr?.on("data", (chunk: Buffer) => {
     stderr = (stderr + chunk.toString()).slice(-4000);
@@ -173,8 +186,8 @@ function listeningAddress(child: ChildProcess, stderr: () => string): Promise<st
   });
 }
 
-/** Closes the supervisor's stdin (a SIGTERM to the broker), then waits for the exit. */
-function terminate(child: ChildProcess): Promise<void> {
+/** Closes the supervisor's stdin (a SIGTERM to the program), then waits for the exit. */
+export function terminate(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) {
     return Promise.resolve();
   }
