@@ -26,7 +26,11 @@ const MOVIES = [
 ];
 
 /** Broker errors that pass: the client may try again later (503). */
-const PASSING: ErrorKind[] = [ErrorKind.Unavailable, ErrorKind.ResourceExhausted, ErrorKind.DeadlineExceeded];
+const PASSING: ErrorKind[] = [
+  ErrorKind.Unavailable,
+  ErrorKind.ResourceExhausted,
+  ErrorKind.DeadlineExceeded,
+];
 
 function serviceKey(): string {
   const file = process.env.TB_SERVICE_KEY_FILE;
@@ -84,7 +88,12 @@ async function movies(request: IncomingMessage, response: ServerResponse) {
   }
   if (!facts.active) {
     console.log("GET /movies 401 (inactive token)");
-    send(response, 401, { error: "invalid_token" }, { "www-authenticate": 'Bearer error="invalid_token"' });
+    send(
+      response,
+      401,
+      { error: "invalid_token" },
+      { "www-authenticate": 'Bearer error="invalid_token"' },
+    );
     return;
   }
   console.log(`GET /movies 200 ${facts.email} (token ${facts.tokenId})`);

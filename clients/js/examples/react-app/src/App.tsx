@@ -78,7 +78,10 @@ export function App({ config }: { config: AppConfig }) {
       end({ kind: "info", text: "Logged out: the broker revoked the session." });
     } catch (err) {
       // The tokens are forgotten either way; the broker may still hold them until they expire.
-      end({ kind: "error", text: `Logged out here, but the broker was not told: ${describe(err)}` });
+      end({
+        kind: "error",
+        text: `Logged out here, but the broker was not told: ${describe(err)}`,
+      });
     } finally {
       setBusy(false);
     }
@@ -101,7 +104,8 @@ export function App({ config }: { config: AppConfig }) {
             Email <input name="email" type="email" autoComplete="username" required />
           </label>
           <label>
-            Password <input name="password" type="password" autoComplete="current-password" required />
+            Password{" "}
+            <input name="password" type="password" autoComplete="current-password" required />
           </label>
           <button type="submit" disabled={busy}>
             Sign in
@@ -132,7 +136,9 @@ export function App({ config }: { config: AppConfig }) {
             <dt>Movie API calls</dt>
             <dd data-testid="api-calls">{apiCalls}</dd>
             <dt>Tokens from</dt>
-            <dd>{config.tokens === "direct" ? "direct exchange" : "the trigger's ID-token claims"}</dd>
+            <dd>
+              {config.tokens === "direct" ? "direct exchange" : "the trigger's ID-token claims"}
+            </dd>
           </dl>
         </>
       )}

@@ -53,7 +53,8 @@ export function signIn(config: AppConfig, email: string, password: string): Prom
       },
       onFailure(err: unknown) {
         storage.clear();
-        // Cognito's messages name the problem ("Incorrect username or password."), not the password.
+        // Cognito's messages name the problem ("Incorrect username or password."), never the
+        // password.
         reject(new Error(err instanceof Error ? err.message : "sign-in failed"));
       },
       newPasswordRequired() {

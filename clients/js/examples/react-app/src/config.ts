@@ -18,7 +18,7 @@ export interface AppConfig {
     userPoolId: string;
     /** The app client; it must allow USER_PASSWORD_AUTH. */
     clientId: string;
-    /** Cognito's endpoint when it is not AWS's (a local double such as moto), with a trailing `/`. */
+    /** Cognito's endpoint when it is not AWS's (a local double such as moto), ending in `/`. */
     endpoint?: string;
   };
   /** The broker's grpc-web address, e.g. `https://broker.example.com`. */

@@ -31,7 +31,12 @@ export class BrokerSession {
   /** Called after every rotation, so the page can show the new token id. */
   onChange: (info: SessionInfo) => void = () => {};
 
-  private constructor(config: AppConfig, access: string, refresh: string | undefined, info: SessionInfo) {
+  private constructor(
+    config: AppConfig,
+    access: string,
+    refresh: string | undefined,
+    info: SessionInfo,
+  ) {
     this.#config = config;
     this.#access = access;
     this.#refresh = refresh;
@@ -50,7 +55,9 @@ export class BrokerSession {
       const access = claims[config.accessClaim];
       const refresh = claims[config.refreshClaim];
       if (typeof access !== "string" || access === "") {
-        throw new Error(`the ID token has no ${config.accessClaim} claim: is the trigger attached?`);
+        throw new Error(
+          `the ID token has no ${config.accessClaim} claim: is the trigger attached?`,
+        );
       }
       return new BrokerSession(config, access, typeof refresh === "string" ? refresh : undefined, {
         email,
