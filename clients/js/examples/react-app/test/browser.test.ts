@@ -24,7 +24,6 @@ import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { type Server, createServer } from "node:http";
 import type { AddressInfo } from "node:net";
 import { dirname, extname, join, normalize, resolve } from "node:path";
-import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import {
@@ -43,6 +42,7 @@ import {
   startBroker,
   terminate,
 } from "../../../test/broker.js";
+import { type Api, startApi } from "./api.js";
 
 const APP = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const REPO = resolve(APP, "../../../..");
@@ -62,7 +62,7 @@ let moto: { url: string; stop: () => Promise<void> };
 let pool: { userPoolId: string; clientId: string };
 let site: { origin: string; server: Server; config: Record<string, unknown> };
 let broker: Broker;
-let api: { url: string; stop: () => Promise<void>; log: () => string };
+let api: Api;
 let browser: Browser;
 
 /** Everything the pages sent and got, seen from outside the page. */
@@ -214,35 +214,6 @@ async function serveSite() {
   return { origin: `http://127.0.0.1:${port}`, server, config };
 }
 
-/** The movie API, `node dist-api/server.js`, with the broker's `service` key. */
-async function startApi(pageOrigin: string) {
-  const child = spawnSupervised(process.execPath, [join(APP, "dist-api/server.js")], {
-    ...process.env,
-    BROKER_URL: broker.baseUrl,
-    TB_SERVICE_KEY: broker.keys.service,
-    API_ALLOWED_ORIGINS: pageOrigin,
-    API_HOST: "127.0.0.1",
-    API_PORT: "0",
-  });
-  let log = "";
-  child.stderr?.on("data", (chunk: Buffer) => {
-    log += chunk.toString();
-  });
-  const url = await new Promise<string>((done, fail) => {
-    const timer = setTimeout(() => fail(new Error(`the API did not listen: ${log}`)), STEP_MS);
-    createInterface({ input: child.stdout! }).on("line", (line) => {
-      log += `${line}\n`;
-      const found = line.match(/^movie api listening on (\S+)$/)?.[1];
-      if (found !== undefined) {
-        clearTimeout(timer);
-        done(found);
-      }
-    });
-    child.on("exit", (code) => fail(new Error(`the API exited (${code}): ${log}`)));
-  });
-  return { url, stop: () => terminate(child), log: () => log };
-}
-
 /** A new browser context (its own memory, cookies and storage) with its traffic recorded. */
 async function newTab(): Promise<{ context: BrowserContext; page: Page }> {
   const context = await browser.newContext({ viewport: { width: 900, height: 640 } });
@@ -318,7 +289,7 @@ beforeAll(async () => {
     ].join("\n"),
     [site.origin],
   );
-  api = await startApi(site.origin);
+  api = await startApi(broker.baseUrl, broker.keys.service, site.origin);
   Object.assign(site.config, {
     cognito: { ...pool, endpoint: `${moto.url}/` },
     brokerUrl: broker.baseUrl,
