@@ -230,6 +230,14 @@ impl Application {
                      tokens.replay_key(_file) to share both through postgres"
                 );
             }
+            None if settings.store.backend == StoreBackend::Fauna && settings.replicas.0 > 1 => {
+                warn!(
+                    replicas = settings.replicas.0,
+                    "the fauna store keeps no idempotent replays or rotation successors: each \
+                     replica replays IssueTokens calls and coalesces parallel refreshes of one \
+                     token from its own memory"
+                );
+            }
             None => {}
         }
         let broker = Arc::new(broker);
