@@ -21,8 +21,10 @@
 //! times and attempt nonce, and the statements recognise their own committed attempt (see
 //! `sql.rs`). The same idea as the Fauna store's attempt ids.
 //!
-//! Secrets never reach the database: only their SHA-256 digests (`model::secret`), as in the
-//! embedded store. Introspection compares the digest in constant time in the broker; refresh
+//! Secrets never reach the database in plaintext: only their SHA-256 digests (`model::secret`),
+//! as in the embedded store, and, with a replay key, the pairs sealed for idempotent replay
+//! (`replays`) and the successors sealed for rotation across brokers (`rotations`, see
+//! `sql::REFRESH`), AES-256-GCM ciphertext that only the key opens. Introspection compares the digest in constant time in the broker; refresh
 //! and revocation compare it in SQL, where the timing would reveal at most a prefix of the
 //! stored digest, which gives no way to a secret that hashes to it.
 //!

@@ -986,3 +986,84 @@ async fn a_sealed_successor_is_replayed_only_while_it_is_current_and_the_grace_w
     assert_ne!(new.refresh.id, old.refresh.id);
     assert_eq!(live_refresh_tokens(&admin, &first.family_id).await, 1);
 }
+
+#[tokio::test]
+async fn a_retried_sealed_rotation_answers_its_own_pair_and_leaves_one_sealed_successor() {
+    // As `a_retried_statement_recognises_its_own_committed_attempt`, with a replay key: the
+    // retry of a committed sealed rotation is that rotation, not a replay of it, and the row it
+    // sealed serves the next presentation.
+    let settings = cluster().create_database().await;
+    let store = open_store(&settings).await;
+    let first = store.issue(session("cai@example.com")).await.unwrap();
+    let key = replay_key(9);
+    let (refresh_id, refresh_secret, refresh_digest) = secret::mint(TokenKind::Refresh);
+    let (access_id, access_secret, access_digest) = secret::mint(TokenKind::Access);
+    let token = |id: &TokenId, secret: &SecretString| MintedToken {
+        id: id.clone(),
+        secret: secret.clone(),
+        expires_at: UnixMicros(0),
+    };
+    let sealed = key.seal_successor(
+        &first.refresh.secret,
+        &token(&refresh_id, &refresh_secret),
+        &token(&access_id, &access_secret),
+    );
+    let presented = secret::parse(&first.refresh.secret).unwrap();
+    let now = store.clock.stamp();
+    let nonce = random_hex();
+    let grace = micros(Duration::from_secs(10));
+    let ttl = micros(Duration::from_secs(600));
+    let client: Option<&str> = None;
+    let key_id = Some(sealed.key_id.as_str());
+    let params: [&(dyn ToSql + Sync); 16] = [
+        &presented.id.as_str(),
+        &presented.digest.as_slice(),
+        &now.0,
+        &grace,
+        &true,
+        &client,
+        &ttl,
+        &ttl,
+        &refresh_id.as_str(),
+        &refresh_digest.as_slice(),
+        &access_id.as_str(),
+        &access_digest.as_slice(),
+        &nonce,
+        &key_id,
+        &Some(sealed.nonce.as_slice()),
+        &Some(sealed.ciphertext.as_slice()),
+    ];
+    let action = |rows: Vec<Row>| -> (String, i64) {
+        let row = rows.first().expect("one row");
+        (get(row, 0).unwrap(), get(row, 3).unwrap())
+    };
+    let once = action(store.query(sql::REFRESH, &params).await.unwrap());
+    let again = action(store.query(sql::REFRESH, &params).await.unwrap());
+    assert_eq!(once.0, "rotate");
+    assert_eq!(again, once, "the retry answers the committed rotation");
+
+    let rotation = Rotation {
+        replay: Some(key),
+        ..rotation()
+    };
+    let outcome = store
+        .refresh(&first.refresh.secret, rotation)
+        .await
+        .unwrap();
+    let RefreshOutcome::Replayed { pair, .. } = outcome else {
+        panic!("the next presentation replays, got {outcome:?}");
+    };
+    assert_eq!(pair.refresh.id, refresh_id);
+    assert_eq!(
+        pair.refresh.secret.expose_secret(),
+        refresh_secret.expose_secret()
+    );
+    assert_eq!(pair.refresh.expires_at, UnixMicros(once.1));
+    let admin = cluster().admin(&settings.dbname).await;
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM rotations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+}
