@@ -182,8 +182,9 @@ pub struct Broker {
     /// sealed them in), with the (injected) time of the rotation, by digest of the presented
     /// refresh secret, for the grace window: concurrent or repeated refreshes of one token on
     /// this broker get one successor with one store call. Across brokers, a shared store with
-    /// the replay key does the same ([`RefreshOutcome::Replayed`]). The cache's own expiry is wall-clock; entries older than the
-    /// grace window by `clock` are ignored too, so tests can move time by hand.
+    /// the replay key does the same ([`RefreshOutcome::Replayed`]). The cache's own expiry is
+    /// wall-clock; entries older than the grace window by `clock` are ignored too, so tests can
+    /// move time by hand.
     rotated: Option<Cache<SecretDigest, (Arc<MintedPair>, UnixMicros)>>,
     /// Seals the pairs a shared store keeps for idempotent replay; `None`: replay from `issued`.
     replay_key: Option<Arc<ReplayKey>>,

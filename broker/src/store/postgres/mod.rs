@@ -24,9 +24,10 @@
 //! Secrets never reach the database in plaintext: only their SHA-256 digests (`model::secret`),
 //! as in the embedded store, and, with a replay key, the pairs sealed for idempotent replay
 //! (`replays`) and the successors sealed for rotation across brokers (`rotations`, see
-//! `sql::REFRESH`), AES-256-GCM ciphertext that only the key opens. Introspection compares the digest in constant time in the broker; refresh
-//! and revocation compare it in SQL, where the timing would reveal at most a prefix of the
-//! stored digest, which gives no way to a secret that hashes to it.
+//! `sql::REFRESH`), AES-256-GCM ciphertext that only the key opens. Introspection compares the
+//! digest in constant time in the broker; refresh and revocation compare it in SQL, where the
+//! timing would reveal at most a prefix of the stored digest, which gives no way to a secret
+//! that hashes to it.
 //!
 //! `may_hold` keeps the trait's default (yes): answering it would cost refresh and revocation
 //! a second round trip. A forged secret therefore reaches the statement, which changes nothing
@@ -490,10 +491,12 @@ impl TokenStore for PostgresStore {
         let now = self.clock.stamp();
         let nonce = random_hex();
         let (any_client, client) = client_params(&rotation.client);
-        // Sealed once, before the first attempt: every attempt sends the same pair.
+        // Sealed once, before the first attempt: every attempt sends the same pair. Without a
+        // grace window nothing could replay it.
         let sealed = rotation
             .replay
             .as_ref()
+            .filter(|_| !rotation.grace.is_zero())
             .map(|key| key.seal_successor(secret, &refresh, &access));
         let (key_id, seal_nonce, ciphertext) = match &sealed {
             Some(sealed) => (
