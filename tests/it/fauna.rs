@@ -8,7 +8,10 @@ use std::{
 
 use secrecy::SecretString;
 use tokenbroker::{
-    app::{Application, settings::Settings},
+    app::{
+        Application,
+        settings::{Replicas, Settings},
+    },
     model::clock::{Clock, ManualClock, SystemClock},
     store::StoreBackend,
     store::fauna::queries,
@@ -21,6 +24,7 @@ use tokenbroker_client::{ClientErrorKind, pb};
 use tokenbroker_tests::{
     TestBroker, claims_request, expose,
     fauna::{Fault, FaunaDouble},
+    logs,
 };
 
 /// Opens a Fauna store on a fresh double per case; the double keeps the case's clock.
@@ -815,5 +819,31 @@ async fn a_revoked_secret_is_inactive_on_a_node_that_still_caches_it() {
         refreshed.map(drop).map_err(|e| e.kind()),
         Err(ClientErrorKind::Unauthenticated),
         "a revoked refresh secret does not rotate there either"
+    );
+}
+
+#[tokio::test]
+async fn fauna_replicas_are_warned_that_replays_and_rotation_coalescing_stay_in_memory() {
+    let double = wall_clock_double().await;
+    let _plain = fauna_broker(&double, |s| s.replicas = Replicas(3)).await;
+    assert!(
+        logs()
+            .contents()
+            .contains("the fauna store keeps no idempotent replays or rotation successors"),
+        "replicas without a replay key are warned"
+    );
+    let _keyed = fauna_broker(&double, |s| {
+        s.replicas = Replicas(3);
+        s.tokens.replay_key = Some(SecretString::from("ab".repeat(32)));
+    })
+    .await;
+    let logged = logs().contents();
+    assert!(
+        logged.contains("keeps idempotent replays and rotation successors; each broker replays"),
+        "a replay key the store cannot use is warned about"
+    );
+    assert!(
+        !logged.contains(&"ab".repeat(32)),
+        "the key is never logged"
     );
 }

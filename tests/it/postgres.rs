@@ -8,10 +8,11 @@ use std::{
     time::Duration,
 };
 
+use secrecy::SecretString;
 use tokenbroker::{
     model::{Email, Metadata, NewSession, clock::SystemClock},
     store::{
-        PostgresStore, SslMode, StoreBackend, StoreErrorKind, TokenStore,
+        PostgresSettings, PostgresStore, SslMode, StoreBackend, StoreErrorKind, TokenStore,
         postgres::testing::cluster,
     },
 };
@@ -28,6 +29,67 @@ async fn postgres_broker() -> TestBroker {
         s.store.postgres = postgres;
     })
     .await
+}
+
+/// Starts a broker on `postgres` with `tokens.replay_key` = `key`: a replica of the others
+/// started with the same two.
+async fn replica(postgres: PostgresSettings, key: &SecretString) -> TestBroker {
+    let key = key.clone();
+    TestBroker::spawn_with(move |s| {
+        s.store.backend = StoreBackend::Postgres;
+        s.store.postgres = postgres;
+        s.tokens.replay_key = Some(key);
+        // Fifty anonymous refreshes from one address at once: not what this test is about.
+        s.limits.anonymous = None;
+        s.limits.anonymous_total = None;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_refreshes_through_two_brokers_with_one_replay_key_get_one_successor() {
+    let mut postgres = cluster().create_database().await;
+    // A guard for rounds of serialization failures on a loaded machine, not a speed limit.
+    postgres.statement_timeout_ms = 30_000;
+    let key = SecretString::from(hex::encode(rand::random::<[u8; 32]>()));
+    let replicas = [
+        Arc::new(replica(postgres.clone(), &key).await),
+        Arc::new(replica(postgres, &key).await),
+    ];
+    let first = replicas[0].issue("ray@example.com").await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let replica = Arc::clone(&replicas[i % 2]);
+        let secret = first.refresh.secret.clone();
+        calls.spawn(async move { replica.refresh(&secret).await });
+    }
+    let answers = calls.join_all().await;
+    let answers: Vec<_> = answers
+        .into_iter()
+        .map(|answer| answer.expect("every refresh gets the successor"))
+        .collect();
+    let one = &answers[0];
+    for answer in &answers {
+        assert_eq!(answer.refresh.token_id, one.refresh.token_id);
+        assert_eq!(answer.access.token_id, one.access.token_id);
+        assert_eq!(expose(&answer.refresh.secret), expose(&one.refresh.secret));
+        assert_eq!(expose(&answer.access.secret), expose(&one.access.secret));
+        assert_eq!(answer.family_id, first.family_id);
+    }
+    // The first pair and one successor: nothing was superseded.
+    assert_eq!(replicas[1].all_tokens("ray@example.com").await.len(), 4);
+    for replica in &replicas {
+        assert!(replica.is_active(&one.refresh.secret).await);
+        assert!(replica.is_active(&one.access.secret).await);
+    }
+    // The successor rotates as usual, and then the first token is reuse.
+    let next = replicas[1].refresh(&one.refresh.secret).await.unwrap();
+    assert_ne!(next.refresh.token_id, one.refresh.token_id);
+    assert!(replicas[0].refresh(&first.refresh.secret).await.is_err());
+    assert!(
+        !replicas[0].is_active(&next.refresh.secret).await,
+        "the family ended"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

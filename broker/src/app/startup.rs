@@ -208,22 +208,34 @@ impl Application {
             Some(key) if settings.store.backend == StoreBackend::Postgres => {
                 info!(
                     key_id = key.id(),
-                    "idempotent replays are kept in the store, sealed"
+                    "idempotent replays and rotation successors are kept in the store, sealed"
                 );
                 broker = broker.with_replay_key(key);
             }
             Some(_) => {
                 warn!(
+                    backend = ?settings.store.backend,
                     "tokens.replay_key is set, but only store.backend = \"postgres\" keeps \
-                     idempotent replays; each broker replays from its own memory"
+                     idempotent replays and rotation successors; each broker replays and \
+                     coalesces rotations from its own memory"
                 );
             }
             None if settings.store.backend == StoreBackend::Postgres && settings.replicas.0 > 1 => {
                 warn!(
                     replicas = settings.replicas.0,
-                    "no tokens.replay_key: each replica replays idempotent IssueTokens calls from \
-                     its own memory, so a retry that reaches another replica mints a second pair; \
-                     set tokens.replay_key(_file) to share replays through postgres"
+                    "no tokens.replay_key: each replica replays idempotent IssueTokens calls and \
+                     coalesces parallel refreshes of one token from its own memory, so a retry \
+                     that reaches another replica mints a second pair, and parallel refreshes \
+                     spread over replicas supersede each other's successors; set \
+                     tokens.replay_key(_file) to share both through postgres"
+                );
+            }
+            None if settings.store.backend == StoreBackend::Fauna && settings.replicas.0 > 1 => {
+                warn!(
+                    replicas = settings.replicas.0,
+                    "the fauna store keeps no idempotent replays or rotation successors: each \
+                     replica replays IssueTokens calls and coalesces parallel refreshes of one \
+                     token from its own memory"
                 );
             }
             None => {}

@@ -178,10 +178,13 @@ pub struct Broker {
     tokens: TokenSettings,
     /// Pairs minted under an idempotency key, by digest of (caller, key, subject).
     issued: Cache<SecretDigest, Arc<MintedPair>>,
-    /// Pairs minted by a rotation, with the (injected) time they were minted, by digest of the
-    /// presented refresh secret, for the grace window: concurrent or repeated refreshes of one
-    /// token get one successor. The cache's own expiry is wall-clock; entries older than the
-    /// grace window by `clock` are ignored too, so tests can move time by hand.
+    /// Pairs minted by a rotation (or replayed by a shared store that another broker's rotation
+    /// sealed them in), with the (injected) time of the rotation, by digest of the presented
+    /// refresh secret, for the grace window: concurrent or repeated refreshes of one token on
+    /// this broker get one successor with one store call. Across brokers, a shared store with
+    /// the replay key does the same ([`RefreshOutcome::Replayed`]). The cache's own expiry is
+    /// wall-clock; entries older than the grace window by `clock` are ignored too, so tests can
+    /// move time by hand.
     rotated: Option<Cache<SecretDigest, (Arc<MintedPair>, UnixMicros)>>,
     /// Seals the pairs a shared store keeps for idempotent replay; `None`: replay from `issued`.
     replay_key: Option<Arc<ReplayKey>>,
@@ -455,6 +458,7 @@ impl Broker {
                 )?,
                 grace: Duration::from_secs(self.tokens.refresh_grace_seconds),
                 session_ttl: self.tokens.max_session(),
+                replay: self.replay_key.clone(),
             };
             if secret.len() > MAX_SECRET_LEN || !self.holds(&request.refresh_token, record).await? {
                 return Err(inactive_refresh());
@@ -476,6 +480,16 @@ impl Broker {
                             "refresh token rotated"
                         );
                         Ok((Arc::new(pair), self.clock.now()))
+                    }
+                    // Another presentation (on this broker or another one sharing the store)
+                    // rotated the token within the grace window: its successor, minted then.
+                    RefreshOutcome::Replayed { pair, rotated_at } => {
+                        debug!(
+                            family_id = %pair.family_id,
+                            refresh_token_id = %pair.refresh.id,
+                            "refresh answered with the rotation's successor"
+                        );
+                        Ok((Arc::new(pair), rotated_at))
                     }
                     RefreshOutcome::Inactive => Err(inactive_refresh()),
                     RefreshOutcome::WrongClient => Err(wrong_client(&rotation.client)),

@@ -30,7 +30,9 @@ pub struct TokenSettings {
     /// Revoke by secret.
     pub require_client_id: bool,
     /// The key (64 hex digits, 32 bytes) that seals the pairs a shared store keeps for
-    /// idempotent replay (AES-256-GCM); without one each replica replays from its own memory.
+    /// idempotent replay and the successors it keeps for rotation within the grace window
+    /// (AES-256-GCM); without one each replica replays and coalesces rotations from its own
+    /// memory.
     pub replay_key: Option<SecretString>,
     /// A file holding `replay_key`.
     pub replay_key_file: Option<PathBuf>,

@@ -457,6 +457,11 @@ pub struct Rotation {
     pub session_ttl: Duration,
     /// How long after a rotation the consumed token may be presented again.
     pub grace: Duration,
+    /// Seals the successor pair for a shared store, which then answers a repeated presentation
+    /// within `grace` with that same pair ([`RefreshOutcome::Replayed`]) instead of superseding
+    /// it, whichever broker sharing the store the presentation reaches. `None`: the store
+    /// keeps no sealed successors (stores that are not shared ignore it anyway).
+    pub replay: Option<std::sync::Arc<replay::ReplayKey>>,
 }
 
 /// The outcome of presenting a refresh secret.
@@ -464,6 +469,15 @@ pub struct Rotation {
 pub enum RefreshOutcome {
     /// A new pair in the same family.
     Rotated(MintedPair),
+    /// A consumed refresh token presented again within the grace window, on a shared store
+    /// with [`Rotation::replay`]: the successor that the first presentation minted, opened from
+    /// its sealed copy, still the family's current refresh token. Nothing changed.
+    Replayed {
+        /// The successor pair, as the first presentation got it.
+        pair: MintedPair,
+        /// When the presented token was rotated (the grace window's start).
+        rotated_at: UnixMicros,
+    },
     /// Unknown, malformed, expired, revoked, or not a refresh token. Nothing changed.
     Inactive,
     /// An active refresh token of another app client. Nothing changed.

@@ -6,6 +6,11 @@
 //! sealed pair copied to another row does not open. The key id (a digest of the key, which
 //! reveals nothing of it) tells a pair sealed under another key, after the key was changed,
 //! from a forged one.
+//!
+//! The same sealing keeps a rotation's successor pair on a shared store, so that a refresh token
+//! presented again within the grace window, on any replica, gets that pair back
+//! ([`ReplayKey::seal_successor`]). Its authenticated data is [`successor_row`], a digest of
+//! the presented refresh secret.
 
 use std::fmt;
 
@@ -55,6 +60,18 @@ pub enum OpenError {
     OtherKey,
     /// It does not authenticate, or does not hold a pair: corrupt or forged.
     Corrupt,
+}
+
+/// The row of a rotation's sealed successor: a digest of the presented refresh secret, labelled
+/// so that it is neither the secret's stored digest nor an idempotency row.
+///
+/// The app client is left out on purpose: the store checks it before it answers a sealed
+/// successor, and a second presentation that skips the check (no client id, where that is
+/// allowed) must open the pair the first one sealed.
+pub fn successor_row(presented: &SecretString) -> SecretDigest {
+    let mut labelled = b"tokenbroker rotation successor\n".to_vec();
+    labelled.extend_from_slice(presented.expose_secret().as_bytes());
+    secret::sha256(&labelled)
 }
 
 impl ReplayKey {
@@ -167,6 +184,64 @@ impl ReplayKey {
     }
 }
 
+impl ReplayKey {
+    /// Seals a rotation's successor secrets (`refresh`, then `access`) for the presented refresh
+    /// secret. The family and expiries are not sealed: the store answers them from the rows it
+    /// keeps, and [`ReplayKey::open_successor`] takes them from there.
+    pub fn seal_successor(
+        &self,
+        presented: &SecretString,
+        refresh: &MintedToken,
+        access: &MintedToken,
+    ) -> SealedPair {
+        let placeholder = |token: &MintedToken| MintedToken {
+            id: token.id.clone(),
+            secret: token.secret.clone(),
+            expires_at: UnixMicros(0),
+        };
+        let pair = MintedPair {
+            account_id: AccountId::from_stored(String::new()),
+            family_id: FamilyId::from_stored(String::new()),
+            refresh: placeholder(refresh),
+            access: placeholder(access),
+        };
+        self.seal(&successor_row(presented), &pair)
+    }
+
+    /// Opens a successor sealed by [`ReplayKey::seal_successor`] for `presented`, completed with
+    /// what the store keeps beside it.
+    ///
+    /// # Errors
+    ///
+    /// See [`OpenError`].
+    pub fn open_successor(
+        &self,
+        presented: &SecretString,
+        stored: StoredSuccessor,
+        sealed: &SealedPair,
+    ) -> Result<MintedPair, OpenError> {
+        let mut pair = self.open(&successor_row(presented), stored.account_id, sealed)?;
+        pair.family_id = stored.family_id;
+        pair.refresh.expires_at = stored.refresh_expires;
+        pair.access.expires_at = stored.access_expires;
+        Ok(pair)
+    }
+}
+
+/// What a store keeps in the clear beside a sealed successor (see
+/// [`ReplayKey::open_successor`]).
+#[derive(Debug, Clone)]
+pub struct StoredSuccessor {
+    /// The family's account.
+    pub account_id: AccountId,
+    /// The family.
+    pub family_id: FamilyId,
+    /// When the successor refresh token expires.
+    pub refresh_expires: UnixMicros,
+    /// When the successor's access token expires.
+    pub access_expires: UnixMicros,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +304,44 @@ mod tests {
         assert_eq!(
             key(8).open(&row, pair.account_id, &sealed).unwrap_err(),
             OpenError::OtherKey
+        );
+    }
+
+    #[test]
+    fn a_sealed_successor_opens_only_for_its_presented_secret() {
+        let (sealer, pair) = (key(7), pair());
+        let (_, presented, _) = secret::mint(TokenKind::Refresh);
+        let sealed = sealer.seal_successor(&presented, &pair.refresh, &pair.access);
+        let stored = StoredSuccessor {
+            account_id: pair.account_id.clone(),
+            family_id: pair.family_id.clone(),
+            refresh_expires: UnixMicros(5),
+            access_expires: UnixMicros(6),
+        };
+        let opened = sealer
+            .open_successor(&presented, stored.clone(), &sealed)
+            .unwrap();
+        assert_eq!(opened.refresh.id, pair.refresh.id);
+        assert_eq!(opened.access.id, pair.access.id);
+        assert_eq!(
+            opened.refresh.secret.expose_secret(),
+            pair.refresh.secret.expose_secret()
+        );
+        assert_eq!(opened.family_id, pair.family_id);
+        assert_eq!(opened.account_id, pair.account_id);
+        assert_eq!(
+            (opened.refresh.expires_at, opened.access.expires_at),
+            (UnixMicros(5), UnixMicros(6))
+        );
+        let (_, other, _) = secret::mint(TokenKind::Refresh);
+        assert_eq!(
+            sealer.open_successor(&other, stored, &sealed).unwrap_err(),
+            OpenError::Corrupt,
+            "another presented secret"
+        );
+        assert_ne!(
+            successor_row(&presented),
+            secret::sha256(presented.expose_secret().as_bytes())
         );
     }
 

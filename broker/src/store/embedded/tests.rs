@@ -167,6 +167,7 @@ async fn a_full_write_queue_refuses_at_once_and_the_queued_writes_still_commit()
                 refresh_ttl: Duration::from_secs(600),
                 grace: Duration::from_secs(10),
                 session_ttl: Duration::from_secs(3600),
+                replay: None,
             },
         )
         .await
@@ -384,6 +385,7 @@ async fn data_survives_close_and_reopen() {
         refresh_ttl: hour,
         grace: Duration::ZERO,
         session_ttl: hour * 24,
+        replay: None,
     };
     let outcome = reopened
         .refresh(&pair.refresh.secret, rotation)

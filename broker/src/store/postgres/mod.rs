@@ -21,10 +21,13 @@
 //! times and attempt nonce, and the statements recognise their own committed attempt (see
 //! `sql.rs`). The same idea as the Fauna store's attempt ids.
 //!
-//! Secrets never reach the database: only their SHA-256 digests (`model::secret`), as in the
-//! embedded store. Introspection compares the digest in constant time in the broker; refresh
-//! and revocation compare it in SQL, where the timing would reveal at most a prefix of the
-//! stored digest, which gives no way to a secret that hashes to it.
+//! Secrets never reach the database in plaintext: only their SHA-256 digests (`model::secret`),
+//! as in the embedded store, and, with a replay key, the pairs sealed for idempotent replay
+//! (`replays`) and the successors sealed for rotation across brokers (`rotations`, see
+//! `sql::REFRESH`), AES-256-GCM ciphertext that only the key opens. Introspection compares the
+//! digest in constant time in the broker; refresh and revocation compare it in SQL, where the
+//! timing would reveal at most a prefix of the stored digest, which gives no way to a secret
+//! that hashes to it.
 //!
 //! `may_hold` keeps the trait's default (yes): answering it would cost refresh and revocation
 //! a second round trip. A forged secret therefore reaches the statement, which changes nothing
@@ -71,7 +74,7 @@ use crate::model::{
     TokenKind, TokenPage, UnixMicros,
     clock::{Clock, MonotonicClock},
     deadline, random_hex,
-    replay::{OpenError, SealedPair},
+    replay::{OpenError, SealedPair, StoredSuccessor},
     secret,
 };
 
@@ -89,6 +92,8 @@ pub struct PostgresStore {
     /// When replays whose window closed were last deleted (µs), so that one sweep runs per
     /// window.
     swept_at: AtomicI64,
+    /// When sealed successors whose grace window closed were last deleted (µs), likewise.
+    rotations_swept_at: AtomicI64,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -173,6 +178,7 @@ impl PostgresStore {
             closed: AtomicBool::new(false),
             retries: AtomicU64::new(0),
             swept_at: AtomicI64::new(0),
+            rotations_swept_at: AtomicI64::new(0),
         };
         store.migrate().await?;
         info!(target = %store.target, sslmode = ?settings.sslmode, "postgres store open");
@@ -347,17 +353,36 @@ impl PostgresStore {
     /// answered anyway; the deletion only frees their rows, and a failed one is left to the
     /// next window.
     async fn forget_replays(&self, now: UnixMicros, window: Duration) {
-        let last = self.swept_at.load(Ordering::Relaxed);
-        if now.0 < last.saturating_add(micros(window))
-            || self
-                .swept_at
+        self.forget(sql::FORGET_REPLAYS, &self.swept_at, now, window)
+            .await;
+    }
+
+    /// Deletes the sealed successors whose grace window closed, as [`Self::forget_replays`]
+    /// does the replays: they are never answered after it.
+    async fn forget_rotations(&self, now: UnixMicros, grace: Duration) {
+        self.forget(sql::FORGET_ROTATIONS, &self.rotations_swept_at, now, grace)
+            .await;
+    }
+
+    /// Runs the deletion `statement` (`$1` now) unless `swept_at` says it ran less than
+    /// `window` ago.
+    async fn forget(
+        &self,
+        statement: &'static str,
+        swept_at: &AtomicI64,
+        now: UnixMicros,
+        window: Duration,
+    ) {
+        let last = swept_at.load(Ordering::Relaxed);
+        if now.0 < last.saturating_add(micros(window).max(1))
+            || swept_at
                 .compare_exchange(last, now.0, Ordering::Relaxed, Ordering::Relaxed)
                 .is_err()
         {
             return;
         }
-        if let Err(err) = self.query(sql::FORGET_REPLAYS, &[&now.0]).await {
-            debug!(error = %err, "postgres: deleting closed replays failed; the next window retries");
+        if let Err(err) = self.query(statement, &[&now.0]).await {
+            debug!(error = %err, "postgres: deleting closed rows failed; the next window retries");
         }
     }
 
@@ -453,9 +478,34 @@ impl TokenStore for PostgresStore {
         }
         let (refresh_id, refresh_secret, refresh_digest) = secret::mint(TokenKind::Refresh);
         let (access_id, access_secret, access_digest) = secret::mint(TokenKind::Access);
+        let refresh = MintedToken {
+            id: refresh_id,
+            secret: refresh_secret,
+            expires_at: UnixMicros(0),
+        };
+        let access = MintedToken {
+            id: access_id,
+            secret: access_secret,
+            expires_at: UnixMicros(0),
+        };
         let now = self.clock.stamp();
         let nonce = random_hex();
         let (any_client, client) = client_params(&rotation.client);
+        // Sealed once, before the first attempt: every attempt sends the same pair. Without a
+        // grace window nothing could replay it.
+        let sealed = rotation
+            .replay
+            .as_ref()
+            .filter(|_| !rotation.grace.is_zero())
+            .map(|key| key.seal_successor(secret, &refresh, &access));
+        let (key_id, seal_nonce, ciphertext) = match &sealed {
+            Some(sealed) => (
+                Some(sealed.key_id.as_str()),
+                Some(sealed.nonce.as_slice()),
+                Some(sealed.ciphertext.as_slice()),
+            ),
+            None => (None, None, None),
+        };
         let rows = self
             .query(
                 sql::REFRESH,
@@ -468,14 +518,20 @@ impl TokenStore for PostgresStore {
                     &client,
                     &micros(rotation.access_ttl),
                     &micros(rotation.refresh_ttl),
-                    &refresh_id.as_str(),
+                    &refresh.id.as_str(),
                     &refresh_digest.as_slice(),
-                    &access_id.as_str(),
+                    &access.id.as_str(),
                     &access_digest.as_slice(),
                     &nonce,
+                    &key_id,
+                    &seal_nonce,
+                    &ciphertext,
                 ],
             )
             .await?;
+        if sealed.is_some() {
+            self.forget_rotations(now, rotation.grace).await;
+        }
         let Some(row) = rows.first() else {
             return Ok(RefreshOutcome::Inactive);
         };
@@ -486,16 +542,57 @@ impl TokenStore for PostgresStore {
                 account_id: AccountId::from_stored(get(row, 1)?),
                 family_id,
                 refresh: MintedToken {
-                    id: refresh_id,
-                    secret: refresh_secret,
                     expires_at: UnixMicros(get(row, 3)?),
+                    ..refresh
                 },
                 access: MintedToken {
-                    id: access_id,
-                    secret: access_secret,
                     expires_at: UnixMicros(get(row, 4)?),
+                    ..access
                 },
             }),
+            "replay" => {
+                let key = rotation.replay.as_ref().ok_or_else(|| {
+                    StoreError::new(
+                        StoreErrorKind::Internal,
+                        "the refresh statement replayed a successor without a replay key",
+                        None,
+                    )
+                })?;
+                let stored = SealedPair {
+                    key_id: get(row, 6)?,
+                    nonce: get(row, 7)?,
+                    ciphertext: get(row, 8)?,
+                };
+                let successor = StoredSuccessor {
+                    account_id: AccountId::from_stored(get(row, 1)?),
+                    family_id,
+                    refresh_expires: UnixMicros(get(row, 3)?),
+                    access_expires: UnixMicros(get(row, 4)?),
+                };
+                let pair = key
+                    .open_successor(secret, successor, &stored)
+                    .map_err(|err| {
+                        StoreError::new(
+                            StoreErrorKind::Internal,
+                            match err {
+                                OpenError::OtherKey => {
+                                    "the rotation's successor was sealed under another \
+                                     tokens.replay_key"
+                                }
+                                OpenError::Corrupt => {
+                                    "the rotation's sealed successor does not open: corrupt or \
+                                     forged"
+                                }
+                            },
+                            None,
+                        )
+                    })?;
+                debug!(family_id = %pair.family_id, refresh_token_id = %pair.refresh.id, "postgres: replayed a rotation's sealed successor");
+                RefreshOutcome::Replayed {
+                    pair,
+                    rotated_at: UnixMicros(get(row, 9)?),
+                }
+            }
             "reuse" => {
                 let revoked = count(get(row, 5)?);
                 warn!(family_id = %family_id, token_id = %parsed.id, revoked, "refresh token reuse detected; family revoked");

@@ -65,6 +65,19 @@ CREATE TABLE replays (
 );
 CREATE INDEX replays_by_expiry ON replays (expires_at);
 ",
+    r"
+CREATE TABLE rotations (
+    token_id        TEXT PRIMARY KEY,
+    successor_id    TEXT NOT NULL,
+    closes_at       BIGINT NOT NULL,
+    refresh_expires BIGINT NOT NULL,
+    access_expires  BIGINT NOT NULL,
+    key_id          TEXT NOT NULL,
+    nonce           BYTEA NOT NULL,
+    sealed          BYTEA NOT NULL
+);
+CREATE INDEX rotations_by_closing ON rotations (closes_at);
+",
 ];
 
 /// "Active at `$now`" over `tokens {t} JOIN accounts {a}`; agrees with `TokenRow::state`.
@@ -187,12 +200,24 @@ pub(super) const LOAD_TOKEN: &str = concat!(
 );
 
 /// Rotates a refresh token with reuse detection: the embedded store's `rotate`, as one
-/// statement. Answers one row (`action`, account, family, the new expiries, `revoked`), or none
-/// for an unknown, forged, expired or non-refresh token.
+/// statement. Answers one row (`action`, account, family, the new expiries, `revoked`, and for
+/// `replay` the sealed successor's key id, nonce and ciphertext, and when the presented token
+/// was rotated), or none for an unknown, forged, expired or non-refresh token.
 ///
 /// `$1` presented id, `$2` its digest, `$3` now, `$4` grace (µs), `$5` any client, `$6` the
 /// client, `$7` access TTL (µs), `$8` refresh TTL (µs), `$9` new refresh id, `$10` its digest,
-/// `$11` new access id, `$12` its digest, `$13` the attempt nonce.
+/// `$11` new access id, `$12` its digest, `$13` the attempt nonce, `$14` the replay key's id
+/// (NULL: keep no sealed successor), `$15` the seal's nonce, `$16` the sealed new pair.
+///
+/// Rotation across replicas: a rotation with a replay key keeps its sealed pair in `rotations`,
+/// keyed by the presented token, in the same statement. A presentation that would supersede
+/// the successor within the grace window (`retry`) answers that sealed pair instead (`replay`,
+/// which writes nothing) when the row names the current successor and was sealed under the
+/// same key; so concurrent refreshes of one token on any number of brokers get one successor.
+/// Serializable execution orders them: the first commits `rotate`, the others fail to
+/// serialize and their retries find the row. A row sealed under another key (a key change)
+/// falls back to `retry`, which replaces the row. Rows are answered only within the grace
+/// window and deleted by [`FORGET_ROTATIONS`] after it.
 ///
 /// `prior` is the retry check: the new refresh id exists only if an earlier attempt of this
 /// call committed, and then nothing else runs and its pair is answered. Each row is written by
@@ -227,7 +252,11 @@ WITH prior AS (
                 SELECT 1 FROM tokens s JOIN accounts sa ON sa.id = s.account_id
                 WHERE s.id = p.replaced_by AND ",
     active!("s", "sa", "$3::bigint"),
-    ") THEN 'retry'
+    ") THEN CASE WHEN EXISTS (
+                SELECT 1 FROM rotations r
+                WHERE r.token_id = p.id AND r.successor_id = p.replaced_by
+                  AND r.key_id = $14::text
+            ) THEN 'replay' ELSE 'retry' END
             ELSE 'reuse'
         END AS action,
         least($7::bigint, p.session_ends_at - $3::bigint) AS access_ttl,
@@ -264,17 +293,37 @@ WITH prior AS (
          AS n (id, kind, parent_id, digest)
     WHERE d.action IN ('rotate', 'retry')
     RETURNING 1
+), sealed AS (
+    INSERT INTO rotations (token_id, successor_id, closes_at, refresh_expires, access_expires,
+                           key_id, nonce, sealed)
+    SELECT d.id, $9::text,
+           CASE d.action WHEN 'rotate' THEN $3::bigint ELSE d.rotated_at END + $4::bigint,
+           $3::bigint + d.refresh_ttl, $3::bigint + d.access_ttl, $14::text, $15::bytea,
+           $16::bytea
+    FROM decision d
+    WHERE d.action IN ('rotate', 'retry') AND $14::text IS NOT NULL
+    ON CONFLICT (token_id) DO UPDATE SET successor_id = excluded.successor_id,
+        closes_at = excluded.closes_at, refresh_expires = excluded.refresh_expires,
+        access_expires = excluded.access_expires, key_id = excluded.key_id,
+        nonce = excluded.nonce, sealed = excluded.sealed
+    RETURNING 1
 )
 SELECT 'rotate' AS action, account_id, family_id, refresh_expires, access_expires,
-       0::bigint AS revoked
+       0::bigint AS revoked, NULL::text AS key_id, NULL::bytea AS nonce,
+       NULL::bytea AS sealed, NULL::bigint AS rotated_at
 FROM prior
 UNION ALL
-SELECT d.action, d.account_id, d.family_id, $3::bigint + d.refresh_ttl,
-       $3::bigint + d.access_ttl,
+SELECT d.action, d.account_id, d.family_id,
+       coalesce(r.refresh_expires, $3::bigint + d.refresh_ttl),
+       coalesce(r.access_expires, $3::bigint + d.access_ttl),
        (SELECT count(*) FROM ended)
-       + (SELECT count(*) FROM tokens y WHERE y.family_id = d.family_id AND y.revoked_by = $13::text)
-FROM decision d"
+       + (SELECT count(*) FROM tokens y WHERE y.family_id = d.family_id AND y.revoked_by = $13::text),
+       r.key_id, r.nonce, r.sealed, d.rotated_at
+FROM decision d LEFT JOIN rotations r ON d.action = 'replay' AND r.token_id = d.id"
 );
+
+/// Forgets the sealed successors whose grace window closed: `$1` now.
+pub(super) const FORGET_ROTATIONS: &str = "DELETE FROM rotations WHERE closes_at <= $1::bigint";
 
 /// The body of every revocation of tokens: revokes the active tokens that `target` selects
 /// (a CTE with `id`, `kind`, `family_id`: one token, its family if it is a refresh token), and

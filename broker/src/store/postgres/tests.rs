@@ -93,6 +93,7 @@ fn rotation() -> Rotation {
         refresh_ttl: Duration::from_secs(3600),
         session_ttl: Duration::from_secs(3600),
         grace: Duration::from_secs(10),
+        replay: None,
     }
 }
 
@@ -254,6 +255,13 @@ async fn issue_refresh_introspect_and_revocations_take_one_round_trip_each() {
         .issue_once(session("warm@example.com"), &claim(1, 9, window))
         .await
         .unwrap();
+    // A rotation with a replay key, which also runs the deletion of closed sealed successors
+    // (once per grace window).
+    let warm = store.issue(session("warm@example.com")).await.unwrap();
+    store
+        .refresh(&warm.refresh.secret, sealing_rotation(9))
+        .await
+        .unwrap();
     proxy.take();
 
     let one = Wire {
@@ -318,6 +326,17 @@ async fn issue_refresh_introspect_and_revocations_take_one_round_trip_each() {
     );
     assert_eq!(proxy.take(), one, "revoke by an unknown email");
 
+    // A rotation that seals its successor, and a second presentation that gets it back.
+    let pair = store.issue(session("ann@example.com")).await.unwrap();
+    proxy.take();
+    for what in ["sealed rotation", "replayed rotation"] {
+        store
+            .refresh(&pair.refresh.secret, sealing_rotation(9))
+            .await
+            .unwrap();
+        assert_eq!(proxy.take(), one, "{what}");
+    }
+
     // An idempotent issue, first and replayed (the deletion of closed replays is a second
     // statement, once per window, which the warm-up ran).
     for what in ["idempotent issue", "idempotent replay"] {
@@ -343,7 +362,8 @@ async fn a_retried_statement_recognises_its_own_committed_attempt() {
     let grace = micros(Duration::from_secs(10));
     let ttl = micros(Duration::from_secs(600));
     let client: Option<&str> = None;
-    let params: [&(dyn ToSql + Sync); 13] = [
+    let no_seal: Option<&[u8]> = None;
+    let params: [&(dyn ToSql + Sync); 16] = [
         &presented.id.as_str(),
         &presented.digest.as_slice(),
         &now.0,
@@ -357,6 +377,9 @@ async fn a_retried_statement_recognises_its_own_committed_attempt() {
         &access_id.as_str(),
         &access_digest.as_slice(),
         &nonce,
+        &client,
+        &no_seal,
+        &no_seal,
     ];
     let answer = |rows: Vec<Row>| -> (String, String, i64, i64) {
         let row = rows.first().expect("one row");
@@ -630,12 +653,24 @@ async fn a_unix_socket_directory_is_a_host() {
     );
 }
 
-fn claim(row: u8, key: u8, window: Duration) -> ReplayClaim {
+fn replay_key(key: u8) -> Arc<crate::model::replay::ReplayKey> {
     let text = SecretString::from(hex::encode([key; 32]));
+    Arc::new(crate::model::replay::ReplayKey::from_hex(&text).unwrap())
+}
+
+fn claim(row: u8, key: u8, window: Duration) -> ReplayClaim {
     ReplayClaim {
         row: [row; 32],
         window,
-        key: Arc::new(crate::model::replay::ReplayKey::from_hex(&text).unwrap()),
+        key: replay_key(key),
+    }
+}
+
+/// [`rotation`] that seals its successor under the replay key made of `key` bytes.
+fn sealing_rotation(key: u8) -> Rotation {
+    Rotation {
+        replay: Some(replay_key(key)),
+        ..rotation()
     }
 }
 
@@ -736,4 +771,299 @@ async fn an_idempotency_claim_replays_one_sealed_pair_across_stores_until_its_wi
         .unwrap()
         .get(0);
     assert_eq!(left, 1, "only the open claim is left");
+}
+
+/// Two stores on one database: two replicas sharing a clock.
+async fn two_replicas() -> (PostgresSettings, Arc<ManualClock>, [Arc<PostgresStore>; 2]) {
+    let mut settings = cluster().create_database().await;
+    // A guard for the rounds of serialization failures on a loaded machine, not a speed limit.
+    settings.statement_timeout_ms = 30_000;
+    let clock = Arc::new(ManualClock::new());
+    let open = async || {
+        Arc::new(
+            PostgresStore::connect(&settings, clock.clone())
+                .await
+                .unwrap(),
+        )
+    };
+    let replicas = [open().await, open().await];
+    (settings, clock, replicas)
+}
+
+/// How many tokens of `family` are live refresh tokens (neither consumed nor revoked).
+async fn live_refresh_tokens(admin: &tokio_postgres::Client, family: &FamilyId) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM tokens WHERE family_id = $1 AND kind = 'refresh' \
+             AND revoked_at IS NULL AND replaced_by IS NULL",
+            &[&family.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The successor pair of an answer that has one.
+fn successor(outcome: &RefreshOutcome) -> Option<&MintedPair> {
+    match outcome {
+        RefreshOutcome::Rotated(pair) | RefreshOutcome::Replayed { pair, .. } => Some(pair),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_refreshes_on_two_stores_get_one_sealed_successor() {
+    const REFRESHES: usize = 50;
+    let (settings, _clock, replicas) = two_replicas().await;
+    let first = replicas[0].issue(session("rae@example.com")).await.unwrap();
+    let mut calls = JoinSet::new();
+    for i in 0..REFRESHES {
+        let store = Arc::clone(&replicas[i % 2]);
+        let secret = first.refresh.secret.clone();
+        calls.spawn(async move { store.refresh(&secret, sealing_rotation(9)).await });
+    }
+    let outcomes = calls.join_all().await;
+    let answered: Vec<&MintedPair> = outcomes
+        .iter()
+        .map(|outcome| successor(outcome.as_ref().expect("no refresh fails")))
+        .map(|pair| pair.expect("every refresh gets a successor"))
+        .collect();
+    let rotated = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(RefreshOutcome::Rotated(_))))
+        .count();
+    assert_eq!(
+        rotated, 1,
+        "one refresh rotates, the others get its successor"
+    );
+    let one = answered[0];
+    for pair in &answered {
+        assert_eq!(pair.refresh.id, one.refresh.id);
+        assert_eq!(pair.access.id, one.access.id);
+        assert_eq!(
+            pair.refresh.secret.expose_secret(),
+            one.refresh.secret.expose_secret()
+        );
+        assert_eq!(
+            pair.access.secret.expose_secret(),
+            one.access.secret.expose_secret()
+        );
+        assert_eq!(pair.family_id, first.family_id);
+        assert_eq!(pair.account_id, first.account_id);
+        assert_eq!(pair.refresh.expires_at, one.refresh.expires_at);
+        assert_eq!(pair.access.expires_at, one.access.expires_at);
+    }
+    let admin = cluster().admin(&settings.dbname).await;
+    assert_eq!(live_refresh_tokens(&admin, &first.family_id).await, 1);
+    let tokens: i64 = admin
+        .query_one("SELECT count(*) FROM tokens", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tokens, 4, "the first pair and one successor pair");
+    for store in &replicas {
+        for secret in [&one.refresh.secret, &one.access.secret] {
+            assert!(store.introspect(secret).await.unwrap().is_some());
+        }
+    }
+    // The sealed successor holds no secret in plaintext.
+    let dump: String = admin
+        .query_one(
+            "SELECT string_agg(encode(sealed, 'escape') || key_id || encode(nonce, 'hex'), ' ') \
+             FROM rotations",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for secret in [&one.access.secret, &one.refresh.secret] {
+        let text = secret.expose_secret();
+        assert!(
+            !dump.contains(&text[4..]),
+            "a secret is stored in plaintext"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_sealed_successor_is_replayed_only_while_it_is_current_and_the_grace_window_is_open() {
+    let (settings, clock, [a, b]) = two_replicas().await;
+    let admin = cluster().admin(&settings.dbname).await;
+    let rotate = async |store: &PostgresStore, secret: &SecretString, rotation: Rotation| {
+        store.refresh(secret, rotation).await.unwrap()
+    };
+
+    // Within the grace window, on the other replica: the same successor.
+    let first = a.issue(session("uma@example.com")).await.unwrap();
+    let next = rotate(&a, &first.refresh.secret, sealing_rotation(9)).await;
+    let RefreshOutcome::Rotated(next) = next else {
+        panic!("the first refresh rotates, got {next:?}");
+    };
+    let again = rotate(&b, &first.refresh.secret, sealing_rotation(9)).await;
+    let RefreshOutcome::Replayed { pair, .. } = &again else {
+        panic!("a second presentation replays, got {again:?}");
+    };
+    assert_eq!(pair.refresh.id, next.refresh.id);
+
+    // Once the successor was rotated itself, the predecessor is reuse.
+    let after = rotate(&b, &next.refresh.secret, sealing_rotation(9)).await;
+    assert!(matches!(after, RefreshOutcome::Rotated(_)), "{after:?}");
+    let reuse = rotate(&a, &first.refresh.secret, sealing_rotation(9)).await;
+    assert!(
+        matches!(&reuse, RefreshOutcome::ReuseDetected { family_id, .. } if *family_id == first.family_id),
+        "{reuse:?}"
+    );
+    assert_eq!(live_refresh_tokens(&admin, &first.family_id).await, 0);
+
+    // Once the successor was revoked: reuse.
+    let first = a.issue(session("uma@example.com")).await.unwrap();
+    let RefreshOutcome::Rotated(next) =
+        rotate(&a, &first.refresh.secret, sealing_rotation(9)).await
+    else {
+        panic!("the refresh rotates");
+    };
+    b.revoke_secret(&next.refresh.secret, &ClientCheck::Any)
+        .await
+        .unwrap();
+    let reuse = rotate(&b, &first.refresh.secret, sealing_rotation(9)).await;
+    assert!(
+        matches!(reuse, RefreshOutcome::ReuseDetected { .. }),
+        "{reuse:?}"
+    );
+
+    // After the grace window: reuse, and the closed sealed successors are deleted.
+    let first = a.issue(session("uma@example.com")).await.unwrap();
+    assert!(matches!(
+        rotate(&a, &first.refresh.secret, sealing_rotation(9)).await,
+        RefreshOutcome::Rotated(_)
+    ));
+    clock.advance(rotation().grace + Duration::from_secs(1));
+    let reuse = rotate(&b, &first.refresh.secret, sealing_rotation(9)).await;
+    assert!(
+        matches!(reuse, RefreshOutcome::ReuseDetected { .. }),
+        "{reuse:?}"
+    );
+    let second = b.issue(session("uma@example.com")).await.unwrap();
+    assert!(matches!(
+        rotate(&b, &second.refresh.secret, sealing_rotation(9)).await,
+        RefreshOutcome::Rotated(_)
+    ));
+    let left: i64 = admin
+        .query_one("SELECT count(*) FROM rotations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1, "only the open sealed successor is left");
+
+    // A successor sealed under another key is not opened: the presentation supersedes it, as
+    // without a key, and seals the new one under its own key.
+    let first = a.issue(session("uma@example.com")).await.unwrap();
+    let RefreshOutcome::Rotated(old) = rotate(&a, &first.refresh.secret, sealing_rotation(9)).await
+    else {
+        panic!("the refresh rotates");
+    };
+    let RefreshOutcome::Rotated(new) = rotate(&b, &first.refresh.secret, sealing_rotation(8)).await
+    else {
+        panic!("another key supersedes");
+    };
+    assert_ne!(new.refresh.id, old.refresh.id);
+    assert!(a.introspect(&old.refresh.secret).await.unwrap().is_none());
+    let again = rotate(&a, &first.refresh.secret, sealing_rotation(8)).await;
+    assert!(
+        matches!(&again, RefreshOutcome::Replayed { pair, .. } if pair.refresh.id == new.refresh.id),
+        "{again:?}"
+    );
+    assert_eq!(live_refresh_tokens(&admin, &first.family_id).await, 1);
+
+    // Without a replay key: today's grace rule, the successor superseded.
+    let first = a.issue(session("uma@example.com")).await.unwrap();
+    let RefreshOutcome::Rotated(old) = rotate(&a, &first.refresh.secret, rotation()).await else {
+        panic!("the refresh rotates");
+    };
+    let RefreshOutcome::Rotated(new) = rotate(&b, &first.refresh.secret, rotation()).await else {
+        panic!("a retry within grace supersedes");
+    };
+    assert_ne!(new.refresh.id, old.refresh.id);
+    assert_eq!(live_refresh_tokens(&admin, &first.family_id).await, 1);
+}
+
+#[tokio::test]
+async fn a_retried_sealed_rotation_answers_its_own_pair_and_leaves_one_sealed_successor() {
+    // As `a_retried_statement_recognises_its_own_committed_attempt`, with a replay key: the
+    // retry of a committed sealed rotation is that rotation, not a replay of it, and the row it
+    // sealed serves the next presentation.
+    let settings = cluster().create_database().await;
+    let store = open_store(&settings).await;
+    let first = store.issue(session("cai@example.com")).await.unwrap();
+    let key = replay_key(9);
+    let (refresh_id, refresh_secret, refresh_digest) = secret::mint(TokenKind::Refresh);
+    let (access_id, access_secret, access_digest) = secret::mint(TokenKind::Access);
+    let token = |id: &TokenId, secret: &SecretString| MintedToken {
+        id: id.clone(),
+        secret: secret.clone(),
+        expires_at: UnixMicros(0),
+    };
+    let sealed = key.seal_successor(
+        &first.refresh.secret,
+        &token(&refresh_id, &refresh_secret),
+        &token(&access_id, &access_secret),
+    );
+    let presented = secret::parse(&first.refresh.secret).unwrap();
+    let now = store.clock.stamp();
+    let nonce = random_hex();
+    let grace = micros(Duration::from_secs(10));
+    let ttl = micros(Duration::from_secs(600));
+    let client: Option<&str> = None;
+    let key_id = Some(sealed.key_id.as_str());
+    let params: [&(dyn ToSql + Sync); 16] = [
+        &presented.id.as_str(),
+        &presented.digest.as_slice(),
+        &now.0,
+        &grace,
+        &true,
+        &client,
+        &ttl,
+        &ttl,
+        &refresh_id.as_str(),
+        &refresh_digest.as_slice(),
+        &access_id.as_str(),
+        &access_digest.as_slice(),
+        &nonce,
+        &key_id,
+        &Some(sealed.nonce.as_slice()),
+        &Some(sealed.ciphertext.as_slice()),
+    ];
+    let action = |rows: Vec<Row>| -> (String, i64) {
+        let row = rows.first().expect("one row");
+        (get(row, 0).unwrap(), get(row, 3).unwrap())
+    };
+    let once = action(store.query(sql::REFRESH, &params).await.unwrap());
+    let again = action(store.query(sql::REFRESH, &params).await.unwrap());
+    assert_eq!(once.0, "rotate");
+    assert_eq!(again, once, "the retry answers the committed rotation");
+
+    let rotation = Rotation {
+        replay: Some(key),
+        ..rotation()
+    };
+    let outcome = store
+        .refresh(&first.refresh.secret, rotation)
+        .await
+        .unwrap();
+    let RefreshOutcome::Replayed { pair, .. } = outcome else {
+        panic!("the next presentation replays, got {outcome:?}");
+    };
+    assert_eq!(pair.refresh.id, refresh_id);
+    assert_eq!(
+        pair.refresh.secret.expose_secret(),
+        refresh_secret.expose_secret()
+    );
+    assert_eq!(pair.refresh.expires_at, UnixMicros(once.1));
+    let admin = cluster().admin(&settings.dbname).await;
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM rotations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
 }

@@ -127,6 +127,7 @@ pub(super) async fn concurrent_refreshes_without_grace_rotate_once_and_revoke_th
             }
             RefreshOutcome::Inactive => {}
             RefreshOutcome::WrongClient => panic!("no client was given, got WrongClient"),
+            RefreshOutcome::Replayed { .. } => panic!("no replay key was given, got a replay"),
         }
     }
     assert_eq!(rotated, 1, "exactly one refresh may rotate without grace");

@@ -198,6 +198,7 @@ pub(super) fn rotation(grace: Duration) -> Rotation {
         refresh_ttl: REFRESH_TTL,
         grace,
         session_ttl: SESSION_TTL,
+        replay: None,
     }
 }
 
