@@ -726,6 +726,8 @@ struct Seen {
     unavailable: usize,
     /// Calls that failed with anything else: "rpc: error".
     other_failures: Vec<String>,
+    /// Introspections with a short deadline that failed: (`UNAVAILABLE`, `DEADLINE_EXCEEDED`).
+    short_deadline_failures: (usize, usize),
     /// Calls in flight across the restart: begun before the server was back, ended after.
     across_restart: usize,
     /// Calls begun after the restart and acknowledged, per replica.
@@ -826,11 +828,42 @@ async fn restart_load(
     }
 }
 
+/// Introspects `active` tokens, with a deadline shorter than the restart, until `stop`: each
+/// answer says active, or fails with `UNAVAILABLE` or `DEADLINE_EXCEEDED`; never inactive.
+async fn short_deadline_introspection(
+    active: Vec<SecretString>,
+    service: Vec<Client>,
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut n = 0;
+    while !stop.load(Ordering::Acquire) {
+        n += 1;
+        let answer = service[n % 3]
+            .introspect_secret(&active[n % active.len()])
+            .await;
+        let mut seen = seen.lock().unwrap();
+        match answer {
+            Ok(info) => assert!(info.active, "a store outage never makes a token inactive"),
+            Err(err) if err.kind() == ClientErrorKind::Unavailable => {
+                seen.short_deadline_failures.0 += 1;
+            }
+            Err(err) if err.kind() == ClientErrorKind::DeadlineExceeded => {
+                seen.short_deadline_failures.1 += 1;
+            }
+            Err(err) => seen
+                .other_failures
+                .push(format!("Introspect (short deadline): {err}")),
+        }
+    }
+}
+
 /// An operator restarts PostgreSQL (`pg_ctl restart -m fast`) while twelve clients keep the
 /// three replicas busy. The server ends every session; the calls in flight must then succeed
 /// (the store retries on a new connection within the call's deadline) or fail with
 /// `UNAVAILABLE`, the replicas must serve again without help, and nothing an acknowledged call
-/// decided may be undone.
+/// decided may be undone. Introspections with a deadline shorter than the restart may fail
+/// too, as `UNAVAILABLE` or `DEADLINE_EXCEEDED`, but never answer `active = false`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_under_load_answers_ok_or_unavailable_recovers_and_loses_nothing() {
     let server = tokio::task::block_in_place(PrivateCluster::start);
@@ -858,8 +891,21 @@ async fn a_postgres_restart_under_load_answers_ok_or_unavailable_recovers_and_lo
     }
     // The load runs for a while first, so the restart meets calls in flight on every replica.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let before = seen.lock().unwrap().active.len();
-    assert!(before > 0, "the load was served before the restart");
+    let active: Vec<SecretString> = seen.lock().unwrap().active.clone();
+    assert!(!active.is_empty(), "the load was served before the restart");
+    // Callers with a deadline shorter than the restart (a Cognito trigger's): they may fail,
+    // but only as the store being unavailable or their deadline passing.
+    let short: Vec<Client> = replicas
+        .service
+        .iter()
+        .map(|client| client.clone().with_timeout(Duration::from_millis(250)))
+        .collect();
+    workers.spawn(short_deadline_introspection(
+        active,
+        short,
+        seen.clone(),
+        stop.clone(),
+    ));
     let restart = Instant::now();
     tokio::task::block_in_place(|| server.restart());
     let restart_took = restart.elapsed();
@@ -897,11 +943,12 @@ async fn a_postgres_restart_under_load_answers_ok_or_unavailable_recovers_and_lo
     let seen = Arc::into_inner(seen).unwrap().into_inner().unwrap();
     eprintln!(
         "restart: pg_ctl restart took {restart_took:?}, every replica served again {back_after:?} \
-         after it began; {} calls in flight across the restart, {} UNAVAILABLE answers, {} tokens \
-         active and {} ended by acknowledged calls, acknowledged after the restart per replica \
-         {:?}",
+         after it began; {} calls in flight across the restart, {} UNAVAILABLE answers, (UNAVAILABLE, \
+         DEADLINE_EXCEEDED) of introspections with a 250 ms deadline {:?}, {} tokens active and {} ended by acknowledged \
+         calls, acknowledged after the restart per replica {:?}",
         seen.across_restart,
         seen.unavailable,
+        seen.short_deadline_failures,
         seen.active.len(),
         seen.inactive.len(),
         seen.after_restart
