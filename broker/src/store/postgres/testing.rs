@@ -10,11 +10,17 @@
 //! Clusters a killed watchdog left behind are found by the owner pid they record and removed
 //! when the next test process starts one.
 //!
+//! [`PrivateCluster`] is a cluster of one test's own, for tests that stop or restart the server
+//! ([`PrivateCluster::restart`]): the same set-up, but with `synchronous_commit = on`
+//! (PostgreSQL's default, as on a production server: a commit is in the WAL before it is
+//! acknowledged); it is stopped and deleted when dropped.
+//!
 //! The server binaries come from `/usr/lib/postgresql/<version>/bin` (Debian's layout); when
 //! there are none, `scripts/install-tools` installs the `postgresql` package.
 
 use std::{
     fs,
+    ops::Deref,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -35,6 +41,21 @@ const SUPERUSER: &str = "postgres";
 pub struct TestCluster {
     dir: PathBuf,
     port: u16,
+    /// The server binaries' directory.
+    bin: PathBuf,
+    /// The server's command-line options (`pg_ctl -o`), for a restart.
+    options: String,
+}
+
+/// Whether the server waits for its WAL flush before it acknowledges a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SynchronousCommit {
+    /// `synchronous_commit = off`: faster; a crash of the server may lose the last acknowledged
+    /// commits (a clean shutdown writes them).
+    Off,
+    /// `synchronous_commit = on` (PostgreSQL's default): a commit is in the WAL before it is
+    /// acknowledged.
+    On,
 }
 
 /// Returns this process's cluster, starting it on first use.
@@ -45,14 +66,14 @@ pub struct TestCluster {
 /// log).
 pub fn cluster() -> &'static TestCluster {
     static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
-    match CLUSTER.get_or_init(TestCluster::start) {
+    match CLUSTER.get_or_init(|| TestCluster::start(SynchronousCommit::Off)) {
         Ok(cluster) => cluster,
         Err(error) => panic!("cannot start a test PostgreSQL cluster: {error}"),
     }
 }
 
 impl TestCluster {
-    fn start() -> Result<Self, String> {
+    fn start(synchronous_commit: SynchronousCommit) -> Result<Self, String> {
         let bin = server_bin()?;
         remove_stale_clusters();
         let dir = tempfile::Builder::new()
@@ -77,12 +98,19 @@ impl TestCluster {
         ]))?;
         watch(&dir)?;
         // A free port can be taken between the probe and the server's bind: try a few.
+        let synchronous_commit = match synchronous_commit {
+            SynchronousCommit::Off => "off",
+            SynchronousCommit::On => "on",
+        };
         let mut last_error = String::new();
         for _ in 0..3 {
             let port = free_port()?;
+            // fsync stays off even with synchronous_commit on: the tests restart the server,
+            // never the machine, and a written page survives a server restart in the page cache.
             let options = format!(
                 "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                 -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
+                 -c synchronous_commit={synchronous_commit} -c full_page_writes=off \
+                 -c max_connections=400",
                 dir.display()
             );
             let started = run(as_postgres(&bin.join("pg_ctl"))
@@ -92,7 +120,14 @@ impl TestCluster {
                 .arg(dir.join("server.log"))
                 .args(["-w", "-t", "60", "-o", &options, "start"]));
             match started {
-                Ok(()) => return Ok(Self { dir, port }),
+                Ok(()) => {
+                    return Ok(Self {
+                        dir,
+                        port,
+                        bin,
+                        options,
+                    });
+                }
                 Err(error) => {
                     let log = fs::read_to_string(dir.join("server.log")).unwrap_or_default();
                     last_error = format!("{error}\nserver log:\n{log}");
@@ -156,6 +191,82 @@ impl TestCluster {
             .unwrap_or_else(|err| panic!("cannot connect to the test cluster: {err}"));
         tokio::spawn(connection);
         client
+    }
+}
+
+/// A cluster of one test's own, with `synchronous_commit = on`, that the test may restart. See
+/// the module documentation. Dropping it stops the server (`pg_ctl stop -m immediate`) and
+/// deletes its directory.
+#[derive(Debug)]
+pub struct PrivateCluster {
+    cluster: TestCluster,
+}
+
+impl PrivateCluster {
+    /// Starts a new cluster (`initdb` and `pg_ctl start`: a second or two, more on a loaded
+    /// machine).
+    ///
+    /// # Panics
+    ///
+    /// When the server cannot be installed or started; the message says why (with the server's
+    /// log).
+    pub fn start() -> Self {
+        match TestCluster::start(SynchronousCommit::On) {
+            Ok(cluster) => Self { cluster },
+            Err(error) => panic!("cannot start a private PostgreSQL cluster: {error}"),
+        }
+    }
+
+    /// Restarts the server as an operator's `pg_ctl restart -m fast` does: the server ends
+    /// every session (their clients get `57P01 terminating connection due to administrator
+    /// command`, or a closed connection), shuts down cleanly, starts again on the same port
+    /// and data, and accepts connections when this returns. Blocks the calling thread (use
+    /// `tokio::task::block_in_place` on a runtime).
+    ///
+    /// # Panics
+    ///
+    /// When the server does not restart within a minute; the message has the server's log.
+    pub fn restart(&self) {
+        let cluster = &self.cluster;
+        let restarted = run(as_postgres(&cluster.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(cluster.dir.join("data"))
+            .arg("-l")
+            .arg(cluster.dir.join("server.log"))
+            .args([
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &cluster.options,
+                "restart",
+            ]));
+        if let Err(error) = restarted {
+            let log = fs::read_to_string(cluster.dir.join("server.log")).unwrap_or_default();
+            panic!("cannot restart the private PostgreSQL cluster: {error}\nserver log:\n{log}");
+        }
+    }
+}
+
+impl Deref for PrivateCluster {
+    type Target = TestCluster;
+
+    fn deref(&self) -> &TestCluster {
+        &self.cluster
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        // Immediate: nothing of a finished test's data matters. The watchdog would do the same
+        // when the test process ends; this frees the server's memory and port now.
+        let _ = run(as_postgres(&self.cluster.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.cluster.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"]));
+        let _ = fs::remove_dir_all(&self.cluster.dir);
     }
 }
 
