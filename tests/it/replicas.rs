@@ -1,6 +1,6 @@
-//! Three brokers on one shared store: `tokenbroker` processes (the debug binary that
-//! `workspace_binary` builds, not a release build: the tests check behaviour, not speed), each
-//! with the same config file. Calls are spread over the replicas round-robin.
+//! Three brokers on one shared store: `tokenbroker` processes
+//! ([`tokenbroker_tests::broker_binary`]: the release build under `scripts/test`, the running
+//! profile's under plain `cargo test`), each with the same config file. Calls are spread over the replicas round-robin.
 //!
 //! Every scenario is written once and runs on both shared stores ([`Backend`]):
 //! - **postgres**: a fresh database of the test cluster of

@@ -458,7 +458,30 @@ pub fn expose(secret: &SecretString) -> String {
     secret.expose_secret().to_owned()
 }
 
-/// The `tokenbroker` binary running as a child process in dev mode (killed on drop).
+/// The `tokenbroker` binary that [`BrokerProcess`] runs: `$TB_BROKER_BIN` when set (`scripts/test`
+/// sets it to the release build, so the process-level tests run what is deployed), else the
+/// workspace's build of the running profile ([`workspace_binary`]), so plain `cargo test` needs
+/// nothing else.
+///
+/// # Panics
+///
+/// If `$TB_BROKER_BIN` names no file, or the build fails.
+pub fn broker_binary() -> PathBuf {
+    match std::env::var_os("TB_BROKER_BIN") {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "TB_BROKER_BIN={} is not a file",
+                path.display()
+            );
+            path
+        }
+        None => workspace_binary("tokenbroker"),
+    }
+}
+
+/// The `tokenbroker` binary ([`broker_binary`]) running as a child process (killed on drop).
 #[derive(Debug)]
 pub struct BrokerProcess {
     /// The child process.
@@ -506,7 +529,7 @@ impl BrokerProcess {
         env: &[(&str, &str)],
     ) -> Self {
         use tokio::io::{AsyncBufReadExt as _, BufReader};
-        let mut child = tokio::process::Command::new(workspace_binary("tokenbroker"))
+        let mut child = tokio::process::Command::new(broker_binary())
             .args(["--listen", listen])
             .args(extra_args)
             .current_dir(cwd)

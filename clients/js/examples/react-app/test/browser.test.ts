@@ -8,8 +8,8 @@
  *   key (`kid` "dummy") served at `/<poolId>/.well-known/jwks.json` on its own port rather than
  *   at the issuer, it says `email_verified` as the string "true", and it runs no Lambda trigger
  *   (so the page gets its tokens by direct exchange).
- * - The broker: the debug binary (`$TOKENBROKER_BIN`, or target/debug/tokenbroker) with
- *   grpc-web on, the page's origin allowed, a 3 s access TTL, and moto's pool trusted with
+ * - The broker: `$TOKENBROKER_BIN` (the release build under scripts/test), or
+ *   target/debug/tokenbroker, with grpc-web on, the page's origin allowed, a 5 s access TTL, and moto's pool trusted with
  *   `direct_exchange = true`.
  * - The movie API (dist-api/server.js, `node`), which introspects with a `service` key.
  * - The page, built by `vite build` (dist/), served by a small static server with the run's
