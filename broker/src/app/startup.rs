@@ -212,12 +212,19 @@ impl Application {
                 );
                 broker = broker.with_replay_key(key);
             }
+            Some(key) if settings.store.backend == StoreBackend::Fauna => {
+                info!(
+                    key_id = key.id(),
+                    "idempotent replays are kept in fauna, sealed; each broker coalesces \
+                     parallel refreshes of one token from its own memory"
+                );
+                broker = broker.with_replay_key(key);
+            }
             Some(_) => {
                 warn!(
                     backend = ?settings.store.backend,
-                    "tokens.replay_key is set, but only store.backend = \"postgres\" keeps \
-                     idempotent replays and rotation successors; each broker replays and \
-                     coalesces rotations from its own memory"
+                    "tokens.replay_key is set, but only the shared stores (postgres, fauna) keep \
+                     idempotent replays; the embedded store replays from its own memory"
                 );
             }
             None if settings.store.backend == StoreBackend::Postgres && settings.replicas.0 > 1 => {
@@ -233,9 +240,9 @@ impl Application {
             None if settings.store.backend == StoreBackend::Fauna && settings.replicas.0 > 1 => {
                 warn!(
                     replicas = settings.replicas.0,
-                    "the fauna store keeps no idempotent replays or rotation successors: each \
-                     replica replays IssueTokens calls and coalesces parallel refreshes of one \
-                     token from its own memory"
+                    "no tokens.replay_key: each replica replays idempotent IssueTokens calls from \
+                     its own memory, so a retry that reaches another replica mints a second \
+                     pair; set tokens.replay_key(_file) to share replays through fauna"
                 );
             }
             None => {}

@@ -69,6 +69,22 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
         "1f5231ebf29bdf4cc83f1153a578f8cf6ca9ef91f833df9b505af815293f505b",
     ),
     (
+        "issue_once_by_email",
+        "cce53a8c1fd26d34775bd178dfe319b6136a8e256940775e7a8dabf31645c85f",
+    ),
+    (
+        "issue_once_for_account",
+        "5cdf987aa8f590060cd76ab147794f0a471a0867df6fe37e81ae92e6dbd392b9",
+    ),
+    (
+        "seal_replay",
+        "840de294dfcfd885737f61d03904055233cecc71228ba55f39796a0244ee7371",
+    ),
+    (
+        "replay_state",
+        "b035dd0f27e00709b179c8d9cb3c9f8ed6e8448cc63f6b95f0a89c91379514ee",
+    ),
+    (
         "publish_policy",
         "56f1480f61c09b32767c16e61e952cdee03a9a09e8e3e53cdda0381580559193",
     ),
@@ -105,6 +121,10 @@ pub(super) enum Query {
     ListTokens,
     PublishPolicy,
     RevokeEmail,
+    IssueOnceByEmail,
+    IssueOnceForAccount,
+    SealReplay,
+    ReplayState,
     OriginalLookup,
     OriginalRegister,
     OriginalCreateRefresh,
@@ -126,6 +146,10 @@ impl Query {
             "list_tokens" => Self::ListTokens,
             "publish_policy" => Self::PublishPolicy,
             "revoke_email" => Self::RevokeEmail,
+            "issue_once_by_email" => Self::IssueOnceByEmail,
+            "issue_once_for_account" => Self::IssueOnceForAccount,
+            "seal_replay" => Self::SealReplay,
+            "replay_state" => Self::ReplayState,
             "original_lookup" => Self::OriginalLookup,
             "original_register" => Self::OriginalRegister,
             "original_create_refresh" => Self::OriginalCreateRefresh,
@@ -160,6 +184,10 @@ impl Query {
             Self::Introspect => "Token.byId(caller!.id)",
             Self::RevokeToken => "Token.byId(token_id)",
             Self::PublishPolicy => "BrokerPolicy.byId(\"1\")",
+            Self::IssueOnceByEmail
+            | Self::IssueOnceForAccount
+            | Self::SealReplay
+            | Self::ReplayState => "Replay.byRow(row)",
             Self::OriginalLookup => "Account.byEmail(email)",
             Self::OriginalRegister => "Account.create(",
             Self::OriginalCreateRefresh | Self::OriginalCreateAccess => "Token.create(",

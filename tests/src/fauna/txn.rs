@@ -10,9 +10,9 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::{
-    database::{Attempt, Db, Key, Policy, TokenDoc},
+    database::{Attempt, Db, Key, Policy, Replay, TokenDoc},
     query::Query,
-    reply::{Failure, Stats},
+    reply::{Failure, FailureExtra, Stats},
     secret::{decode_token_secret, mint_secret},
     value::{Doc, Value, cmp_strings, fql_cmp, fql_eq, fql_text, strip_nulls},
 };
@@ -135,6 +135,8 @@ enum Undo {
     Attempt(String, Option<Attempt>),
     /// The `BrokerPolicy` as it was.
     Policy(Option<Policy>),
+    /// The `Replay` document of a row as it was.
+    Replay(String, Option<Replay>),
 }
 
 /// One transaction: the database, the transaction time and what it did.
@@ -226,6 +228,12 @@ impl<'a> Txn<'a> {
                     };
                 }
                 Undo::Policy(before) => db.policy = before,
+                Undo::Replay(row, before) => {
+                    match before {
+                        Some(replay) => db.replays.insert(row, replay),
+                        None => db.replays.remove(&row),
+                    };
+                }
             }
         }
     }
@@ -473,6 +481,15 @@ impl<'a> Txn<'a> {
         }
         match query {
             Query::IssueByEmail | Query::IssueForAccount => self.issue(query, args),
+            Query::IssueOnceByEmail | Query::IssueOnceForAccount => self.issue_once(query, args),
+            Query::SealReplay => self.seal_replay(args),
+            Query::ReplayState => {
+                let row = expect_str(args.get("row")?, "row", BY_ROW)?.to_owned();
+                Ok(match self.replay_by_row(&row) {
+                    Some(claim) if claim.expires_at > self.now => claim_value(&claim),
+                    _ => Value::Null,
+                })
+            }
             Query::Rotate => self.rotate(token, args),
             Query::Introspect => Ok(token.map_or(Value::Null, |t| t.to_value())),
             Query::RevokeSecret => self.revoke_secret(token, args),
@@ -557,30 +574,31 @@ impl<'a> Txn<'a> {
         const ADD: &str = "now.add(refresh_ttl, \"seconds\")";
         const ADD_ACCESS: &str = "now.add(access_ttl, \"seconds\")";
         // `let account = …`: found, to be created, or missing.
-        let (existing, email, create) = if query == Query::IssueByEmail {
-            let email = args.get("email")?;
-            match self.account_by_email(email) {
-                Some(id) => (Some(id), Some(email), None),
-                None => {
-                    let address = expect_str(email, "email", "Account.create(")?;
-                    let sub = match args.get("cognito_sub")? {
-                        Value::Null => None,
-                        other => Some(expect_str(other, "cognito_sub", "Account.create(")?),
-                    };
-                    (None, Some(email), Some((address, sub)))
+        let (existing, email, create) =
+            if matches!(query, Query::IssueByEmail | Query::IssueOnceByEmail) {
+                let email = args.get("email")?;
+                match self.account_by_email(email) {
+                    Some(id) => (Some(id), Some(email), None),
+                    None => {
+                        let address = expect_str(email, "email", "Account.create(")?;
+                        let sub = match args.get("cognito_sub")? {
+                            Value::Null => None,
+                            other => Some(expect_str(other, "cognito_sub", "Account.create(")?),
+                        };
+                        (None, Some(email), Some((address, sub)))
+                    }
                 }
-            }
-        } else {
-            let id = expect_id(args.get("account_id")?, "Account.byId(account_id)")?;
-            if !self.account_exists(&id) {
-                return Err(Failure::new(
-                    "document_not_found",
-                    format!("Collection `Account` does not contain document with id {id}."),
-                )
-                .at("(account_id)!"));
-            }
-            (Some(id), None, None)
-        };
+            } else {
+                let id = expect_id(args.get("account_id")?, "Account.byId(account_id)")?;
+                if !self.account_exists(&id) {
+                    return Err(Failure::new(
+                        "document_not_found",
+                        format!("Collection `Account` does not contain document with id {id}."),
+                    )
+                    .at("(account_id)!"));
+                }
+                (Some(id), None, None)
+            };
         let nonce = expect_str(args.get("nonce")?, "other", "+ nonce")?;
         let retried = expect_bool(args.get("retried")?, "if (retried)")?;
         let refresh_secs = expect_seconds(args.get("refresh_ttl")?, ADD)?;
@@ -791,6 +809,103 @@ impl<'a> Txn<'a> {
         ])))
     }
 
+    /// `Replay.byRow(row).first()`: the row's document if it has not expired.
+    fn replay_by_row(&mut self, row: &str) -> Option<Replay> {
+        self.read(Key::ReplayRow(row.to_owned()));
+        self.stats.reads += 1;
+        self.db
+            .replays
+            .get(row)
+            .filter(|r| r.ttl > self.now)
+            .cloned()
+    }
+
+    /// Writes (or, with `None`, deletes) the `Replay` document of `row`.
+    fn put_replay(&mut self, row: &str, replay: Option<Replay>) {
+        let before = match replay {
+            Some(replay) => self.db.replays.insert(row.to_owned(), replay),
+            None => self.db.replays.remove(row),
+        };
+        self.undo.push(Undo::Replay(row.to_owned(), before));
+        self.write(Key::ReplayRow(row.to_owned()));
+        self.stats.writes += 1;
+    }
+
+    /// `ISSUE_ONCE_BY_EMAIL` / `ISSUE_ONCE_FOR_ACCOUNT`: the issue texts under a claim.
+    fn issue_once(&mut self, query: Query, args: &Args<'_>) -> Result<Value, Failure> {
+        const CREATE: &str = "Replay.create(";
+        let row = expect_str(args.get("row")?, "row", BY_ROW)?.to_owned();
+        let claim = self.replay_by_row(&row);
+        let nonce = args.get("nonce")?;
+        if let Some(claim) = &claim
+            && claim.expires_at > self.now
+            && !fql_eq(&Value::Str(claim.nonce.clone()), nonce)
+        {
+            return Ok(Value::Object(BTreeMap::from([(
+                "claim".to_owned(),
+                claim_value(claim),
+            )])));
+        }
+        if claim.is_some() {
+            // `claim!.delete()`: past its window, or this call's own earlier attempt.
+            self.put_replay(&row, None);
+        }
+        let issue = if query == Query::IssueOnceByEmail {
+            Query::IssueByEmail
+        } else {
+            Query::IssueForAccount
+        };
+        let issued = self.issue(issue, args)?;
+        let window = expect_seconds(args.get("window")?, "now.add(window, \"seconds\")")?;
+        let closes = add_seconds(self.now, window, "now.add(window, \"seconds\")")?;
+        let Value::Str(nonce) = nonce.clone() else {
+            return Err(invalid_argument("nonce", "String", nonce, CREATE));
+        };
+        // The unique constraint on `row`: a live document of the row (which this transaction
+        // deleted if it saw it) fails the create.
+        if self.db.replays.get(&row).is_some_and(|r| r.ttl > self.now) {
+            let mut failure =
+                Failure::new("constraint_failure", "Failed unique constraint.".into()).at(CREATE);
+            failure.extra = Some(Box::new(FailureExtra {
+                notes: Some("constraint failures:\n  row: Failed unique constraint".into()),
+                summary: None,
+                constraint_failures: Some(serde_json::json!([
+                    { "paths": [["row"]], "message": "Failed unique constraint" }
+                ])),
+            }));
+            return Err(failure);
+        }
+        let account = match issued.field("account") {
+            Value::Str(account) => account.clone(),
+            other => fql_text(other),
+        };
+        self.put_replay(
+            &row,
+            Some(Replay {
+                nonce,
+                account,
+                family: issued.field("family").clone(),
+                expires_at: closes,
+                ttl: closes,
+                sealed: Value::Null,
+            }),
+        );
+        Ok(issued)
+    }
+
+    /// `SEAL_REPLAY`: stores the sealed pair in this call's claim.
+    fn seal_replay(&mut self, args: &Args<'_>) -> Result<Value, Failure> {
+        let row = expect_str(args.get("row")?, "row", BY_ROW)?.to_owned();
+        let claim = self.replay_by_row(&row);
+        let nonce = args.get("nonce")?;
+        let Some(mut claim) = claim.filter(|c| fql_eq(&Value::Str(c.nonce.clone()), nonce)) else {
+            return Ok(Value::Bool(false));
+        };
+        claim.sealed = strip_nulls(args.get("sealed")?.clone());
+        self.put_replay(&row, Some(claim));
+        Ok(Value::Bool(true))
+    }
+
     /// `PUBLISH_POLICY`: creates or replaces `BrokerPolicy` "1".
     fn publish_policy(&mut self, args: &Args<'_>) -> Result<Value, Failure> {
         const AT: &str = "BrokerPolicy.create(";
@@ -949,6 +1064,18 @@ impl<'a> Txn<'a> {
             page.iter().take(limit).map(TokenDoc::to_value).collect(),
         ))
     }
+}
+
+/// Where the texts that read a `Replay` document look it up.
+const BY_ROW: &str = "Replay.byRow(row)";
+
+/// A claim as the texts answer it: `{ account, family, sealed }`.
+fn claim_value(claim: &Replay) -> Value {
+    Value::Object(BTreeMap::from([
+        ("account".to_owned(), Value::Str(claim.account.clone())),
+        ("family".to_owned(), claim.family.clone()),
+        ("sealed".to_owned(), claim.sealed.clone()),
+    ]))
 }
 
 /// `t.data.superseded == true`.

@@ -1,6 +1,14 @@
 //! The Fauna store: real Fauna tokens minted, rotated and revoked over FQL v10
 //! (`POST /query/1`; the protocol is in `docs/design.md` "Fauna over HTTP"), one HTTP request
-//! per operation.
+//! per operation, except an idempotent issue with a replay key.
+//!
+//! An idempotent issue ([`TokenStore::issue_once`]) is shared by the brokers of one database:
+//! the first request claims the key's `Replay` document and mints the pair in one query; the
+//! second stores the pair sealed under the replay key in the claim (Fauna mints the secrets
+//! inside the first query, and a query cannot encrypt). A call that finds another call's claim
+//! answers its sealed pair, or waits for it (reading the claim every 50 ms, up to 2 s), and
+//! mints a pair of its own when the claim stays unsealed (its broker died between the two
+//! requests). `docs/stores.md` "Fauna" has the details and the round trips.
 //!
 //! The secrets this store hands out are Fauna's own (`fnE…`): clients use access secrets against
 //! Fauna directly, with the privileges of the `access` role in `deploy/fauna/schema.fsl`. The
@@ -46,8 +54,10 @@ use crate::{
     model::deadline,
     model::{
         AccountId, ClientCheck, Email, FamilyId, MAX_SECRET_LEN, Metadata, MintedPair, MintedToken,
-        NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId,
-        TokenInfo, TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros, random_hex,
+        NewSession, PageRequest, RefreshOutcome, ReplayClaim, RevokeTarget, Rotation,
+        SecretRevocation, TokenId, TokenInfo, TokenKind, TokenPage, TokenRecord, TokenState,
+        UnixMicros, random_hex,
+        replay::{OpenError, SealedPair},
     },
     obs::context::{self, TRACEPARENT, TRACESTATE},
 };
@@ -452,6 +462,103 @@ impl FaunaStore {
         }
     }
 
+    /// Runs an issue query, under an idempotency claim of (`row`, `window`) when given, with
+    /// the fallbacks of a stale cached account and a concurrently created one. Returns the
+    /// answer and the call's nonce.
+    async fn issue_query(
+        &self,
+        session: &NewSession,
+        once: Option<(&str, Duration)>,
+    ) -> StoreResult<(Value, String)> {
+        let nonce = random_hex()[..16].to_owned();
+        let mut arguments = json!({
+            "email": session.email.as_str(),
+            "cognito_sub": wire::opt_str(session.cognito_sub.as_deref()),
+            "client_id": wire::opt_str(session.client_id.as_deref()),
+            "nonce": &nonce,
+            "retried": false,
+            "access_ttl": wire::int(session.access_ttl.as_secs()),
+            "refresh_ttl": wire::int(session.refresh_ttl.as_secs()),
+            "session_ttl": wire::int(session.session_ttl.max(session.refresh_ttl).as_secs()),
+            "metadata": wire::object(&session.metadata),
+        });
+        let (by_email, for_account) = match once {
+            Some((row, window)) => {
+                arguments["row"] = Value::String(row.to_owned());
+                arguments["window"] = wire::int(window.as_secs().max(1));
+                (Op::IssueOnceByEmail, Op::IssueOnceForAccount)
+            }
+            None => (Op::IssueByEmail, Op::IssueForAccount),
+        };
+        // Each query after the first is sent as a retry, in case an earlier one committed.
+        let mut retry = arguments.clone();
+        retry["retried"] = Value::Bool(true);
+        let answer = match &session.known_account {
+            Some(account) => {
+                arguments["account_id"] = Value::String(account.to_string());
+                match self.mint(for_account, arguments).await? {
+                    // The cached account is gone (deleted by an operator): look it up again.
+                    Answer::QueryError(code) if code == "document_not_found" => {
+                        warn!(account_id = %account, "cached account not found in fauna");
+                        self.mint(by_email, retry.clone()).await?
+                    }
+                    other => other,
+                }
+            }
+            None => self.mint(by_email, arguments).await?,
+        };
+        let answer = match answer {
+            // A concurrent first sign-in of this email (or claim of this idempotency row)
+            // committed after this transaction's snapshot; issuing again finds it.
+            Answer::QueryError(code) if code == "constraint_failure" => {
+                debug!("the account or claim was created concurrently; issuing again");
+                self.mint(by_email, retry).await?
+            }
+            other => other,
+        };
+        match answer {
+            Answer::Data(value) => Ok((value, nonce)),
+            Answer::QueryError(code) if code == "constraint_failure" => {
+                warn!("fauna's unique email kept conflicting");
+                Err(StoreError::new(
+                    StoreErrorKind::Unavailable,
+                    "fauna: the account's email kept conflicting",
+                    None,
+                ))
+            }
+            other => Err(unexpected_answer(by_email, &other)),
+        }
+    }
+
+    /// Seals `pair` into the claim of `row` that this call (`nonce`) made. A failure is only
+    /// logged: the caller gets its pair anyway, and a retry that finds the claim unsealed waits,
+    /// then mints a pair of its own ([`TokenStore::issue_once`]).
+    async fn seal_replay(&self, row: &str, nonce: &str, claim: &ReplayClaim, pair: &MintedPair) {
+        let sealed = claim.key.seal_with_ids(&claim.row, pair);
+        let arguments = json!({
+            "row": row,
+            "nonce": nonce,
+            "sealed": {
+                "key_id": sealed.key_id,
+                "nonce": hex::encode(&sealed.nonce),
+                "ciphertext": hex::encode(&sealed.ciphertext),
+                "refresh_id": pair.refresh.id.as_str(),
+                "access_id": pair.access.id.as_str(),
+            },
+        });
+        match self.query(Op::SealReplay, Bearer::Server, arguments).await {
+            Ok(Answer::Data(Value::Bool(true))) => {}
+            Ok(Answer::Data(Value::Bool(false))) => {
+                warn!("fauna: the idempotency claim closed before its pair was sealed");
+            }
+            Ok(other) => drop(unexpected_answer(Op::SealReplay, &other)),
+            Err(err) => warn!(
+                error = %err,
+                "fauna: sealing the idempotent pair failed; a retry of this call will mint its own"
+            ),
+        }
+    }
+
     /// Runs an issue query and reads its answer.
     async fn mint(&self, op: Op, arguments: Value) -> StoreResult<Answer> {
         self.query(op, Bearer::Server, arguments).await
@@ -471,55 +578,57 @@ impl FaunaStore {
 #[async_trait]
 impl TokenStore for FaunaStore {
     async fn issue(&self, session: NewSession) -> StoreResult<MintedPair> {
-        let mut arguments = json!({
-            "email": session.email.as_str(),
-            "cognito_sub": wire::opt_str(session.cognito_sub.as_deref()),
-            "client_id": wire::opt_str(session.client_id.as_deref()),
-            "nonce": &random_hex()[..16],
-            "retried": false,
-            "access_ttl": wire::int(session.access_ttl.as_secs()),
-            "refresh_ttl": wire::int(session.refresh_ttl.as_secs()),
-            "session_ttl": wire::int(session.session_ttl.max(session.refresh_ttl).as_secs()),
-            "metadata": wire::object(&session.metadata),
-        });
-        // Each query after the first is sent as a retry, in case an earlier one committed.
-        let mut retry = arguments.clone();
-        retry["retried"] = Value::Bool(true);
-        let answer = match &session.known_account {
-            Some(account) => {
-                arguments["account_id"] = Value::String(account.to_string());
-                match self.mint(Op::IssueForAccount, arguments).await? {
-                    // The cached account is gone (deleted by an operator): look it up again.
-                    Answer::QueryError(code) if code == "document_not_found" => {
-                        warn!(account_id = %account, "cached account not found in fauna");
-                        self.mint(Op::IssueByEmail, retry.clone()).await?
-                    }
-                    other => other,
-                }
-            }
-            None => self.mint(Op::IssueByEmail, arguments).await?,
-        };
-        let answer = match answer {
-            // A concurrent first sign-in of this email created the account after this
-            // transaction's snapshot; it committed, so issuing again finds it.
-            Answer::QueryError(code) if code == "constraint_failure" => {
-                debug!("the account was created concurrently; issuing again");
-                self.mint(Op::IssueByEmail, retry).await?
-            }
-            other => other,
-        };
-        match answer {
-            Answer::Data(value) => minted(Op::IssueByEmail, value),
-            Answer::QueryError(code) if code == "constraint_failure" => {
-                warn!("fauna's unique email kept conflicting");
-                Err(StoreError::new(
-                    StoreErrorKind::Unavailable,
-                    "fauna: the account's email kept conflicting",
-                    None,
-                ))
-            }
-            other => Err(unexpected_answer(Op::IssueByEmail, &other)),
+        let value = self.issue_query(&session, None).await?.0;
+        minted(Op::IssueByEmail, value)
+    }
+
+    async fn issue_once(
+        &self,
+        session: NewSession,
+        claim: &ReplayClaim,
+    ) -> StoreResult<Option<(MintedPair, bool)>> {
+        let row = hex::encode(claim.row);
+        let (mut value, nonce) = self
+            .issue_query(&session, Some((&row, claim.window)))
+            .await?;
+        if value.get("claim").is_none() {
+            // This call claimed the row: seal its pair into the claim (the second request).
+            let pair = minted(Op::IssueOnceByEmail, value)?;
+            self.seal_replay(&row, &nonce, claim, &pair).await;
+            return Ok(Some((pair, false)));
         }
+        // Another call (on any broker) claimed the row within its window: its pair, once it
+        // is sealed.
+        let mut state = value["claim"].take();
+        let waited = std::time::Instant::now();
+        let bound = self.config.query_timeout().min(REPLAY_WAIT);
+        loop {
+            if !state["sealed"].is_null() {
+                return open_replay(claim, &state).map(|pair| Some((pair, true)));
+            }
+            let left = deadline::remaining().unwrap_or(bound);
+            if waited.elapsed() + REPLAY_POLL >= bound || left <= REPLAY_POLL * 2 {
+                break;
+            }
+            tokio::time::sleep(REPLAY_POLL).await;
+            state = match self
+                .query(Op::ReplayState, Bearer::Server, json!({ "row": &row }))
+                .await?
+            {
+                // The claim's window closed while waiting.
+                Answer::Data(Value::Null) => break,
+                Answer::Data(state) => state,
+                other => return Err(unexpected_answer(Op::ReplayState, &other)),
+            };
+        }
+        // The claiming call never sealed its pair (its broker died between its two requests,
+        // or its second request failed): mint a pair of this call's own, outside the claim. A
+        // second session for one sign-in is a wasted session, not a weaker one.
+        warn!(
+            family_id = state["family"].as_str().unwrap_or_default(),
+            "fauna: the idempotency key's claim has no sealed pair; issuing a second pair"
+        );
+        self.issue(session).await.map(|pair| Some((pair, false)))
     }
 
     async fn refresh(
@@ -829,6 +938,53 @@ fn minted(op: Op, value: Value) -> StoreResult<MintedPair> {
         refresh: token(minted.refresh)?,
         access: token(minted.access)?,
     })
+}
+
+/// How long a call that found another call's claim without its pair waits for it, at most (and
+/// at most the query timeout).
+const REPLAY_WAIT: Duration = Duration::from_secs(2);
+
+/// How often that call reads the claim again while it waits.
+const REPLAY_POLL: Duration = Duration::from_millis(50);
+
+/// Opens the sealed pair of a claim's state (`{ account, family, sealed }`).
+fn open_replay(claim: &ReplayClaim, state: &Value) -> StoreResult<MintedPair> {
+    let sealed = &state["sealed"];
+    let bytes = |field: &str| hex::decode(sealed[field].as_str().unwrap_or_default()).ok();
+    let text = |value: &Value| value.as_str().map(str::to_owned);
+    let (Some(account), Some(key_id), Some(nonce), Some(ciphertext), Some(refresh), Some(access)) = (
+        text(&state["account"]),
+        text(&sealed["key_id"]),
+        bytes("nonce"),
+        bytes("ciphertext"),
+        text(&sealed["refresh_id"]),
+        text(&sealed["access_id"]),
+    ) else {
+        return Err(unexpected(Op::ReplayState, "a sealed pair"));
+    };
+    let stored = SealedPair {
+        key_id,
+        nonce,
+        ciphertext,
+    };
+    let ids = (TokenId::from_stored(refresh), TokenId::from_stored(access));
+    claim
+        .key
+        .open_with_ids(&claim.row, AccountId::from_stored(account), ids, &stored)
+        .map_err(|err| {
+            StoreError::new(
+                StoreErrorKind::Internal,
+                match err {
+                    OpenError::OtherKey => {
+                        "the idempotency key's pair was sealed under another tokens.replay_key"
+                    }
+                    OpenError::Corrupt => {
+                        "the idempotency key's sealed pair does not open: corrupt or forged"
+                    }
+                },
+                None,
+            )
+        })
 }
 
 fn outcome(value: &Value) -> &str {
