@@ -13,7 +13,8 @@ use tokenbroker::{
         settings::{Replicas, Settings},
     },
     model::{
-        Email, Metadata, MintedPair, NewSession, ReplayClaim,
+        ClientCheck, Email, Metadata, MintedPair, NewSession, PageRequest, RefreshOutcome,
+        ReplayClaim, Rotation, TokenId, TokenKind, TokenState,
         clock::{Clock, ManualClock, SystemClock},
         replay::ReplayKey,
     },
@@ -484,6 +485,7 @@ async fn a_refresh_secret_calling_fauna_directly_gets_no_more_than_the_broker_al
             "any_client": true,
             "session_ttl": ten_years(),
             "attempt": attempt,
+            "coalesce": false,
         })
     };
 
@@ -832,8 +834,8 @@ async fn fauna_replicas_are_told_what_the_replay_key_shares() {
     let _plain = fauna_broker(&double, |s| s.replicas = Replicas(3)).await;
     assert!(
         logs().contents().contains(
-            "no tokens.replay_key: each replica replays idempotent IssueTokens calls from its \
-             own memory"
+            "no tokens.replay_key: each replica replays idempotent IssueTokens calls and \
+             coalesces parallel refreshes"
         ),
         "replicas without a replay key are warned"
     );
@@ -844,7 +846,9 @@ async fn fauna_replicas_are_told_what_the_replay_key_shares() {
     .await;
     let logged = logs().contents();
     assert!(
-        logged.contains("idempotent replays are kept in fauna, sealed"),
+        logged.lines().any(|line| line
+            .contains("idempotent replays and rotation successors are kept in the store, sealed")
+            && line.contains("Fauna")),
         "a replay key is used"
     );
     assert!(
@@ -1122,4 +1126,218 @@ async fn without_a_replay_key_a_fauna_issue_is_one_request() {
     store.issue(new_session("ned@example.com")).await.unwrap();
     assert_eq!(sent(&double), ["issue_by_email"]);
     assert_eq!(double.replay_count(), (0, 0));
+}
+
+/// A rotation as RefreshTokens asks for it, with a 60 s grace window and the replay key
+/// `[key; 32]`, if any.
+fn sealing_rotation(key: Option<u8>) -> Rotation {
+    Rotation {
+        client: ClientCheck::Any,
+        access_ttl: Duration::from_secs(600),
+        refresh_ttl: Duration::from_secs(3600),
+        session_ttl: Duration::from_secs(86_400),
+        grace: Duration::from_secs(60),
+        replay: key.map(|key| {
+            Arc::new(
+                ReplayKey::from_hex(&SecretString::from(hex::encode([key; 32]))).expect("a key"),
+            )
+        }),
+    }
+}
+
+/// The active refresh tokens of `pair`'s account.
+async fn live_refresh_tokens(store: &FaunaStore, pair: &MintedPair) -> Vec<TokenId> {
+    let page = store
+        .list_tokens(
+            &pair.account_id,
+            PageRequest {
+                size: 100,
+                after: None,
+                include_inactive: false,
+            },
+        )
+        .await
+        .unwrap();
+    page.tokens
+        .into_iter()
+        .filter(|t| t.kind == TokenKind::Refresh && t.state == TokenState::Active)
+        .map(|t| t.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_refreshes_on_two_fauna_replicas_get_one_successor() {
+    let double = wall_clock_double().await;
+    let replicas = [replica(&double).await, replica(&double).await];
+    let first = replicas[0]
+        .issue(new_session("pat@example.com"))
+        .await
+        .unwrap();
+    double.set_transaction_time(Duration::from_millis(20));
+    double.clear_requests();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let store = Arc::clone(&replicas[i % 2]);
+        let secret = first.refresh.secret.clone();
+        calls.spawn(async move { store.refresh(&secret, sealing_rotation(Some(9))).await });
+    }
+    let outcomes = calls.join_all().await;
+    let mut pairs = Vec::new();
+    let mut rotated = 0;
+    for outcome in outcomes {
+        match outcome.expect("every refresh is answered") {
+            RefreshOutcome::Rotated(pair) => {
+                rotated += 1;
+                pairs.push(pair);
+            }
+            RefreshOutcome::Replayed { pair, .. } => pairs.push(pair),
+            other => panic!("a rotation or its replay, got {other:?}"),
+        }
+    }
+    assert_eq!(rotated, 1, "one presentation rotated");
+    for pair in &pairs {
+        assert!(same_pair(pair, &pairs[0]), "every answer is one successor");
+    }
+    assert!(double.conflicts() > 0, "the rotations overlapped");
+    let names = sent(&double);
+    let count = |name: &str| names.iter().filter(|s| *s == name).count();
+    assert_eq!(count("rotate"), 50, "nobody fell back: {names:?}");
+    assert_eq!(count("seal_successor"), 1, "{names:?}");
+    assert_eq!(
+        live_refresh_tokens(&replicas[1], &first).await,
+        [pairs[0].refresh.id.clone()],
+        "one live refresh token, the successor"
+    );
+    let stored = double.rotation_texts().join(" ");
+    assert!(!stored.is_empty());
+    for secret in [&pairs[0].refresh.secret, &pairs[0].access.secret] {
+        assert!(!stored.contains(&secret.expose_secret()[4..]));
+    }
+    // The successor is Fauna's and live; it rotates on as usual, and then its predecessor is
+    // reuse outside the grace rule.
+    double.set_transaction_time(Duration::ZERO);
+    assert!(
+        replicas[1]
+            .introspect(&pairs[0].access.secret)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let next = replicas[1]
+        .refresh(&pairs[0].refresh.secret, sealing_rotation(Some(9)))
+        .await
+        .unwrap();
+    assert!(matches!(next, RefreshOutcome::Rotated(_)), "{next:?}");
+    let reuse = replicas[0]
+        .refresh(&first.refresh.secret, sealing_rotation(Some(9)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(reuse, RefreshOutcome::ReuseDetected { .. }),
+        "{reuse:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsealed_successor_is_waited_for_then_superseded() {
+    let double = wall_clock_double().await;
+    let replicas = [replica(&double).await, replica(&double).await];
+    let first = replicas[0]
+        .issue(new_session("quin@example.com"))
+        .await
+        .unwrap();
+    // The rotating broker's sealing request fails for good, as if it died after rotating.
+    double.inject_for("seal_successor", Fault::Internal, 3);
+    let RefreshOutcome::Rotated(lost) = replicas[0]
+        .refresh(&first.refresh.secret, sealing_rotation(Some(9)))
+        .await
+        .unwrap()
+    else {
+        panic!("the first presentation rotates");
+    };
+    double.clear_requests();
+    let outcome = replicas[1]
+        .refresh(&first.refresh.secret, sealing_rotation(Some(9)))
+        .await
+        .unwrap();
+    let RefreshOutcome::Rotated(second) = outcome else {
+        panic!("superseded after the wait, got {outcome:?}");
+    };
+    assert_ne!(second.refresh.id, lost.refresh.id);
+    let names = sent(&double);
+    assert_eq!(names.first().map(String::as_str), Some("rotate"));
+    assert!(
+        names.iter().filter(|s| *s == "successor_state").count() >= 2,
+        "it waited: {names:?}"
+    );
+    assert_eq!(
+        &names[names.len() - 2..],
+        ["rotate", "seal_successor"],
+        "then rotated as without a key, and sealed that successor: {names:?}"
+    );
+    assert!(
+        logs()
+            .contents()
+            .contains("the rotation's successor was never sealed")
+    );
+    assert_eq!(
+        live_refresh_tokens(&replicas[0], &first).await,
+        std::slice::from_ref(&second.refresh.id)
+    );
+    // The new successor is sealed: another presentation within the window replays it.
+    let again = replicas[0]
+        .refresh(&first.refresh.secret, sealing_rotation(Some(9)))
+        .await
+        .unwrap();
+    let RefreshOutcome::Replayed { pair, .. } = again else {
+        panic!("a replay, got {again:?}");
+    };
+    assert!(same_pair(&pair, &second));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_sealed_under_another_key_or_none_is_superseded() {
+    let double = wall_clock_double().await;
+    let store = replica(&double).await;
+    for (first_key, second_key, email) in [
+        (Some(9), Some(8), "rex@example.com"),
+        (None, None, "sue@example.com"),
+    ] {
+        let first = store.issue(new_session(email)).await.unwrap();
+        let RefreshOutcome::Rotated(one) = store
+            .refresh(&first.refresh.secret, sealing_rotation(first_key))
+            .await
+            .unwrap()
+        else {
+            panic!("rotates");
+        };
+        double.clear_requests();
+        let RefreshOutcome::Rotated(two) = store
+            .refresh(&first.refresh.secret, sealing_rotation(second_key))
+            .await
+            .unwrap()
+        else {
+            panic!("{first_key:?}/{second_key:?}: supersedes, as without a key");
+        };
+        assert_ne!(one.refresh.id, two.refresh.id);
+        let names = sent(&double);
+        if second_key.is_none() {
+            assert_eq!(names, ["rotate"], "no key: one request, as before");
+            assert_eq!(
+                double.rotation_texts().len(),
+                1,
+                "only the keyed case sealed"
+            );
+        } else {
+            assert_eq!(
+                names,
+                ["rotate", "successor_state", "rotate", "seal_successor"],
+                "no wait for a pair another key sealed"
+            );
+        }
+        assert_eq!(
+            live_refresh_tokens(&store, &first).await,
+            std::slice::from_ref(&two.refresh.id)
+        );
+    }
 }

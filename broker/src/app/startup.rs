@@ -205,18 +205,16 @@ impl Application {
             broker = broker.with_cognito(Arc::clone(verifier));
         }
         match settings.tokens.replay_key()? {
-            Some(key) if settings.store.backend == StoreBackend::Postgres => {
+            Some(key)
+                if matches!(
+                    settings.store.backend,
+                    StoreBackend::Postgres | StoreBackend::Fauna
+                ) =>
+            {
                 info!(
                     key_id = key.id(),
+                    backend = ?settings.store.backend,
                     "idempotent replays and rotation successors are kept in the store, sealed"
-                );
-                broker = broker.with_replay_key(key);
-            }
-            Some(key) if settings.store.backend == StoreBackend::Fauna => {
-                info!(
-                    key_id = key.id(),
-                    "idempotent replays are kept in fauna, sealed; each broker coalesces \
-                     parallel refreshes of one token from its own memory"
                 );
                 broker = broker.with_replay_key(key);
             }
@@ -224,7 +222,8 @@ impl Application {
                 warn!(
                     backend = ?settings.store.backend,
                     "tokens.replay_key is set, but only the shared stores (postgres, fauna) keep \
-                     idempotent replays; the embedded store replays from its own memory"
+                     idempotent replays and rotation successors; the embedded store keeps both \
+                     in memory"
                 );
             }
             None if settings.store.backend == StoreBackend::Postgres && settings.replicas.0 > 1 => {
@@ -240,9 +239,11 @@ impl Application {
             None if settings.store.backend == StoreBackend::Fauna && settings.replicas.0 > 1 => {
                 warn!(
                     replicas = settings.replicas.0,
-                    "no tokens.replay_key: each replica replays idempotent IssueTokens calls from \
-                     its own memory, so a retry that reaches another replica mints a second \
-                     pair; set tokens.replay_key(_file) to share replays through fauna"
+                    "no tokens.replay_key: each replica replays idempotent IssueTokens calls and \
+                     coalesces parallel refreshes of one token from its own memory, so a retry \
+                     that reaches another replica mints a second pair, and parallel refreshes \
+                     spread over replicas supersede each other's successors; set \
+                     tokens.replay_key(_file) to share both through fauna"
                 );
             }
             None => {}

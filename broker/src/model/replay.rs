@@ -283,6 +283,51 @@ impl ReplayKey {
     }
 }
 
+impl ReplayKey {
+    /// [`ReplayKey::seal_successor`] for a store whose secrets do not name their tokens, as
+    /// [`ReplayKey::seal_with_ids`]: the store keeps both token ids beside the sealed pair.
+    pub fn seal_successor_with_ids(
+        &self,
+        presented: &SecretString,
+        refresh: &MintedToken,
+        access: &MintedToken,
+    ) -> SealedPair {
+        let placeholder = |token: &MintedToken| MintedToken {
+            id: token.id.clone(),
+            secret: token.secret.clone(),
+            expires_at: UnixMicros(0),
+        };
+        let pair = MintedPair {
+            account_id: AccountId::from_stored(String::new()),
+            family_id: FamilyId::from_stored(String::new()),
+            refresh: placeholder(refresh),
+            access: placeholder(access),
+        };
+        self.seal_with_ids(&successor_row(presented), &pair)
+    }
+
+    /// Opens a successor sealed by [`ReplayKey::seal_successor_with_ids`] for `presented`,
+    /// completed with what the store keeps beside it, the token ids among it.
+    ///
+    /// # Errors
+    ///
+    /// See [`OpenError`].
+    pub fn open_successor_with_ids(
+        &self,
+        presented: &SecretString,
+        stored: StoredSuccessor,
+        ids: (TokenId, TokenId),
+        sealed: &SealedPair,
+    ) -> Result<MintedPair, OpenError> {
+        let mut pair =
+            self.open_with_ids(&successor_row(presented), stored.account_id, ids, sealed)?;
+        pair.family_id = stored.family_id;
+        pair.refresh.expires_at = stored.refresh_expires;
+        pair.access.expires_at = stored.access_expires;
+        Ok(pair)
+    }
+}
+
 /// What a store keeps in the clear beside a sealed successor (see
 /// [`ReplayKey::open_successor`]).
 #[derive(Debug, Clone)]

@@ -72,6 +72,8 @@ crate::label! {
         IssueOnceForAccount = "issue_once_for_account",
         SealReplay = "seal_replay",
         ReplayState = "replay_state",
+        SealSuccessor = "seal_successor",
+        SuccessorState = "successor_state",
     }
 }
 

@@ -104,6 +104,16 @@ pub(super) struct Replay {
     pub(super) sealed: Value,
 }
 
+/// A `Rotation` document: a rotation's sealed successor, until the grace window's end (its ttl).
+#[derive(Debug, Clone)]
+pub(super) struct SealedSuccessor {
+    pub(super) successor: String,
+    pub(super) sealed: Value,
+    pub(super) refresh_expires: i128,
+    pub(super) access_expires: i128,
+    pub(super) ttl: i128,
+}
+
 /// What a transaction reads or writes, for the optimistic check at its commit: a document, or
 /// the index entries a read of an index covers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -123,6 +133,8 @@ pub(super) enum Key {
     /// `Replay.byRow(row)` and the unique constraint on `row`: one index term, which covers
     /// the one document it may hold.
     ReplayRow(String),
+    /// `Rotation.byRow(row)`, likewise.
+    RotationRow(String),
 }
 
 /// The database: one `Account` collection with a unique email, the `Token` collection, the
@@ -148,6 +160,8 @@ pub(super) struct Db {
     pub(super) attempts: HashMap<String, Attempt>,
     /// `Replay` documents, by `row` (unique).
     pub(super) replays: HashMap<String, Replay>,
+    /// `Rotation` documents, by `row` (unique).
+    pub(super) rotations: HashMap<String, SealedSuccessor>,
 }
 
 /// 2020-01-01T00:00:00Z in microseconds; ids count from here.

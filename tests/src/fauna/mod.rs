@@ -42,7 +42,7 @@
 //!   and takes its snapshot [`FaunaDouble::set_transaction_time`] before it; with no
 //!   transaction time (the default) snapshot and commit coincide and nothing conflicts, unless
 //!   a conflict is injected. The query timeout is never reached unless injected;
-//! - `Replay` (idempotency claims) is modelled as the texts that use it read and write it, by
+//! - `Replay` (idempotency claims) and `Rotation` (sealed successors) are modelled as the texts that use it read and write it, by
 //!   its unique `row`; a document past its ttl is gone from reads and from the unique
 //!   constraint at once (real Fauna hides it from reads at its ttl and removes it later; the
 //!   broker's texts never depend on the difference, since they delete a claim past its window
@@ -308,6 +308,17 @@ impl FaunaDouble {
         let db = lock(&self.shared.db);
         db.replays
             .values()
+            .map(|r| value::encode_simple(&r.sealed).to_string())
+            .collect()
+    }
+
+    /// Returns the `sealed` field of every live `Rotation` document, as JSON text.
+    pub fn rotation_texts(&self) -> Vec<String> {
+        let now = i128::from(self.shared.clock.now().0) * 1000;
+        let db = lock(&self.shared.db);
+        db.rotations
+            .values()
+            .filter(|r| r.ttl > now)
             .map(|r| value::encode_simple(&r.sealed).to_string())
             .collect()
     }

@@ -34,7 +34,7 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
     ),
     (
         "rotate",
-        "bbeaefea77b5c00c2cf05122acdb7805d02598b513d81b6ea1bcb3fb0763cdf8",
+        "162dbdf6a46d57ea6e78be02d01a4cb3280633710addec9ce6b8ab024421df23",
     ),
     (
         "introspect",
@@ -85,6 +85,14 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
         "b035dd0f27e00709b179c8d9cb3c9f8ed6e8448cc63f6b95f0a89c91379514ee",
     ),
     (
+        "seal_successor",
+        "4a3dfba856cd2a205e133100b1fec9d09f59e5cb46b2e886396a9609d6158b37",
+    ),
+    (
+        "successor_state",
+        "24309cd43e48cacb3bf41d891ad90495844c3ae2c679130ca82de3e6ffcefa31",
+    ),
+    (
         "publish_policy",
         "56f1480f61c09b32767c16e61e952cdee03a9a09e8e3e53cdda0381580559193",
     ),
@@ -125,6 +133,8 @@ pub(super) enum Query {
     IssueOnceForAccount,
     SealReplay,
     ReplayState,
+    SealSuccessor,
+    SuccessorState,
     OriginalLookup,
     OriginalRegister,
     OriginalCreateRefresh,
@@ -150,6 +160,8 @@ impl Query {
             "issue_once_for_account" => Self::IssueOnceForAccount,
             "seal_replay" => Self::SealReplay,
             "replay_state" => Self::ReplayState,
+            "seal_successor" => Self::SealSuccessor,
+            "successor_state" => Self::SuccessorState,
             "original_lookup" => Self::OriginalLookup,
             "original_register" => Self::OriginalRegister,
             "original_create_refresh" => Self::OriginalCreateRefresh,
@@ -178,7 +190,7 @@ impl Query {
                 "Account.byId(account_id)"
             }
             Self::Rotate => {
-                "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt)"
+                "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt, coalesce)"
             }
             Self::RevokeSecret => "revokeCurrentToken(client_id, any_client)",
             Self::Introspect => "Token.byId(caller!.id)",
@@ -188,6 +200,7 @@ impl Query {
             | Self::IssueOnceForAccount
             | Self::SealReplay
             | Self::ReplayState => "Replay.byRow(row)",
+            Self::SealSuccessor | Self::SuccessorState => "Rotation.byRow(row)",
             Self::OriginalLookup => "Account.byEmail(email)",
             Self::OriginalRegister => "Account.create(",
             Self::OriginalCreateRefresh | Self::OriginalCreateAccess => "Token.create(",

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::{
-    database::{Attempt, Db, Key, Policy, Replay, TokenDoc},
+    database::{Attempt, Db, Key, Policy, Replay, SealedSuccessor, TokenDoc},
     query::Query,
     reply::{Failure, FailureExtra, Stats},
     secret::{decode_token_secret, mint_secret},
@@ -137,6 +137,8 @@ enum Undo {
     Policy(Option<Policy>),
     /// The `Replay` document of a row as it was.
     Replay(String, Option<Replay>),
+    /// The `Rotation` document of a row as it was.
+    Rotation(String, Option<SealedSuccessor>),
 }
 
 /// One transaction: the database, the transaction time and what it did.
@@ -228,6 +230,12 @@ impl<'a> Txn<'a> {
                     };
                 }
                 Undo::Policy(before) => db.policy = before,
+                Undo::Rotation(row, before) => {
+                    match before {
+                        Some(rotation) => db.rotations.insert(row, rotation),
+                        None => db.rotations.remove(&row),
+                    };
+                }
                 Undo::Replay(row, before) => {
                     match before {
                         Some(replay) => db.replays.insert(row, replay),
@@ -483,6 +491,8 @@ impl<'a> Txn<'a> {
             Query::IssueByEmail | Query::IssueForAccount => self.issue(query, args),
             Query::IssueOnceByEmail | Query::IssueOnceForAccount => self.issue_once(query, args),
             Query::SealReplay => self.seal_replay(args),
+            Query::SealSuccessor => self.seal_successor(args),
+            Query::SuccessorState => self.successor_state(args),
             Query::ReplayState => {
                 let row = expect_str(args.get("row")?, "row", BY_ROW)?.to_owned();
                 Ok(match self.replay_by_row(&row) {
@@ -656,9 +666,9 @@ impl<'a> Txn<'a> {
     }
 
     /// The UDF `rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client,
-    /// session_ttl, attempt)`.
+    /// session_ttl, attempt, coalesce)`.
     fn rotate(&mut self, token: Option<TokenDoc>, args: &Args<'_>) -> Result<Value, Failure> {
-        const CALL: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt)";
+        const CALL: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt, coalesce)";
         let outcome = |o: &str| {
             Value::Object(BTreeMap::from([(
                 "outcome".to_owned(),
@@ -673,6 +683,7 @@ impl<'a> Txn<'a> {
         let any_client = expect_bool(args.get("any_client")?, CALL)?;
         let session_ttl = args.get("session_ttl")?;
         let attempt = args.get("attempt")?;
+        let coalesce = args.get("coalesce")?;
         // `let policy = BrokerPolicy.byId("1")`
         self.stats.reads += 1;
         self.read(Key::Policy);
@@ -747,6 +758,16 @@ impl<'a> Txn<'a> {
         }
         if ends <= self.now {
             return Ok(outcome("inactive"));
+        }
+        // `else if (retry && coalesce) { outcome: "coalesce", … }`: nothing written.
+        if retry && expect_bool(coalesce, "retry && coalesce")? {
+            return Ok(Value::Object(BTreeMap::from([
+                ("outcome".to_owned(), Value::Str("coalesce".into())),
+                ("account".to_owned(), Value::Str(token.document.clone())),
+                ("family".to_owned(), family_name),
+                ("rotated_at".to_owned(), token.data("rotated_at").clone()),
+                ("successor".to_owned(), replaced_by),
+            ])));
         }
         let refresh_ttl = add_seconds(self.now, refresh_ttl, CALL)?.min(ends);
         let access_ttl = add_seconds(self.now, access_ttl, CALL)?.min(ends);
@@ -904,6 +925,70 @@ impl<'a> Txn<'a> {
         claim.sealed = strip_nulls(args.get("sealed")?.clone());
         self.put_replay(&row, Some(claim));
         Ok(Value::Bool(true))
+    }
+
+    /// `Rotation.byRow(row).first()`: the row's document if it has not expired.
+    fn rotation_by_row(&mut self, row: &str) -> Option<SealedSuccessor> {
+        self.read(Key::RotationRow(row.to_owned()));
+        self.stats.reads += 1;
+        self.db
+            .rotations
+            .get(row)
+            .filter(|r| r.ttl > self.now)
+            .cloned()
+    }
+
+    /// `SEAL_SUCCESSOR`: creates or replaces the row's `Rotation` document.
+    fn seal_successor(&mut self, args: &Args<'_>) -> Result<Value, Failure> {
+        const AT: &str = "Rotation.create(fields)";
+        let row = expect_str(args.get("row")?, "row", "Rotation.byRow(row)")?.to_owned();
+        self.rotation_by_row(&row);
+        let time = |name: &'static str| -> Result<i128, Failure> {
+            match args.get(name)? {
+                Value::Time(t) => Ok(*t),
+                other => Err(invalid_argument(name, "Time", other, AT)),
+            }
+        };
+        let doc = SealedSuccessor {
+            successor: expect_str(args.get("successor")?, "successor", AT)?.to_owned(),
+            sealed: strip_nulls(args.get("sealed")?.clone()),
+            refresh_expires: time("refresh_expires")?,
+            access_expires: time("access_expires")?,
+            ttl: time("closes")?,
+        };
+        // The unique `row` holds: the document is created or replaced, never duplicated.
+        let before = self.db.rotations.insert(row.clone(), doc);
+        self.undo.push(Undo::Rotation(row.clone(), before));
+        self.write(Key::RotationRow(row));
+        self.stats.writes += 1;
+        Ok(Value::Bool(true))
+    }
+
+    /// `SUCCESSOR_STATE`: the sealed successor while it is the current refresh token.
+    fn successor_state(&mut self, args: &Args<'_>) -> Result<Value, Failure> {
+        let row = expect_str(args.get("row")?, "row", "Rotation.byRow(row)")?.to_owned();
+        let rotation = self.rotation_by_row(&row);
+        let successor = args.get("successor")?;
+        let Some(rotation) =
+            rotation.filter(|r| fql_eq(&Value::Str(r.successor.clone()), successor))
+        else {
+            return Ok(Value::Null);
+        };
+        let current = self.read_token(&rotation.successor);
+        if !current.as_ref().is_some_and(is_live) {
+            return Ok(Value::Null);
+        }
+        Ok(Value::Object(BTreeMap::from([
+            ("sealed".to_owned(), rotation.sealed),
+            (
+                "refresh_expires".to_owned(),
+                Value::Time(rotation.refresh_expires),
+            ),
+            (
+                "access_expires".to_owned(),
+                Value::Time(rotation.access_expires),
+            ),
+        ])))
     }
 
     /// `PUBLISH_POLICY`: creates or replaces `BrokerPolicy` "1".

@@ -1,6 +1,6 @@
 //! The Fauna store: real Fauna tokens minted, rotated and revoked over FQL v10
 //! (`POST /query/1`; the protocol is in `docs/design.md` "Fauna over HTTP"), one HTTP request
-//! per operation, except an idempotent issue with a replay key.
+//! per operation, except an idempotent issue and a rotation with a replay key.
 //!
 //! An idempotent issue ([`TokenStore::issue_once`]) is shared by the brokers of one database:
 //! the first request claims the key's `Replay` document and mints the pair in one query; the
@@ -8,7 +8,11 @@
 //! inside the first query, and a query cannot encrypt). A call that finds another call's claim
 //! answers its sealed pair, or waits for it (reading the claim every 50 ms, up to 2 s), and
 //! mints a pair of its own when the claim stays unsealed (its broker died between the two
-//! requests). `docs/stores.md` "Fauna" has the details and the round trips.
+//! requests). A rotation with a replay key (and a grace window) likewise seals its successor in
+//! a second request, and a repeated presentation within the grace window, which
+//! `rotateRefreshToken` answers with `coalesce` instead of superseding, answers that sealed
+//! successor once it is there, or supersedes it after the same wait. `docs/stores.md` "Fauna"
+//! has the details and the round trips.
 //!
 //! The secrets this store hands out are Fauna's own (`fnE…`): clients use access secrets against
 //! Fauna directly, with the privileges of the `access` role in `deploy/fauna/schema.fsl`. The
@@ -57,7 +61,7 @@ use crate::{
         NewSession, PageRequest, RefreshOutcome, ReplayClaim, RevokeTarget, Rotation,
         SecretRevocation, TokenId, TokenInfo, TokenKind, TokenPage, TokenRecord, TokenState,
         UnixMicros, random_hex,
-        replay::{OpenError, SealedPair},
+        replay::{OpenError, ReplayKey, SealedPair, StoredSuccessor, successor_row},
     },
     obs::context::{self, TRACEPARENT, TRACESTATE},
 };
@@ -538,13 +542,7 @@ impl FaunaStore {
         let arguments = json!({
             "row": row,
             "nonce": nonce,
-            "sealed": {
-                "key_id": sealed.key_id,
-                "nonce": hex::encode(&sealed.nonce),
-                "ciphertext": hex::encode(&sealed.ciphertext),
-                "refresh_id": pair.refresh.id.as_str(),
-                "access_id": pair.access.id.as_str(),
-            },
+            "sealed": sealed_json(&sealed, pair),
         });
         match self.query(Op::SealReplay, Bearer::Server, arguments).await {
             Ok(Answer::Data(Value::Bool(true))) => {}
@@ -556,6 +554,146 @@ impl FaunaStore {
                 error = %err,
                 "fauna: sealing the idempotent pair failed; a retry of this call will mint its own"
             ),
+        }
+    }
+
+    /// Calls `rotateRefreshToken` with `secret` as the bearer; `coalesce` asks it to answer a
+    /// retry within the grace window with the current successor's id instead of superseding.
+    /// `Err` holds an outcome decided by the bearer alone (Fauna refused it).
+    async fn rotate(
+        &self,
+        secret: &SecretString,
+        rotation: &Rotation,
+        coalesce: bool,
+    ) -> StoreResult<Result<Value, RefreshOutcome>> {
+        let arguments = json!({
+            "access_ttl": wire::int(rotation.access_ttl.as_secs()),
+            "refresh_ttl": wire::int(rotation.refresh_ttl.as_secs()),
+            "grace": wire::int(rotation.grace.as_secs()),
+            "client_id": wire::opt_str(rotation.client.client_id()),
+            "any_client": rotation.client == ClientCheck::Any,
+            "session_ttl": wire::int(rotation.session_ttl.as_secs()),
+            // The same on every retry of this request, so a retry recognises its own commit.
+            "attempt": random_hex(),
+            "coalesce": coalesce,
+        });
+        match self
+            .query(Op::Rotate, Bearer::Token(secret), arguments)
+            .await?
+        {
+            Answer::Data(value) => Ok(Ok(value)),
+            // Unknown, expired or revoked: Fauna refused the bearer. An access token (or a
+            // Fauna token the broker did not mint) lacks the role that may call the function.
+            Answer::Unauthorized => Ok(Err(RefreshOutcome::Inactive)),
+            Answer::QueryError(code) if code == "permission_denied" => {
+                Ok(Err(RefreshOutcome::Inactive))
+            }
+            other => Err(unexpected_answer(Op::Rotate, &other)),
+        }
+    }
+
+    /// Stores the sealed successor `pair` of the presented refresh token `presented` for the
+    /// grace window, which `closes` (the second request of a rotation with a replay key). A
+    /// failure is only
+    /// logged: the caller has its pair, and a later presentation that finds no sealed
+    /// successor waits, then supersedes it.
+    async fn seal_successor(
+        &self,
+        presented: &SecretString,
+        key: &ReplayKey,
+        pair: &MintedPair,
+        closes: UnixMicros,
+    ) {
+        let sealed = key.seal_successor_with_ids(presented, &pair.refresh, &pair.access);
+        let arguments = json!({
+            "row": hex::encode(successor_row(presented)),
+            "successor": pair.refresh.id.as_str(),
+            "sealed": sealed_json(&sealed, pair),
+            "refresh_expires": wire::time(pair.refresh.expires_at),
+            "access_expires": wire::time(pair.access.expires_at),
+            "closes": wire::time(closes),
+        });
+        match self
+            .query(Op::SealSuccessor, Bearer::Server, arguments)
+            .await
+        {
+            Ok(Answer::Data(Value::Bool(true))) => {}
+            Ok(other) => drop(unexpected_answer(Op::SealSuccessor, &other)),
+            Err(err) => warn!(
+                error = %err,
+                "fauna: sealing the rotation's successor failed; a repeated presentation will \
+                 supersede it"
+            ),
+        }
+    }
+
+    /// Waits for the sealed successor that a `coalesce` answer names, reading it every
+    /// [`REPLAY_POLL`] for up to [`REPLAY_WAIT`] (and the query timeout, and the caller's
+    /// deadline); `None` when it was not sealed in time, is no longer current, or was sealed
+    /// under another key.
+    async fn await_successor(
+        &self,
+        presented: &SecretString,
+        key: &ReplayKey,
+        coalesce: &Value,
+    ) -> StoreResult<Option<RefreshOutcome>> {
+        let (Some(account), Some(family), Some(successor), Some(rotated_at)) = (
+            coalesce["account"].as_str(),
+            coalesce["family"].as_str(),
+            coalesce["successor"].as_str(),
+            coalesce["rotated_at"].as_str().and_then(wire::parse_time),
+        ) else {
+            return Err(unexpected(Op::Rotate, "a successor to coalesce on"));
+        };
+        let arguments = json!({
+            "row": hex::encode(successor_row(presented)),
+            "successor": successor,
+        });
+        let waited = std::time::Instant::now();
+        let bound = self.config.query_timeout().min(REPLAY_WAIT);
+        loop {
+            let state = match self
+                .query(Op::SuccessorState, Bearer::Server, arguments.clone())
+                .await?
+            {
+                Answer::Data(state) => state,
+                other => return Err(unexpected_answer(Op::SuccessorState, &other)),
+            };
+            if !state.is_null() {
+                let stored = StoredSuccessor {
+                    account_id: AccountId::from_stored(account.to_owned()),
+                    family_id: FamilyId::from_stored(family.to_owned()),
+                    refresh_expires: state["refresh_expires"]
+                        .as_str()
+                        .and_then(wire::parse_time)
+                        .ok_or_else(|| unexpected(Op::SuccessorState, "expiries"))?,
+                    access_expires: state["access_expires"]
+                        .as_str()
+                        .and_then(wire::parse_time)
+                        .ok_or_else(|| unexpected(Op::SuccessorState, "expiries"))?,
+                };
+                let (sealed, ids) = sealed_from(&state["sealed"])
+                    .ok_or_else(|| unexpected(Op::SuccessorState, "a sealed pair"))?;
+                let pair = match key.open_successor_with_ids(presented, stored, ids, &sealed) {
+                    Ok(pair) => pair,
+                    // Sealed before the key changed: supersede it, as the postgres store does.
+                    Err(OpenError::OtherKey) => return Ok(None),
+                    Err(err) => {
+                        return Err(open_error(
+                            err,
+                            "the rotation's successor was sealed under another tokens.replay_key",
+                            "the rotation's sealed successor does not open: corrupt or forged",
+                        ));
+                    }
+                };
+                debug!(family_id = %pair.family_id, refresh_token_id = %pair.refresh.id, "fauna: replayed a rotation's sealed successor");
+                return Ok(Some(RefreshOutcome::Replayed { pair, rotated_at }));
+            }
+            let left = deadline::remaining().unwrap_or(bound);
+            if waited.elapsed() + REPLAY_POLL >= bound || left <= REPLAY_POLL * 2 {
+                return Ok(None);
+            }
+            tokio::time::sleep(REPLAY_POLL).await;
         }
     }
 
@@ -639,31 +777,46 @@ impl TokenStore for FaunaStore {
         if !plausible_secret(secret) {
             return Ok(RefreshOutcome::Inactive);
         }
-        let arguments = json!({
-            "access_ttl": wire::int(rotation.access_ttl.as_secs()),
-            "refresh_ttl": wire::int(rotation.refresh_ttl.as_secs()),
-            "grace": wire::int(rotation.grace.as_secs()),
-            "client_id": wire::opt_str(rotation.client.client_id()),
-            "any_client": rotation.client == ClientCheck::Any,
-            "session_ttl": wire::int(rotation.session_ttl.as_secs()),
-            // The same on every retry of this call, so a retry recognises its own commit.
-            "attempt": random_hex(),
-        });
-        let value = match self
-            .query(Op::Rotate, Bearer::Token(secret), arguments)
-            .await?
-        {
-            Answer::Data(value) => value,
-            // Unknown, expired or revoked: Fauna refused the bearer. An access token (or a
-            // Fauna token the broker did not mint) lacks the role that may call the function.
-            Answer::Unauthorized => return Ok(RefreshOutcome::Inactive),
-            Answer::QueryError(code) if code == "permission_denied" => {
-                return Ok(RefreshOutcome::Inactive);
-            }
-            other => return Err(unexpected_answer(Op::Rotate, &other)),
+        // Without a grace window nothing could answer a sealed successor.
+        let key = rotation
+            .replay
+            .clone()
+            .filter(|_| !rotation.grace.is_zero());
+        let mut value = match self.rotate(secret, &rotation, key.is_some()).await? {
+            Ok(value) => value,
+            Err(done) => return Ok(done),
         };
+        if outcome(&value) == "coalesce" {
+            // Another presentation rotated the token within the grace window: its successor,
+            // once its broker has sealed it.
+            let key = key
+                .as_ref()
+                .ok_or_else(|| unexpected(Op::Rotate, "an outcome"))?;
+            if let Some(replayed) = self.await_successor(secret, key, &value).await? {
+                return Ok(replayed);
+            }
+            // Never sealed (that broker died between its two requests, or its seal failed):
+            // rotate as without a replay key, superseding that successor.
+            warn!(
+                family_id = value["family"].as_str().unwrap_or_default(),
+                "fauna: the rotation's successor was never sealed; superseding it"
+            );
+            value = match self.rotate(secret, &rotation, false).await? {
+                Ok(value) => value,
+                Err(done) => return Ok(done),
+            };
+        }
         Ok(match outcome(&value) {
-            "rotated" => RefreshOutcome::Rotated(minted(Op::Rotate, value)?),
+            "rotated" => {
+                // Fauna's transaction time: the grace window counts from here at the latest.
+                let now = value["now"].as_str().and_then(wire::parse_time);
+                let pair = minted(Op::Rotate, value)?;
+                if let Some(key) = &key {
+                    let closes = now.unwrap_or(pair.refresh.expires_at).plus(rotation.grace);
+                    self.seal_successor(secret, key, &pair, closes).await;
+                }
+                RefreshOutcome::Rotated(pair)
+            }
             "inactive" => RefreshOutcome::Inactive,
             "wrong_client" => RefreshOutcome::WrongClient,
             "no_policy" => {
@@ -947,42 +1100,65 @@ const REPLAY_WAIT: Duration = Duration::from_secs(2);
 /// How often that call reads the claim again while it waits.
 const REPLAY_POLL: Duration = Duration::from_millis(50);
 
+/// A sealed pair as the queries store it: hex strings, and the ids it is bound to.
+fn sealed_json(sealed: &SealedPair, pair: &MintedPair) -> Value {
+    json!({
+        "key_id": sealed.key_id,
+        "nonce": hex::encode(&sealed.nonce),
+        "ciphertext": hex::encode(&sealed.ciphertext),
+        "refresh_id": pair.refresh.id.as_str(),
+        "access_id": pair.access.id.as_str(),
+    })
+}
+
+/// Reads a sealed pair stored by [`sealed_json`].
+fn sealed_from(sealed: &Value) -> Option<(SealedPair, (TokenId, TokenId))> {
+    let text = |field: &str| sealed[field].as_str().map(str::to_owned);
+    let bytes = |field: &str| hex::decode(sealed[field].as_str()?).ok();
+    Some((
+        SealedPair {
+            key_id: text("key_id")?,
+            nonce: bytes("nonce")?,
+            ciphertext: bytes("ciphertext")?,
+        },
+        (
+            TokenId::from_stored(text("refresh_id")?),
+            TokenId::from_stored(text("access_id")?),
+        ),
+    ))
+}
+
+fn open_error(err: OpenError, other_key: &str, corrupt: &str) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Internal,
+        match err {
+            OpenError::OtherKey => other_key,
+            OpenError::Corrupt => corrupt,
+        },
+        None,
+    )
+}
+
 /// Opens the sealed pair of a claim's state (`{ account, family, sealed }`).
 fn open_replay(claim: &ReplayClaim, state: &Value) -> StoreResult<MintedPair> {
-    let sealed = &state["sealed"];
-    let bytes = |field: &str| hex::decode(sealed[field].as_str().unwrap_or_default()).ok();
-    let text = |value: &Value| value.as_str().map(str::to_owned);
-    let (Some(account), Some(key_id), Some(nonce), Some(ciphertext), Some(refresh), Some(access)) = (
-        text(&state["account"]),
-        text(&sealed["key_id"]),
-        bytes("nonce"),
-        bytes("ciphertext"),
-        text(&sealed["refresh_id"]),
-        text(&sealed["access_id"]),
-    ) else {
+    let (Some(account), Some((sealed, ids))) =
+        (state["account"].as_str(), sealed_from(&state["sealed"]))
+    else {
         return Err(unexpected(Op::ReplayState, "a sealed pair"));
     };
-    let stored = SealedPair {
-        key_id,
-        nonce,
-        ciphertext,
-    };
-    let ids = (TokenId::from_stored(refresh), TokenId::from_stored(access));
     claim
         .key
-        .open_with_ids(&claim.row, AccountId::from_stored(account), ids, &stored)
+        .open_with_ids(
+            &claim.row,
+            AccountId::from_stored(account.to_owned()),
+            ids,
+            &sealed,
+        )
         .map_err(|err| {
-            StoreError::new(
-                StoreErrorKind::Internal,
-                match err {
-                    OpenError::OtherKey => {
-                        "the idempotency key's pair was sealed under another tokens.replay_key"
-                    }
-                    OpenError::Corrupt => {
-                        "the idempotency key's sealed pair does not open: corrupt or forged"
-                    }
-                },
-                None,
+            open_error(
+                err,
+                "the idempotency key's pair was sealed under another tokens.replay_key",
+                "the idempotency key's sealed pair does not open: corrupt or forged",
             )
         })
 }

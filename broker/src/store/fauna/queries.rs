@@ -179,7 +179,9 @@ if (claim == null || claim!.expires_at <= Time.now()) {
 /// Arguments: `access_ttl`, `refresh_ttl`, `grace` (int seconds), `client_id` (string or null),
 /// `any_client` (bool: skip the client check when no `client_id` is given), `session_ttl` (int
 /// seconds: the session of a family stored without `session_ends`, counted from now), `attempt`
-/// (string: the call's nonce, the same on each retry of the call). The function cuts the
+/// (string: the call's nonce, the same on each retry of the call), `coalesce` (bool: answer a
+/// retry within the grace window with `{ outcome: "coalesce", account, family, rotated_at,
+/// successor }`, writing nothing, instead of superseding). The function cuts the
 /// lifetimes, the grace and `session_ttl` to the `BrokerPolicy` ([`PUBLISH_POLICY`]) and lets
 /// `any_client` count only where the policy does. The new tokens' ttls end at `session_ends` at
 /// the latest. A retry of an attempt that committed replaces that attempt's undelivered pair.
@@ -187,7 +189,34 @@ if (claim == null || claim!.expires_at <= Time.now()) {
 /// `{ outcome: "inactive" }`, `{ outcome: "wrong_client" }`, or
 /// `{ outcome: "reuse", family, revoked }` (the family was deleted; `revoked` counts the tokens
 /// that were not consumed), or `{ outcome: "no_policy" }` (no policy was published).
-pub const ROTATE: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt)";
+pub const ROTATE: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt, coalesce)";
+
+/// Stores the sealed successor of a rotation for the grace window (server key): the second
+/// request of a rotation with a replay key, since Fauna mints the secrets inside [`ROTATE`].
+///
+/// Arguments: `row` (hex: the labelled digest of the consumed refresh secret), `successor` (the
+/// new refresh token's id), `sealed` (as [`SEAL_REPLAY`]'s), `refresh_expires`,
+/// `access_expires` (Time), `closes` (Time: the grace window's end, the document's ttl).
+/// Result: `true`.
+pub const SEAL_SUCCESSOR: &str = r#"let prior = Rotation.byRow(row).first()
+let fields = { row: row, successor: successor, sealed: sealed, refresh_expires: refresh_expires, access_expires: access_expires, ttl: closes }
+if (prior == null) Rotation.create(fields) else prior!.replace(fields)
+true"#;
+
+/// The sealed successor of a consumed refresh token, while that successor is the family's
+/// current refresh token (server key): what a presentation that [`ROTATE`] answered with
+/// `coalesce` answers.
+///
+/// Arguments: `row` (as [`SEAL_SUCCESSOR`]'s), `successor` (the id `coalesce` named). Result:
+/// `{ sealed, refresh_expires, access_expires }`, or null when none is sealed for that
+/// successor or it is no longer current.
+pub const SUCCESSOR_STATE: &str = r#"let rotation = Rotation.byRow(row).first()
+let current = if (rotation == null || rotation!.successor != successor) null else Token.byId(successor)
+if (current == null || current!.data.replaced_by != null || current!.data.superseded == true) {
+  null
+} else {
+  { sealed: rotation!.sealed, refresh_expires: rotation!.refresh_expires, access_expires: rotation!.access_expires }
+}"#;
 
 /// The bearer token's own document, read from the database (bearer: the secret), or null for a
 /// key or a token whose document is gone.
@@ -317,4 +346,6 @@ pub const ALL: &[(&str, &str)] = &[
     ("issue_once_for_account", ISSUE_ONCE_FOR_ACCOUNT),
     ("seal_replay", SEAL_REPLAY),
     ("replay_state", REPLAY_STATE),
+    ("seal_successor", SEAL_SUCCESSOR),
+    ("successor_state", SUCCESSOR_STATE),
 ];
