@@ -6,17 +6,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use tokenbroker::{
     app::{
         Application,
         settings::{Replicas, Settings},
     },
-    model::clock::{Clock, ManualClock, SystemClock},
+    model::{
+        ClientCheck, Email, Metadata, MintedPair, NewSession, PageRequest, RefreshOutcome,
+        ReplayClaim, Rotation, TokenId, TokenKind, TokenState,
+        clock::{Clock, ManualClock, SystemClock},
+        replay::ReplayKey,
+    },
     store::StoreBackend,
     store::fauna::queries,
     store::{
-        FaunaSettings, FaunaStore, RotationPolicy, TokenStore,
+        FaunaSettings, FaunaStore, RotationPolicy, StoreErrorKind, TokenStore,
         testsuite::{StoreHarness, store_test_suite},
     },
 };
@@ -480,6 +485,7 @@ async fn a_refresh_secret_calling_fauna_directly_gets_no_more_than_the_broker_al
             "any_client": true,
             "session_ttl": ten_years(),
             "attempt": attempt,
+            "coalesce": false,
         })
     };
 
@@ -823,13 +829,14 @@ async fn a_revoked_secret_is_inactive_on_a_node_that_still_caches_it() {
 }
 
 #[tokio::test]
-async fn fauna_replicas_are_warned_that_replays_and_rotation_coalescing_stay_in_memory() {
+async fn fauna_replicas_are_told_what_the_replay_key_shares() {
     let double = wall_clock_double().await;
     let _plain = fauna_broker(&double, |s| s.replicas = Replicas(3)).await;
     assert!(
-        logs()
-            .contents()
-            .contains("the fauna store keeps no idempotent replays or rotation successors"),
+        logs().contents().contains(
+            "no tokens.replay_key: each replica replays idempotent IssueTokens calls and \
+             coalesces parallel refreshes"
+        ),
         "replicas without a replay key are warned"
     );
     let _keyed = fauna_broker(&double, |s| {
@@ -839,11 +846,498 @@ async fn fauna_replicas_are_warned_that_replays_and_rotation_coalescing_stay_in_
     .await;
     let logged = logs().contents();
     assert!(
-        logged.contains("keeps idempotent replays and rotation successors; each broker replays"),
-        "a replay key the store cannot use is warned about"
+        logged.lines().any(|line| line
+            .contains("idempotent replays and rotation successors are kept in the store, sealed")
+            && line.contains("Fauna")),
+        "a replay key is used"
     );
     assert!(
         !logged.contains(&"ab".repeat(32)),
         "the key is never logged"
     );
+}
+
+/// A Fauna store on `double` with the policy published, as one broker replica opens it.
+async fn replica(double: &FaunaDouble) -> Arc<FaunaStore> {
+    let store = FaunaStore::new(&store_config(double, 3)).expect("valid config");
+    let hour = Duration::from_secs(3600);
+    store
+        .publish_policy(&RotationPolicy {
+            access_ttl: hour,
+            refresh_ttl: hour,
+            grace: hour,
+            session_ttl: 24 * hour,
+            any_client: true,
+        })
+        .await
+        .expect("the policy is written");
+    Arc::new(store)
+}
+
+fn new_session(address: &str) -> NewSession {
+    NewSession {
+        email: Email::parse(address).expect("a valid email"),
+        known_account: None,
+        cognito_sub: None,
+        client_id: Some("app".to_owned()),
+        access_ttl: Duration::from_secs(600),
+        refresh_ttl: Duration::from_secs(3600),
+        session_ttl: Duration::from_secs(86_400),
+        metadata: Metadata::new(),
+    }
+}
+
+/// An idempotency claim of row `[row; 32]`, sealed with the key `[key; 32]`.
+fn claim(row: u8, key: u8) -> ReplayClaim {
+    ReplayClaim {
+        row: [row; 32],
+        window: Duration::from_secs(60),
+        key: Arc::new(
+            ReplayKey::from_hex(&SecretString::from(hex::encode([key; 32]))).expect("a key"),
+        ),
+    }
+}
+
+fn same_pair(a: &MintedPair, b: &MintedPair) -> bool {
+    a.refresh.id == b.refresh.id
+        && a.access.id == b.access.id
+        && a.account_id == b.account_id
+        && a.family_id == b.family_id
+        && a.refresh.expires_at == b.refresh.expires_at
+        && a.access.expires_at == b.access.expires_at
+        && a.refresh.secret.expose_secret() == b.refresh.secret.expose_secret()
+        && a.access.secret.expose_secret() == b.access.secret.expose_secret()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_issue_on_two_fauna_replicas_mints_one_pair() {
+    let double = wall_clock_double().await;
+    let replicas = [replica(&double).await, replica(&double).await];
+    // Concurrent claims overlap: each transaction's snapshot is 20 ms older than its commit.
+    double.set_transaction_time(Duration::from_millis(20));
+    double.clear_requests();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let store = Arc::clone(&replicas[i % 2]);
+        calls.spawn(async move {
+            store
+                .issue_once(new_session("ivy@example.com"), &claim(1, 9))
+                .await
+                .expect("issued")
+                .expect("fauna keeps replays")
+        });
+    }
+    let answers = calls.join_all().await;
+    assert_eq!(
+        answers.iter().filter(|(_, replayed)| !replayed).count(),
+        1,
+        "one call minted, the others replayed its pair"
+    );
+    for (pair, _) in &answers {
+        assert!(same_pair(pair, &answers[0].0), "every answer is one pair");
+    }
+    assert!(double.conflicts() > 0, "the claims overlapped");
+    assert_eq!(double.live_token_count(), 2, "one pair");
+    assert_eq!(double.account_count(), 1);
+    assert_eq!(double.replay_count(), (1, 1), "one claim, sealed");
+    let stored = double.replay_texts().join(" ");
+    for secret in [&answers[0].0.refresh.secret, &answers[0].0.access.secret] {
+        assert!(
+            !stored.contains(&secret.expose_secret()[4..]),
+            "a secret is stored in plaintext"
+        );
+    }
+    // The winner sent two requests (claim and mint, then seal); the others one claim each,
+    // plus a read of the claim while its pair was not yet sealed.
+    let names = sent(&double);
+    let count = |name: &str| names.iter().filter(|s| *s == name).count();
+    assert_eq!(count("issue_once_by_email"), 10, "{names:?}");
+    assert_eq!(count("seal_replay"), 1, "{names:?}");
+    assert_eq!(count("issue_by_email"), 0, "no fallback: {names:?}");
+
+    // A retry later, on either replica, is the same pair in one request.
+    double.set_transaction_time(Duration::ZERO);
+    for store in &replicas {
+        let (pair, replayed) = store
+            .issue_once(new_session("ivy@example.com"), &claim(1, 9))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(replayed);
+        assert!(same_pair(&pair, &answers[0].0));
+        assert_eq!(sent(&double), ["issue_once_by_email"]);
+    }
+    // The replayed secrets are Fauna's and live.
+    assert!(
+        replicas[1]
+            .introspect(&answers[0].0.access.secret)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // Another key opens nothing and says so, without the key; another row is another call.
+    let err = replicas[1]
+        .issue_once(new_session("ivy@example.com"), &claim(1, 8))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Internal);
+    assert!(
+        err.to_string().contains("another tokens.replay_key"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains(&hex::encode([8u8; 32])));
+    let (other, replayed) = replicas[0]
+        .issue_once(new_session("ivy@example.com"), &claim(2, 9))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!replayed);
+    assert_ne!(other.refresh.id, answers[0].0.refresh.id);
+    assert_eq!(double.replay_count(), (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_left_unsealed_is_waited_for_then_a_second_pair_is_minted() {
+    let double = wall_clock_double().await;
+    let replicas = [replica(&double).await, replica(&double).await];
+    // The first broker claims and mints, then its sealing request fails for good: as if it
+    // died between its two requests. Its caller still gets the pair.
+    double.inject_for("seal_replay", Fault::Internal, 3);
+    double.clear_requests();
+    let (first, replayed) = replicas[0]
+        .issue_once(new_session("kim@example.com"), &claim(3, 9))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!replayed);
+    assert_eq!(
+        sent(&double),
+        [
+            "issue_once_by_email",
+            "seal_replay",
+            "seal_replay",
+            "seal_replay"
+        ]
+    );
+    assert_eq!(double.replay_count(), (1, 0), "claimed, never sealed");
+
+    // The retry reaches the other broker: it waits for the pair (bounded), then mints its
+    // own outside the claim, a second session rather than a failed sign-in.
+    let (second, replayed) = replicas[1]
+        .issue_once(new_session("kim@example.com"), &claim(3, 9))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!replayed);
+    assert_ne!(second.refresh.id, first.refresh.id);
+    assert_eq!(second.account_id, first.account_id);
+    let names = sent(&double);
+    assert_eq!(
+        names.first().map(String::as_str),
+        Some("issue_once_by_email")
+    );
+    assert_eq!(names.last().map(String::as_str), Some("issue_by_email"));
+    let polls = names.iter().filter(|s| *s == "replay_state").count();
+    assert!(
+        polls >= 2,
+        "it read the claim again while waiting: {names:?}"
+    );
+    assert!(
+        names.iter().all(
+            |s| ["issue_once_by_email", "replay_state", "issue_by_email"].contains(&s.as_str())
+        ),
+        "{names:?}"
+    );
+    assert_eq!(double.live_token_count(), 4, "two pairs");
+    assert!(
+        logs()
+            .contents()
+            .contains("has no sealed pair; issuing a second pair")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_finds_a_claim_being_sealed_gets_its_pair() {
+    let double = wall_clock_double().await;
+    let replicas = [replica(&double).await, replica(&double).await];
+    // The sealing request of the first call is answered late (it commits at once): a call
+    // on the other broker finds the claim unsealed, reads it again, and opens the pair once
+    // it is sealed.
+    double.inject_for("seal_replay", Fault::Slow(Duration::from_millis(300)), 1);
+    let first = {
+        let store = Arc::clone(&replicas[0]);
+        tokio::spawn(async move {
+            store
+                .issue_once(new_session("lou@example.com"), &claim(4, 9))
+                .await
+        })
+    };
+    // Wait until the claim exists, then ask on the other broker.
+    while double.replay_count().0 == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (second, replayed) = replicas[1]
+        .issue_once(new_session("lou@example.com"), &claim(4, 9))
+        .await
+        .unwrap()
+        .unwrap();
+    let (first, _) = first.await.unwrap().unwrap().unwrap();
+    assert!(replayed);
+    assert!(same_pair(&first, &second));
+    assert_eq!(double.live_token_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_claim_whose_first_attempt_committed_is_its_own() {
+    let double = wall_clock_double().await;
+    let store = replica(&double).await;
+    for (row, fault) in COMMITTED.into_iter().enumerate() {
+        let name = format!("{fault:?}");
+        double.inject_for("issue_once_by_email", fault, 1);
+        let before = double.live_token_count();
+        let store = FaunaStore::new(&FaunaSettings {
+            query_timeout_ms: 500,
+            ..store_config(&double, 3)
+        })
+        .unwrap();
+        let (pair, replayed) = store
+            .issue_once(new_session("max@example.com"), &claim(10 + row as u8, 9))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!replayed, "{name}: the retry recognised its own claim");
+        assert_eq!(double.live_token_count(), before + 2, "{name}: one pair");
+        let again = store
+            .issue_once(new_session("max@example.com"), &claim(10 + row as u8, 9))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(again.1 && same_pair(&again.0, &pair), "{name}");
+    }
+    drop(store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_replay_key_a_fauna_issue_is_one_request() {
+    let double = wall_clock_double().await;
+    let store = replica(&double).await;
+    double.clear_requests();
+    store.issue(new_session("ned@example.com")).await.unwrap();
+    assert_eq!(sent(&double), ["issue_by_email"]);
+    assert_eq!(double.replay_count(), (0, 0));
+}
+
+/// A rotation as RefreshTokens asks for it, with a 60 s grace window and the replay key
+/// `[key; 32]`, if any.
+fn sealing_rotation(key: Option<u8>) -> Rotation {
+    Rotation {
+        client: ClientCheck::Any,
+        access_ttl: Duration::from_secs(600),
+        refresh_ttl: Duration::from_secs(3600),
+        session_ttl: Duration::from_secs(86_400),
+        grace: Duration::from_secs(60),
+        replay: key.map(|key| {
+            Arc::new(
+                ReplayKey::from_hex(&SecretString::from(hex::encode([key; 32]))).expect("a key"),
+            )
+        }),
+    }
+}
+
+/// The active refresh tokens of `pair`'s account.
+async fn live_refresh_tokens(store: &FaunaStore, pair: &MintedPair) -> Vec<TokenId> {
+    let page = store
+        .list_tokens(
+            &pair.account_id,
+            PageRequest {
+                size: 100,
+                after: None,
+                include_inactive: false,
+            },
+        )
+        .await
+        .unwrap();
+    page.tokens
+        .into_iter()
+        .filter(|t| t.kind == TokenKind::Refresh && t.state == TokenState::Active)
+        .map(|t| t.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_refreshes_on_two_fauna_replicas_get_one_successor() {
+    let double = wall_clock_double().await;
+    let replicas = [replica(&double).await, replica(&double).await];
+    let first = replicas[0]
+        .issue(new_session("pat@example.com"))
+        .await
+        .unwrap();
+    double.set_transaction_time(Duration::from_millis(20));
+    double.clear_requests();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let store = Arc::clone(&replicas[i % 2]);
+        let secret = first.refresh.secret.clone();
+        calls.spawn(async move { store.refresh(&secret, sealing_rotation(Some(9))).await });
+    }
+    let outcomes = calls.join_all().await;
+    let mut pairs = Vec::new();
+    let mut rotated = 0;
+    for outcome in outcomes {
+        match outcome.expect("every refresh is answered") {
+            RefreshOutcome::Rotated(pair) => {
+                rotated += 1;
+                pairs.push(pair);
+            }
+            RefreshOutcome::Replayed { pair, .. } => pairs.push(pair),
+            other => panic!("a rotation or its replay, got {other:?}"),
+        }
+    }
+    assert_eq!(rotated, 1, "one presentation rotated");
+    for pair in &pairs {
+        assert!(same_pair(pair, &pairs[0]), "every answer is one successor");
+    }
+    assert!(double.conflicts() > 0, "the rotations overlapped");
+    let names = sent(&double);
+    let count = |name: &str| names.iter().filter(|s| *s == name).count();
+    assert_eq!(count("rotate"), 50, "nobody fell back: {names:?}");
+    assert_eq!(count("seal_successor"), 1, "{names:?}");
+    assert_eq!(
+        live_refresh_tokens(&replicas[1], &first).await,
+        [pairs[0].refresh.id.clone()],
+        "one live refresh token, the successor"
+    );
+    let stored = double.rotation_texts().join(" ");
+    assert!(!stored.is_empty());
+    for secret in [&pairs[0].refresh.secret, &pairs[0].access.secret] {
+        assert!(!stored.contains(&secret.expose_secret()[4..]));
+    }
+    // The successor is Fauna's and live; it rotates on as usual, and then its predecessor is
+    // reuse outside the grace rule.
+    double.set_transaction_time(Duration::ZERO);
+    assert!(
+        replicas[1]
+            .introspect(&pairs[0].access.secret)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let next = replicas[1]
+        .refresh(&pairs[0].refresh.secret, sealing_rotation(Some(9)))
+        .await
+        .unwrap();
+    assert!(matches!(next, RefreshOutcome::Rotated(_)), "{next:?}");
+    let reuse = replicas[0]
+        .refresh(&first.refresh.secret, sealing_rotation(Some(9)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(reuse, RefreshOutcome::ReuseDetected { .. }),
+        "{reuse:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsealed_successor_is_waited_for_then_superseded() {
+    let double = wall_clock_double().await;
+    let replicas = [replica(&double).await, replica(&double).await];
+    let first = replicas[0]
+        .issue(new_session("quin@example.com"))
+        .await
+        .unwrap();
+    // The rotating broker's sealing request fails for good, as if it died after rotating.
+    double.inject_for("seal_successor", Fault::Internal, 3);
+    let RefreshOutcome::Rotated(lost) = replicas[0]
+        .refresh(&first.refresh.secret, sealing_rotation(Some(9)))
+        .await
+        .unwrap()
+    else {
+        panic!("the first presentation rotates");
+    };
+    double.clear_requests();
+    let outcome = replicas[1]
+        .refresh(&first.refresh.secret, sealing_rotation(Some(9)))
+        .await
+        .unwrap();
+    let RefreshOutcome::Rotated(second) = outcome else {
+        panic!("superseded after the wait, got {outcome:?}");
+    };
+    assert_ne!(second.refresh.id, lost.refresh.id);
+    let names = sent(&double);
+    assert_eq!(names.first().map(String::as_str), Some("rotate"));
+    assert!(
+        names.iter().filter(|s| *s == "successor_state").count() >= 2,
+        "it waited: {names:?}"
+    );
+    assert_eq!(
+        &names[names.len() - 2..],
+        ["rotate", "seal_successor"],
+        "then rotated as without a key, and sealed that successor: {names:?}"
+    );
+    assert!(
+        logs()
+            .contents()
+            .contains("the rotation's successor was never sealed")
+    );
+    assert_eq!(
+        live_refresh_tokens(&replicas[0], &first).await,
+        std::slice::from_ref(&second.refresh.id)
+    );
+    // The new successor is sealed: another presentation within the window replays it.
+    let again = replicas[0]
+        .refresh(&first.refresh.secret, sealing_rotation(Some(9)))
+        .await
+        .unwrap();
+    let RefreshOutcome::Replayed { pair, .. } = again else {
+        panic!("a replay, got {again:?}");
+    };
+    assert!(same_pair(&pair, &second));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_sealed_under_another_key_or_none_is_superseded() {
+    let double = wall_clock_double().await;
+    let store = replica(&double).await;
+    for (first_key, second_key, email) in [
+        (Some(9), Some(8), "rex@example.com"),
+        (None, None, "sue@example.com"),
+    ] {
+        let first = store.issue(new_session(email)).await.unwrap();
+        let RefreshOutcome::Rotated(one) = store
+            .refresh(&first.refresh.secret, sealing_rotation(first_key))
+            .await
+            .unwrap()
+        else {
+            panic!("rotates");
+        };
+        double.clear_requests();
+        let RefreshOutcome::Rotated(two) = store
+            .refresh(&first.refresh.secret, sealing_rotation(second_key))
+            .await
+            .unwrap()
+        else {
+            panic!("{first_key:?}/{second_key:?}: supersedes, as without a key");
+        };
+        assert_ne!(one.refresh.id, two.refresh.id);
+        let names = sent(&double);
+        if second_key.is_none() {
+            assert_eq!(names, ["rotate"], "no key: one request, as before");
+            assert_eq!(
+                double.rotation_texts().len(),
+                1,
+                "only the keyed case sealed"
+            );
+        } else {
+            assert_eq!(
+                names,
+                ["rotate", "successor_state", "rotate", "seal_successor"],
+                "no wait for a pair another key sealed"
+            );
+        }
+        assert_eq!(
+            live_refresh_tokens(&store, &first).await,
+            std::slice::from_ref(&two.refresh.id)
+        );
+    }
 }

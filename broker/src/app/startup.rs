@@ -205,9 +205,15 @@ impl Application {
             broker = broker.with_cognito(Arc::clone(verifier));
         }
         match settings.tokens.replay_key()? {
-            Some(key) if settings.store.backend == StoreBackend::Postgres => {
+            Some(key)
+                if matches!(
+                    settings.store.backend,
+                    StoreBackend::Postgres | StoreBackend::Fauna
+                ) =>
+            {
                 info!(
                     key_id = key.id(),
+                    backend = ?settings.store.backend,
                     "idempotent replays and rotation successors are kept in the store, sealed"
                 );
                 broker = broker.with_replay_key(key);
@@ -215,9 +221,9 @@ impl Application {
             Some(_) => {
                 warn!(
                     backend = ?settings.store.backend,
-                    "tokens.replay_key is set, but only store.backend = \"postgres\" keeps \
-                     idempotent replays and rotation successors; each broker replays and \
-                     coalesces rotations from its own memory"
+                    "tokens.replay_key is set, but only the shared stores (postgres, fauna) keep \
+                     idempotent replays and rotation successors; the embedded store keeps both \
+                     in memory"
                 );
             }
             None if settings.store.backend == StoreBackend::Postgres && settings.replicas.0 > 1 => {
@@ -233,9 +239,11 @@ impl Application {
             None if settings.store.backend == StoreBackend::Fauna && settings.replicas.0 > 1 => {
                 warn!(
                     replicas = settings.replicas.0,
-                    "the fauna store keeps no idempotent replays or rotation successors: each \
-                     replica replays IssueTokens calls and coalesces parallel refreshes of one \
-                     token from its own memory"
+                    "no tokens.replay_key: each replica replays idempotent IssueTokens calls and \
+                     coalesces parallel refreshes of one token from its own memory, so a retry \
+                     that reaches another replica mints a second pair, and parallel refreshes \
+                     spread over replicas supersede each other's successors; set \
+                     tokens.replay_key(_file) to share both through fauna"
                 );
             }
             None => {}

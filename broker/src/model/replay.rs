@@ -21,7 +21,7 @@ use aws_lc_rs::{
 use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::model::{
-    AccountId, ConfigError, FamilyId, MintedPair, MintedToken, UnixMicros,
+    AccountId, ConfigError, FamilyId, MintedPair, MintedToken, TokenId, UnixMicros,
     secret::{self, SecretDigest},
 };
 
@@ -112,6 +112,11 @@ impl ReplayKey {
     ///
     /// When the system's random source or AES-GCM fails, which a working host never does.
     pub fn seal(&self, row: &SecretDigest, pair: &MintedPair) -> SealedPair {
+        self.seal_for(row, pair)
+    }
+
+    /// Seals `pair` with `aad` as the authenticated data.
+    fn seal_for(&self, aad: &[u8], pair: &MintedPair) -> SealedPair {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
@@ -128,7 +133,7 @@ impl ReplayKey {
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(row),
+                Aad::from(aad),
                 &mut data,
             )
             .expect("AES-GCM seals any message of this size");
@@ -150,6 +155,19 @@ impl ReplayKey {
         account: AccountId,
         sealed: &SealedPair,
     ) -> Result<MintedPair, OpenError> {
+        self.open_for(row, account, sealed, |secret| {
+            secret::parse(secret).map(|parsed| parsed.id)
+        })
+    }
+
+    /// Opens a pair sealed with `aad`, naming each token by `id_of` its secret.
+    fn open_for(
+        &self,
+        aad: &[u8],
+        account: AccountId,
+        sealed: &SealedPair,
+        mut id_of: impl FnMut(&SecretString) -> Option<TokenId>,
+    ) -> Result<MintedPair, OpenError> {
         if sealed.key_id != self.id {
             return Err(OpenError::OtherKey);
         }
@@ -158,16 +176,16 @@ impl ReplayKey {
         let mut data = sealed.ciphertext.clone();
         let plain = self
             .key
-            .open_in_place(nonce, Aad::from(row), &mut data)
+            .open_in_place(nonce, Aad::from(aad), &mut data)
             .map_err(|_| OpenError::Corrupt)?;
         let text = String::from_utf8(plain.to_vec()).map_err(|_| OpenError::Corrupt)?;
         let fields: Vec<&str> = text.split('\n').collect();
         let [family, refresh, refresh_expires, access, access_expires] = fields[..] else {
             return Err(OpenError::Corrupt);
         };
-        let token = |value: &str, expires: &str| {
+        let mut token = |value: &str, expires: &str| {
             let secret = SecretString::from(value.to_owned());
-            let id = secret::parse(&secret).ok_or(OpenError::Corrupt)?.id;
+            let id = id_of(&secret).ok_or(OpenError::Corrupt)?;
             let expires_at = UnixMicros(expires.parse().map_err(|_| OpenError::Corrupt)?);
             Ok(MintedToken {
                 id,
@@ -182,6 +200,43 @@ impl ReplayKey {
             access: token(access, access_expires)?,
         })
     }
+}
+
+impl ReplayKey {
+    /// Seals `pair` for the row `row`, for a store whose secrets do not name their tokens
+    /// (Fauna's): the store keeps the two token ids in the clear beside the sealed pair, and
+    /// they are part of the authenticated data, so ids swapped in the store do not open.
+    pub fn seal_with_ids(&self, row: &SecretDigest, pair: &MintedPair) -> SealedPair {
+        self.seal_for(&ids_aad(row, &pair.refresh.id, &pair.access.id), pair)
+    }
+
+    /// Opens a pair sealed by [`ReplayKey::seal_with_ids`], as the pair of `account` with the
+    /// token ids `refresh_id` and `access_id` kept beside it.
+    ///
+    /// # Errors
+    ///
+    /// See [`OpenError`].
+    pub fn open_with_ids(
+        &self,
+        row: &SecretDigest,
+        account: AccountId,
+        (refresh_id, access_id): (TokenId, TokenId),
+        sealed: &SealedPair,
+    ) -> Result<MintedPair, OpenError> {
+        let aad = ids_aad(row, &refresh_id, &access_id);
+        let mut ids = [refresh_id, access_id].into_iter();
+        self.open_for(&aad, account, sealed, |_| ids.next())
+    }
+}
+
+/// The authenticated data of a pair sealed with its ids: the row, then both ids.
+fn ids_aad(row: &SecretDigest, refresh: &TokenId, access: &TokenId) -> Vec<u8> {
+    let mut aad = row.to_vec();
+    for id in [refresh, access] {
+        aad.push(b'\n');
+        aad.extend_from_slice(id.as_str().as_bytes());
+    }
+    aad
 }
 
 impl ReplayKey {
@@ -221,6 +276,51 @@ impl ReplayKey {
         sealed: &SealedPair,
     ) -> Result<MintedPair, OpenError> {
         let mut pair = self.open(&successor_row(presented), stored.account_id, sealed)?;
+        pair.family_id = stored.family_id;
+        pair.refresh.expires_at = stored.refresh_expires;
+        pair.access.expires_at = stored.access_expires;
+        Ok(pair)
+    }
+}
+
+impl ReplayKey {
+    /// [`ReplayKey::seal_successor`] for a store whose secrets do not name their tokens, as
+    /// [`ReplayKey::seal_with_ids`]: the store keeps both token ids beside the sealed pair.
+    pub fn seal_successor_with_ids(
+        &self,
+        presented: &SecretString,
+        refresh: &MintedToken,
+        access: &MintedToken,
+    ) -> SealedPair {
+        let placeholder = |token: &MintedToken| MintedToken {
+            id: token.id.clone(),
+            secret: token.secret.clone(),
+            expires_at: UnixMicros(0),
+        };
+        let pair = MintedPair {
+            account_id: AccountId::from_stored(String::new()),
+            family_id: FamilyId::from_stored(String::new()),
+            refresh: placeholder(refresh),
+            access: placeholder(access),
+        };
+        self.seal_with_ids(&successor_row(presented), &pair)
+    }
+
+    /// Opens a successor sealed by [`ReplayKey::seal_successor_with_ids`] for `presented`,
+    /// completed with what the store keeps beside it, the token ids among it.
+    ///
+    /// # Errors
+    ///
+    /// See [`OpenError`].
+    pub fn open_successor_with_ids(
+        &self,
+        presented: &SecretString,
+        stored: StoredSuccessor,
+        ids: (TokenId, TokenId),
+        sealed: &SealedPair,
+    ) -> Result<MintedPair, OpenError> {
+        let mut pair =
+            self.open_with_ids(&successor_row(presented), stored.account_id, ids, sealed)?;
         pair.family_id = stored.family_id;
         pair.refresh.expires_at = stored.refresh_expires;
         pair.access.expires_at = stored.access_expires;
@@ -342,6 +442,41 @@ mod tests {
         assert_ne!(
             successor_row(&presented),
             secret::sha256(presented.expose_secret().as_bytes())
+        );
+    }
+
+    #[test]
+    fn a_pair_sealed_with_ids_opens_only_with_those_ids() {
+        let (sealer, pair, row) = (key(7), pair(), [1u8; 32]);
+        let sealed = sealer.seal_with_ids(&row, &pair);
+        let ids = (pair.refresh.id.clone(), pair.access.id.clone());
+        let opened = sealer
+            .open_with_ids(&row, pair.account_id.clone(), ids.clone(), &sealed)
+            .unwrap();
+        assert_eq!((opened.refresh.id, opened.access.id), ids.clone());
+        assert_eq!(
+            opened.refresh.secret.expose_secret(),
+            pair.refresh.secret.expose_secret()
+        );
+        assert_eq!(opened.refresh.expires_at, pair.refresh.expires_at);
+        let swapped = (ids.1.clone(), ids.0.clone());
+        assert_eq!(
+            sealer
+                .open_with_ids(&row, pair.account_id.clone(), swapped, &sealed)
+                .unwrap_err(),
+            OpenError::Corrupt
+        );
+        assert_eq!(
+            sealer
+                .open_with_ids(&[2u8; 32], pair.account_id.clone(), ids.clone(), &sealed)
+                .unwrap_err(),
+            OpenError::Corrupt
+        );
+        assert_eq!(
+            key(8)
+                .open_with_ids(&row, pair.account_id, ids, &sealed)
+                .unwrap_err(),
+            OpenError::OtherKey
         );
     }
 

@@ -68,6 +68,12 @@ crate::label! {
         ListTokens = "list_tokens",
         PublishPolicy = "publish_policy",
         RevokeEmail = "revoke_email",
+        IssueOnceByEmail = "issue_once_by_email",
+        IssueOnceForAccount = "issue_once_for_account",
+        SealReplay = "seal_replay",
+        ReplayState = "replay_state",
+        SealSuccessor = "seal_successor",
+        SuccessorState = "successor_state",
     }
 }
 

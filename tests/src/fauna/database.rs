@@ -89,6 +89,31 @@ pub(super) struct Attempt {
     pub(super) ttl: Option<i128>,
 }
 
+/// A `Replay` document: an idempotency key's claim, until its ttl.
+#[derive(Debug, Clone)]
+pub(super) struct Replay {
+    pub(super) nonce: String,
+    pub(super) account: String,
+    pub(super) family: Value,
+    /// The window's end, in nanoseconds since the epoch.
+    pub(super) expires_at: i128,
+    /// The document's ttl (nanoseconds): gone from reads, and from the unique index, at and
+    /// after it.
+    pub(super) ttl: i128,
+    /// The sealed pair, null until the claiming call writes it.
+    pub(super) sealed: Value,
+}
+
+/// A `Rotation` document: a rotation's sealed successor, until the grace window's end (its ttl).
+#[derive(Debug, Clone)]
+pub(super) struct SealedSuccessor {
+    pub(super) successor: String,
+    pub(super) sealed: Value,
+    pub(super) refresh_expires: i128,
+    pub(super) access_expires: i128,
+    pub(super) ttl: i128,
+}
+
 /// What a transaction reads or writes, for the optimistic check at its commit: a document, or
 /// the index entries a read of an index covers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -105,6 +130,11 @@ pub(super) enum Key {
     Policy,
     /// A `RotationAttempt` document, by id.
     Attempt(String),
+    /// `Replay.byRow(row)` and the unique constraint on `row`: one index term, which covers
+    /// the one document it may hold.
+    ReplayRow(String),
+    /// `Rotation.byRow(row)`, likewise.
+    RotationRow(String),
 }
 
 /// The database: one `Account` collection with a unique email, the `Token` collection, the
@@ -128,6 +158,10 @@ pub(super) struct Db {
     pub(super) policy: Option<Policy>,
     /// `RotationAttempt` documents, by id (the rotated token's id).
     pub(super) attempts: HashMap<String, Attempt>,
+    /// `Replay` documents, by `row` (unique).
+    pub(super) replays: HashMap<String, Replay>,
+    /// `Rotation` documents, by `row` (unique).
+    pub(super) rotations: HashMap<String, SealedSuccessor>,
 }
 
 /// 2020-01-01T00:00:00Z in microseconds; ids count from here.

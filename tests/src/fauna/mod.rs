@@ -42,6 +42,11 @@
 //!   and takes its snapshot [`FaunaDouble::set_transaction_time`] before it; with no
 //!   transaction time (the default) snapshot and commit coincide and nothing conflicts, unless
 //!   a conflict is injected. The query timeout is never reached unless injected;
+//! - `Replay` (idempotency claims) and `Rotation` (sealed successors) are modelled as the texts that use it read and write it, by
+//!   its unique `row`; a document past its ttl is gone from reads and from the unique
+//!   constraint at once (real Fauna hides it from reads at its ttl and removes it later; the
+//!   broker's texts never depend on the difference, since they delete a claim past its window
+//!   before they create the next);
 //! - `BrokerPolicy` and `RotationAttempt` are modelled as the schema's functions use them (one
 //!   policy document, one attempt per rotated token, gone at that token's ttl), not as
 //!   collections any query could read;
@@ -218,6 +223,7 @@ impl FaunaDouble {
             transaction_time: Mutex::new(Duration::ZERO),
             conflicts: AtomicU64::new(0),
             faults: Mutex::new(VecDeque::new()),
+            query_faults: Mutex::new(VecDeque::new()),
             requests: Mutex::new(Vec::new()),
             db: Mutex::new(Db::default()),
         });
@@ -254,6 +260,18 @@ impl FaunaDouble {
         faults.extend(std::iter::repeat_n(fault, times as usize));
     }
 
+    /// Makes the next `times` requests of the query named `query` ([`KNOWN_QUERIES`]) get
+    /// `fault`, whatever [`FaunaDouble::inject`] queued for other requests.
+    pub fn inject_for(&self, query: &str, fault: Fault, times: u32) {
+        let name = KNOWN_QUERIES
+            .iter()
+            .find(|(name, _)| *name == query)
+            .map(|(name, _)| *name)
+            .unwrap_or_else(|| panic!("no known query is named {query}"));
+        let mut faults = lock(&self.shared.query_faults);
+        faults.extend(std::iter::repeat_n((name, fault), times as usize));
+    }
+
     /// Returns how many transaction attempts conflicted and ran again (or ended in 409).
     pub fn conflicts(&self) -> u64 {
         self.shared.conflicts.load(Ordering::Relaxed)
@@ -272,6 +290,37 @@ impl FaunaDouble {
     /// Returns how many accounts exist.
     pub fn account_count(&self) -> usize {
         lock(&self.shared.db).accounts.len()
+    }
+
+    /// Returns how many `Replay` documents exist and have not expired, and how many of those
+    /// hold a sealed pair.
+    pub fn replay_count(&self) -> (usize, usize) {
+        let now = i128::from(self.shared.clock.now().0) * 1000;
+        let db = lock(&self.shared.db);
+        let live: Vec<_> = db.replays.values().filter(|r| r.ttl > now).collect();
+        let sealed = live.iter().filter(|r| !r.sealed.is_null()).count();
+        (live.len(), sealed)
+    }
+
+    /// Returns the `sealed` field of every live `Replay` document, as JSON text: what the
+    /// store keeps of a replayed pair.
+    pub fn replay_texts(&self) -> Vec<String> {
+        let db = lock(&self.shared.db);
+        db.replays
+            .values()
+            .map(|r| value::encode_simple(&r.sealed).to_string())
+            .collect()
+    }
+
+    /// Returns the `sealed` field of every live `Rotation` document, as JSON text.
+    pub fn rotation_texts(&self) -> Vec<String> {
+        let now = i128::from(self.shared.clock.now().0) * 1000;
+        let db = lock(&self.shared.db);
+        db.rotations
+            .values()
+            .filter(|r| r.ttl > now)
+            .map(|r| value::encode_simple(&r.sealed).to_string())
+            .collect()
     }
 
     /// Returns how many token documents exist and have not expired.

@@ -34,7 +34,7 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
     ),
     (
         "rotate",
-        "bbeaefea77b5c00c2cf05122acdb7805d02598b513d81b6ea1bcb3fb0763cdf8",
+        "162dbdf6a46d57ea6e78be02d01a4cb3280633710addec9ce6b8ab024421df23",
     ),
     (
         "introspect",
@@ -67,6 +67,30 @@ pub const KNOWN_QUERIES: &[(&str, &str)] = &[
     (
         "revoke_email",
         "1f5231ebf29bdf4cc83f1153a578f8cf6ca9ef91f833df9b505af815293f505b",
+    ),
+    (
+        "issue_once_by_email",
+        "cce53a8c1fd26d34775bd178dfe319b6136a8e256940775e7a8dabf31645c85f",
+    ),
+    (
+        "issue_once_for_account",
+        "5cdf987aa8f590060cd76ab147794f0a471a0867df6fe37e81ae92e6dbd392b9",
+    ),
+    (
+        "seal_replay",
+        "840de294dfcfd885737f61d03904055233cecc71228ba55f39796a0244ee7371",
+    ),
+    (
+        "replay_state",
+        "b035dd0f27e00709b179c8d9cb3c9f8ed6e8448cc63f6b95f0a89c91379514ee",
+    ),
+    (
+        "seal_successor",
+        "4a3dfba856cd2a205e133100b1fec9d09f59e5cb46b2e886396a9609d6158b37",
+    ),
+    (
+        "successor_state",
+        "24309cd43e48cacb3bf41d891ad90495844c3ae2c679130ca82de3e6ffcefa31",
     ),
     (
         "publish_policy",
@@ -105,6 +129,12 @@ pub(super) enum Query {
     ListTokens,
     PublishPolicy,
     RevokeEmail,
+    IssueOnceByEmail,
+    IssueOnceForAccount,
+    SealReplay,
+    ReplayState,
+    SealSuccessor,
+    SuccessorState,
     OriginalLookup,
     OriginalRegister,
     OriginalCreateRefresh,
@@ -126,6 +156,12 @@ impl Query {
             "list_tokens" => Self::ListTokens,
             "publish_policy" => Self::PublishPolicy,
             "revoke_email" => Self::RevokeEmail,
+            "issue_once_by_email" => Self::IssueOnceByEmail,
+            "issue_once_for_account" => Self::IssueOnceForAccount,
+            "seal_replay" => Self::SealReplay,
+            "replay_state" => Self::ReplayState,
+            "seal_successor" => Self::SealSuccessor,
+            "successor_state" => Self::SuccessorState,
             "original_lookup" => Self::OriginalLookup,
             "original_register" => Self::OriginalRegister,
             "original_create_refresh" => Self::OriginalCreateRefresh,
@@ -154,12 +190,17 @@ impl Query {
                 "Account.byId(account_id)"
             }
             Self::Rotate => {
-                "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt)"
+                "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt, coalesce)"
             }
             Self::RevokeSecret => "revokeCurrentToken(client_id, any_client)",
             Self::Introspect => "Token.byId(caller!.id)",
             Self::RevokeToken => "Token.byId(token_id)",
             Self::PublishPolicy => "BrokerPolicy.byId(\"1\")",
+            Self::IssueOnceByEmail
+            | Self::IssueOnceForAccount
+            | Self::SealReplay
+            | Self::ReplayState => "Replay.byRow(row)",
+            Self::SealSuccessor | Self::SuccessorState => "Rotation.byRow(row)",
             Self::OriginalLookup => "Account.byEmail(email)",
             Self::OriginalRegister => "Account.create(",
             Self::OriginalCreateRefresh | Self::OriginalCreateAccess => "Token.create(",

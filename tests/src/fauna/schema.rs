@@ -40,8 +40,16 @@ pub const KNOWN_SCHEMA: &[(&str, &str)] = &[
         "9f66825656848ee290ebfe75f75b7a208d52860e8c5a46a48c7c641c258761dc",
     ),
     (
+        "collection Replay",
+        "3c62a3b1609bbccc866474cb99e70bbaaddc244719daf61e9cd21d59602e36a1",
+    ),
+    (
+        "collection Rotation",
+        "a5b6b3c953921ea2a68b6272489c0607d1c9b1e46187b90972cbe9e0039ffb8e",
+    ),
+    (
         "function rotateRefreshToken",
-        "f9f8fcb2dd5d42088457ce5ef1151285b8261cbbef81ed480a5eeffa5becd2f2",
+        "ed76059e98d17115a411783554160a5a1c5f9e74195d1798b8fb0a18d0be10ac",
     ),
     (
         "function revokeCurrentToken",

@@ -71,7 +71,13 @@ async fn serve(
         }) => recognise(text).ok(),
         _ => None,
     };
-    let fault = lock(&shared.faults).pop_front();
+    let fault = query
+        .and_then(|(name, _)| {
+            let mut aimed = lock(&shared.query_faults);
+            let at = aimed.iter().position(|(aimed, _)| *aimed == name)?;
+            aimed.remove(at).map(|(_, fault)| fault)
+        })
+        .or_else(|| lock(&shared.faults).pop_front());
     let template = parsed.as_ref().is_ok_and(|b| b.template);
     let index = shared.record(&parts.headers, query, template, fault);
     let latency = *lock(&shared.latency);
@@ -189,6 +195,8 @@ pub(super) struct Shared {
     /// Transaction attempts that conflicted and were taken back.
     pub(super) conflicts: AtomicU64,
     pub(super) faults: Mutex<VecDeque<Fault>>,
+    /// Faults for the next requests of one query, by its name, before those of `faults`.
+    pub(super) query_faults: Mutex<VecDeque<(&'static str, Fault)>>,
     pub(super) requests: Mutex<Vec<Recorded>>,
     pub(super) db: Mutex<Db>,
 }

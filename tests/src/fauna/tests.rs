@@ -100,6 +100,7 @@ fn rotate_args(grace: i64, client_id: Option<&str>) -> Json {
         "session_ttl": int(30 * 86_400),
         // A fresh broker call each time.
         "attempt": format!("{:032x}", rand::random::<u128>()),
+        "coalesce": false,
     })
 }
 

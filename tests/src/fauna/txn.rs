@@ -10,9 +10,9 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::{
-    database::{Attempt, Db, Key, Policy, TokenDoc},
+    database::{Attempt, Db, Key, Policy, Replay, SealedSuccessor, TokenDoc},
     query::Query,
-    reply::{Failure, Stats},
+    reply::{Failure, FailureExtra, Stats},
     secret::{decode_token_secret, mint_secret},
     value::{Doc, Value, cmp_strings, fql_cmp, fql_eq, fql_text, strip_nulls},
 };
@@ -135,6 +135,10 @@ enum Undo {
     Attempt(String, Option<Attempt>),
     /// The `BrokerPolicy` as it was.
     Policy(Option<Policy>),
+    /// The `Replay` document of a row as it was.
+    Replay(String, Option<Replay>),
+    /// The `Rotation` document of a row as it was.
+    Rotation(String, Option<SealedSuccessor>),
 }
 
 /// One transaction: the database, the transaction time and what it did.
@@ -226,6 +230,18 @@ impl<'a> Txn<'a> {
                     };
                 }
                 Undo::Policy(before) => db.policy = before,
+                Undo::Rotation(row, before) => {
+                    match before {
+                        Some(rotation) => db.rotations.insert(row, rotation),
+                        None => db.rotations.remove(&row),
+                    };
+                }
+                Undo::Replay(row, before) => {
+                    match before {
+                        Some(replay) => db.replays.insert(row, replay),
+                        None => db.replays.remove(&row),
+                    };
+                }
             }
         }
     }
@@ -473,6 +489,17 @@ impl<'a> Txn<'a> {
         }
         match query {
             Query::IssueByEmail | Query::IssueForAccount => self.issue(query, args),
+            Query::IssueOnceByEmail | Query::IssueOnceForAccount => self.issue_once(query, args),
+            Query::SealReplay => self.seal_replay(args),
+            Query::SealSuccessor => self.seal_successor(args),
+            Query::SuccessorState => self.successor_state(args),
+            Query::ReplayState => {
+                let row = expect_str(args.get("row")?, "row", BY_ROW)?.to_owned();
+                Ok(match self.replay_by_row(&row) {
+                    Some(claim) if claim.expires_at > self.now => claim_value(&claim),
+                    _ => Value::Null,
+                })
+            }
             Query::Rotate => self.rotate(token, args),
             Query::Introspect => Ok(token.map_or(Value::Null, |t| t.to_value())),
             Query::RevokeSecret => self.revoke_secret(token, args),
@@ -557,30 +584,31 @@ impl<'a> Txn<'a> {
         const ADD: &str = "now.add(refresh_ttl, \"seconds\")";
         const ADD_ACCESS: &str = "now.add(access_ttl, \"seconds\")";
         // `let account = …`: found, to be created, or missing.
-        let (existing, email, create) = if query == Query::IssueByEmail {
-            let email = args.get("email")?;
-            match self.account_by_email(email) {
-                Some(id) => (Some(id), Some(email), None),
-                None => {
-                    let address = expect_str(email, "email", "Account.create(")?;
-                    let sub = match args.get("cognito_sub")? {
-                        Value::Null => None,
-                        other => Some(expect_str(other, "cognito_sub", "Account.create(")?),
-                    };
-                    (None, Some(email), Some((address, sub)))
+        let (existing, email, create) =
+            if matches!(query, Query::IssueByEmail | Query::IssueOnceByEmail) {
+                let email = args.get("email")?;
+                match self.account_by_email(email) {
+                    Some(id) => (Some(id), Some(email), None),
+                    None => {
+                        let address = expect_str(email, "email", "Account.create(")?;
+                        let sub = match args.get("cognito_sub")? {
+                            Value::Null => None,
+                            other => Some(expect_str(other, "cognito_sub", "Account.create(")?),
+                        };
+                        (None, Some(email), Some((address, sub)))
+                    }
                 }
-            }
-        } else {
-            let id = expect_id(args.get("account_id")?, "Account.byId(account_id)")?;
-            if !self.account_exists(&id) {
-                return Err(Failure::new(
-                    "document_not_found",
-                    format!("Collection `Account` does not contain document with id {id}."),
-                )
-                .at("(account_id)!"));
-            }
-            (Some(id), None, None)
-        };
+            } else {
+                let id = expect_id(args.get("account_id")?, "Account.byId(account_id)")?;
+                if !self.account_exists(&id) {
+                    return Err(Failure::new(
+                        "document_not_found",
+                        format!("Collection `Account` does not contain document with id {id}."),
+                    )
+                    .at("(account_id)!"));
+                }
+                (Some(id), None, None)
+            };
         let nonce = expect_str(args.get("nonce")?, "other", "+ nonce")?;
         let retried = expect_bool(args.get("retried")?, "if (retried)")?;
         let refresh_secs = expect_seconds(args.get("refresh_ttl")?, ADD)?;
@@ -638,9 +666,9 @@ impl<'a> Txn<'a> {
     }
 
     /// The UDF `rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client,
-    /// session_ttl, attempt)`.
+    /// session_ttl, attempt, coalesce)`.
     fn rotate(&mut self, token: Option<TokenDoc>, args: &Args<'_>) -> Result<Value, Failure> {
-        const CALL: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt)";
+        const CALL: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt, coalesce)";
         let outcome = |o: &str| {
             Value::Object(BTreeMap::from([(
                 "outcome".to_owned(),
@@ -655,6 +683,7 @@ impl<'a> Txn<'a> {
         let any_client = expect_bool(args.get("any_client")?, CALL)?;
         let session_ttl = args.get("session_ttl")?;
         let attempt = args.get("attempt")?;
+        let coalesce = args.get("coalesce")?;
         // `let policy = BrokerPolicy.byId("1")`
         self.stats.reads += 1;
         self.read(Key::Policy);
@@ -730,6 +759,16 @@ impl<'a> Txn<'a> {
         if ends <= self.now {
             return Ok(outcome("inactive"));
         }
+        // `else if (retry && coalesce) { outcome: "coalesce", … }`: nothing written.
+        if retry && expect_bool(coalesce, "retry && coalesce")? {
+            return Ok(Value::Object(BTreeMap::from([
+                ("outcome".to_owned(), Value::Str("coalesce".into())),
+                ("account".to_owned(), Value::Str(token.document.clone())),
+                ("family".to_owned(), family_name),
+                ("rotated_at".to_owned(), token.data("rotated_at").clone()),
+                ("successor".to_owned(), replaced_by),
+            ])));
+        }
         let refresh_ttl = add_seconds(self.now, refresh_ttl, CALL)?.min(ends);
         let access_ttl = add_seconds(self.now, access_ttl, CALL)?.min(ends);
         let Value::Str(attempt) = attempt.clone() else {
@@ -788,6 +827,167 @@ impl<'a> Txn<'a> {
             ("now".to_owned(), Value::Time(self.now)),
             ("refresh".to_owned(), refresh),
             ("access".to_owned(), access),
+        ])))
+    }
+
+    /// `Replay.byRow(row).first()`: the row's document if it has not expired.
+    fn replay_by_row(&mut self, row: &str) -> Option<Replay> {
+        self.read(Key::ReplayRow(row.to_owned()));
+        self.stats.reads += 1;
+        self.db
+            .replays
+            .get(row)
+            .filter(|r| r.ttl > self.now)
+            .cloned()
+    }
+
+    /// Writes (or, with `None`, deletes) the `Replay` document of `row`.
+    fn put_replay(&mut self, row: &str, replay: Option<Replay>) {
+        let before = match replay {
+            Some(replay) => self.db.replays.insert(row.to_owned(), replay),
+            None => self.db.replays.remove(row),
+        };
+        self.undo.push(Undo::Replay(row.to_owned(), before));
+        self.write(Key::ReplayRow(row.to_owned()));
+        self.stats.writes += 1;
+    }
+
+    /// `ISSUE_ONCE_BY_EMAIL` / `ISSUE_ONCE_FOR_ACCOUNT`: the issue texts under a claim.
+    fn issue_once(&mut self, query: Query, args: &Args<'_>) -> Result<Value, Failure> {
+        const CREATE: &str = "Replay.create(";
+        let row = expect_str(args.get("row")?, "row", BY_ROW)?.to_owned();
+        let claim = self.replay_by_row(&row);
+        let nonce = args.get("nonce")?;
+        if let Some(claim) = &claim
+            && claim.expires_at > self.now
+            && !fql_eq(&Value::Str(claim.nonce.clone()), nonce)
+        {
+            return Ok(Value::Object(BTreeMap::from([(
+                "claim".to_owned(),
+                claim_value(claim),
+            )])));
+        }
+        if claim.is_some() {
+            // `claim!.delete()`: past its window, or this call's own earlier attempt.
+            self.put_replay(&row, None);
+        }
+        let issue = if query == Query::IssueOnceByEmail {
+            Query::IssueByEmail
+        } else {
+            Query::IssueForAccount
+        };
+        let issued = self.issue(issue, args)?;
+        let window = expect_seconds(args.get("window")?, "now.add(window, \"seconds\")")?;
+        let closes = add_seconds(self.now, window, "now.add(window, \"seconds\")")?;
+        let Value::Str(nonce) = nonce.clone() else {
+            return Err(invalid_argument("nonce", "String", nonce, CREATE));
+        };
+        // The unique constraint on `row`: a live document of the row (which this transaction
+        // deleted if it saw it) fails the create.
+        if self.db.replays.get(&row).is_some_and(|r| r.ttl > self.now) {
+            let mut failure =
+                Failure::new("constraint_failure", "Failed unique constraint.".into()).at(CREATE);
+            failure.extra = Some(Box::new(FailureExtra {
+                notes: Some("constraint failures:\n  row: Failed unique constraint".into()),
+                summary: None,
+                constraint_failures: Some(serde_json::json!([
+                    { "paths": [["row"]], "message": "Failed unique constraint" }
+                ])),
+            }));
+            return Err(failure);
+        }
+        let account = match issued.field("account") {
+            Value::Str(account) => account.clone(),
+            other => fql_text(other),
+        };
+        self.put_replay(
+            &row,
+            Some(Replay {
+                nonce,
+                account,
+                family: issued.field("family").clone(),
+                expires_at: closes,
+                ttl: closes,
+                sealed: Value::Null,
+            }),
+        );
+        Ok(issued)
+    }
+
+    /// `SEAL_REPLAY`: stores the sealed pair in this call's claim.
+    fn seal_replay(&mut self, args: &Args<'_>) -> Result<Value, Failure> {
+        let row = expect_str(args.get("row")?, "row", BY_ROW)?.to_owned();
+        let claim = self.replay_by_row(&row);
+        let nonce = args.get("nonce")?;
+        let Some(mut claim) = claim.filter(|c| fql_eq(&Value::Str(c.nonce.clone()), nonce)) else {
+            return Ok(Value::Bool(false));
+        };
+        claim.sealed = strip_nulls(args.get("sealed")?.clone());
+        self.put_replay(&row, Some(claim));
+        Ok(Value::Bool(true))
+    }
+
+    /// `Rotation.byRow(row).first()`: the row's document if it has not expired.
+    fn rotation_by_row(&mut self, row: &str) -> Option<SealedSuccessor> {
+        self.read(Key::RotationRow(row.to_owned()));
+        self.stats.reads += 1;
+        self.db
+            .rotations
+            .get(row)
+            .filter(|r| r.ttl > self.now)
+            .cloned()
+    }
+
+    /// `SEAL_SUCCESSOR`: creates or replaces the row's `Rotation` document.
+    fn seal_successor(&mut self, args: &Args<'_>) -> Result<Value, Failure> {
+        const AT: &str = "Rotation.create(fields)";
+        let row = expect_str(args.get("row")?, "row", "Rotation.byRow(row)")?.to_owned();
+        self.rotation_by_row(&row);
+        let time = |name: &'static str| -> Result<i128, Failure> {
+            match args.get(name)? {
+                Value::Time(t) => Ok(*t),
+                other => Err(invalid_argument(name, "Time", other, AT)),
+            }
+        };
+        let doc = SealedSuccessor {
+            successor: expect_str(args.get("successor")?, "successor", AT)?.to_owned(),
+            sealed: strip_nulls(args.get("sealed")?.clone()),
+            refresh_expires: time("refresh_expires")?,
+            access_expires: time("access_expires")?,
+            ttl: time("closes")?,
+        };
+        // The unique `row` holds: the document is created or replaced, never duplicated.
+        let before = self.db.rotations.insert(row.clone(), doc);
+        self.undo.push(Undo::Rotation(row.clone(), before));
+        self.write(Key::RotationRow(row));
+        self.stats.writes += 1;
+        Ok(Value::Bool(true))
+    }
+
+    /// `SUCCESSOR_STATE`: the sealed successor while it is the current refresh token.
+    fn successor_state(&mut self, args: &Args<'_>) -> Result<Value, Failure> {
+        let row = expect_str(args.get("row")?, "row", "Rotation.byRow(row)")?.to_owned();
+        let rotation = self.rotation_by_row(&row);
+        let successor = args.get("successor")?;
+        let Some(rotation) =
+            rotation.filter(|r| fql_eq(&Value::Str(r.successor.clone()), successor))
+        else {
+            return Ok(Value::Null);
+        };
+        let current = self.read_token(&rotation.successor);
+        if !current.as_ref().is_some_and(is_live) {
+            return Ok(Value::Null);
+        }
+        Ok(Value::Object(BTreeMap::from([
+            ("sealed".to_owned(), rotation.sealed),
+            (
+                "refresh_expires".to_owned(),
+                Value::Time(rotation.refresh_expires),
+            ),
+            (
+                "access_expires".to_owned(),
+                Value::Time(rotation.access_expires),
+            ),
         ])))
     }
 
@@ -949,6 +1149,18 @@ impl<'a> Txn<'a> {
             page.iter().take(limit).map(TokenDoc::to_value).collect(),
         ))
     }
+}
+
+/// Where the texts that read a `Replay` document look it up.
+const BY_ROW: &str = "Replay.byRow(row)";
+
+/// A claim as the texts answer it: `{ account, family, sealed }`.
+fn claim_value(claim: &Replay) -> Value {
+    Value::Object(BTreeMap::from([
+        ("account".to_owned(), Value::Str(claim.account.clone())),
+        ("family".to_owned(), claim.family.clone()),
+        ("sealed".to_owned(), claim.sealed.clone()),
+    ]))
 }
 
 /// `t.data.superseded == true`.

@@ -1,6 +1,18 @@
 //! The Fauna store: real Fauna tokens minted, rotated and revoked over FQL v10
 //! (`POST /query/1`; the protocol is in `docs/design.md` "Fauna over HTTP"), one HTTP request
-//! per operation.
+//! per operation, except an idempotent issue and a rotation with a replay key.
+//!
+//! An idempotent issue ([`TokenStore::issue_once`]) is shared by the brokers of one database:
+//! the first request claims the key's `Replay` document and mints the pair in one query; the
+//! second stores the pair sealed under the replay key in the claim (Fauna mints the secrets
+//! inside the first query, and a query cannot encrypt). A call that finds another call's claim
+//! answers its sealed pair, or waits for it (reading the claim every 50 ms, up to 2 s), and
+//! mints a pair of its own when the claim stays unsealed (its broker died between the two
+//! requests). A rotation with a replay key (and a grace window) likewise seals its successor in
+//! a second request, and a repeated presentation within the grace window, which
+//! `rotateRefreshToken` answers with `coalesce` instead of superseding, answers that sealed
+//! successor once it is there, or supersedes it after the same wait. `docs/stores.md` "Fauna"
+//! has the details and the round trips.
 //!
 //! The secrets this store hands out are Fauna's own (`fnE…`): clients use access secrets against
 //! Fauna directly, with the privileges of the `access` role in `deploy/fauna/schema.fsl`. The
@@ -46,8 +58,10 @@ use crate::{
     model::deadline,
     model::{
         AccountId, ClientCheck, Email, FamilyId, MAX_SECRET_LEN, Metadata, MintedPair, MintedToken,
-        NewSession, PageRequest, RefreshOutcome, RevokeTarget, Rotation, SecretRevocation, TokenId,
-        TokenInfo, TokenKind, TokenPage, TokenRecord, TokenState, UnixMicros, random_hex,
+        NewSession, PageRequest, RefreshOutcome, ReplayClaim, RevokeTarget, Rotation,
+        SecretRevocation, TokenId, TokenInfo, TokenKind, TokenPage, TokenRecord, TokenState,
+        UnixMicros, random_hex,
+        replay::{OpenError, ReplayKey, SealedPair, StoredSuccessor, successor_row},
     },
     obs::context::{self, TRACEPARENT, TRACESTATE},
 };
@@ -452,6 +466,237 @@ impl FaunaStore {
         }
     }
 
+    /// Runs an issue query, under an idempotency claim of (`row`, `window`) when given, with
+    /// the fallbacks of a stale cached account and a concurrently created one. Returns the
+    /// answer and the call's nonce.
+    async fn issue_query(
+        &self,
+        session: &NewSession,
+        once: Option<(&str, Duration)>,
+    ) -> StoreResult<(Value, String)> {
+        let nonce = random_hex()[..16].to_owned();
+        let mut arguments = json!({
+            "email": session.email.as_str(),
+            "cognito_sub": wire::opt_str(session.cognito_sub.as_deref()),
+            "client_id": wire::opt_str(session.client_id.as_deref()),
+            "nonce": &nonce,
+            "retried": false,
+            "access_ttl": wire::int(session.access_ttl.as_secs()),
+            "refresh_ttl": wire::int(session.refresh_ttl.as_secs()),
+            "session_ttl": wire::int(session.session_ttl.max(session.refresh_ttl).as_secs()),
+            "metadata": wire::object(&session.metadata),
+        });
+        let (by_email, for_account) = match once {
+            Some((row, window)) => {
+                arguments["row"] = Value::String(row.to_owned());
+                arguments["window"] = wire::int(window.as_secs().max(1));
+                (Op::IssueOnceByEmail, Op::IssueOnceForAccount)
+            }
+            None => (Op::IssueByEmail, Op::IssueForAccount),
+        };
+        // Each query after the first is sent as a retry, in case an earlier one committed.
+        let mut retry = arguments.clone();
+        retry["retried"] = Value::Bool(true);
+        let answer = match &session.known_account {
+            Some(account) => {
+                arguments["account_id"] = Value::String(account.to_string());
+                match self.mint(for_account, arguments).await? {
+                    // The cached account is gone (deleted by an operator): look it up again.
+                    Answer::QueryError(code) if code == "document_not_found" => {
+                        warn!(account_id = %account, "cached account not found in fauna");
+                        self.mint(by_email, retry.clone()).await?
+                    }
+                    other => other,
+                }
+            }
+            None => self.mint(by_email, arguments).await?,
+        };
+        let answer = match answer {
+            // A concurrent first sign-in of this email (or claim of this idempotency row)
+            // committed after this transaction's snapshot; issuing again finds it.
+            Answer::QueryError(code) if code == "constraint_failure" => {
+                debug!("the account or claim was created concurrently; issuing again");
+                self.mint(by_email, retry).await?
+            }
+            other => other,
+        };
+        match answer {
+            Answer::Data(value) => Ok((value, nonce)),
+            Answer::QueryError(code) if code == "constraint_failure" => {
+                warn!("fauna's unique email kept conflicting");
+                Err(StoreError::new(
+                    StoreErrorKind::Unavailable,
+                    "fauna: the account's email kept conflicting",
+                    None,
+                ))
+            }
+            other => Err(unexpected_answer(by_email, &other)),
+        }
+    }
+
+    /// Seals `pair` into the claim of `row` that this call (`nonce`) made. A failure is only
+    /// logged: the caller gets its pair anyway, and a retry that finds the claim unsealed waits,
+    /// then mints a pair of its own ([`TokenStore::issue_once`]).
+    async fn seal_replay(&self, row: &str, nonce: &str, claim: &ReplayClaim, pair: &MintedPair) {
+        let sealed = claim.key.seal_with_ids(&claim.row, pair);
+        let arguments = json!({
+            "row": row,
+            "nonce": nonce,
+            "sealed": sealed_json(&sealed, pair),
+        });
+        match self.query(Op::SealReplay, Bearer::Server, arguments).await {
+            Ok(Answer::Data(Value::Bool(true))) => {}
+            Ok(Answer::Data(Value::Bool(false))) => {
+                warn!("fauna: the idempotency claim closed before its pair was sealed");
+            }
+            Ok(other) => drop(unexpected_answer(Op::SealReplay, &other)),
+            Err(err) => warn!(
+                error = %err,
+                "fauna: sealing the idempotent pair failed; a retry of this call will mint its own"
+            ),
+        }
+    }
+
+    /// Calls `rotateRefreshToken` with `secret` as the bearer; `coalesce` asks it to answer a
+    /// retry within the grace window with the current successor's id instead of superseding.
+    /// `Err` holds an outcome decided by the bearer alone (Fauna refused it).
+    async fn rotate(
+        &self,
+        secret: &SecretString,
+        rotation: &Rotation,
+        coalesce: bool,
+    ) -> StoreResult<Result<Value, RefreshOutcome>> {
+        let arguments = json!({
+            "access_ttl": wire::int(rotation.access_ttl.as_secs()),
+            "refresh_ttl": wire::int(rotation.refresh_ttl.as_secs()),
+            "grace": wire::int(rotation.grace.as_secs()),
+            "client_id": wire::opt_str(rotation.client.client_id()),
+            "any_client": rotation.client == ClientCheck::Any,
+            "session_ttl": wire::int(rotation.session_ttl.as_secs()),
+            // The same on every retry of this request, so a retry recognises its own commit.
+            "attempt": random_hex(),
+            "coalesce": coalesce,
+        });
+        match self
+            .query(Op::Rotate, Bearer::Token(secret), arguments)
+            .await?
+        {
+            Answer::Data(value) => Ok(Ok(value)),
+            // Unknown, expired or revoked: Fauna refused the bearer. An access token (or a
+            // Fauna token the broker did not mint) lacks the role that may call the function.
+            Answer::Unauthorized => Ok(Err(RefreshOutcome::Inactive)),
+            Answer::QueryError(code) if code == "permission_denied" => {
+                Ok(Err(RefreshOutcome::Inactive))
+            }
+            other => Err(unexpected_answer(Op::Rotate, &other)),
+        }
+    }
+
+    /// Stores the sealed successor `pair` of the presented refresh token `presented` for the
+    /// grace window, which `closes` (the second request of a rotation with a replay key). A
+    /// failure is only
+    /// logged: the caller has its pair, and a later presentation that finds no sealed
+    /// successor waits, then supersedes it.
+    async fn seal_successor(
+        &self,
+        presented: &SecretString,
+        key: &ReplayKey,
+        pair: &MintedPair,
+        closes: UnixMicros,
+    ) {
+        let sealed = key.seal_successor_with_ids(presented, &pair.refresh, &pair.access);
+        let arguments = json!({
+            "row": hex::encode(successor_row(presented)),
+            "successor": pair.refresh.id.as_str(),
+            "sealed": sealed_json(&sealed, pair),
+            "refresh_expires": wire::time(pair.refresh.expires_at),
+            "access_expires": wire::time(pair.access.expires_at),
+            "closes": wire::time(closes),
+        });
+        match self
+            .query(Op::SealSuccessor, Bearer::Server, arguments)
+            .await
+        {
+            Ok(Answer::Data(Value::Bool(true))) => {}
+            Ok(other) => drop(unexpected_answer(Op::SealSuccessor, &other)),
+            Err(err) => warn!(
+                error = %err,
+                "fauna: sealing the rotation's successor failed; a repeated presentation will \
+                 supersede it"
+            ),
+        }
+    }
+
+    /// Waits for the sealed successor that a `coalesce` answer names, reading it every
+    /// [`REPLAY_POLL`] for up to [`REPLAY_WAIT`] (and the query timeout, and the caller's
+    /// deadline); `None` when it was not sealed in time, is no longer current, or was sealed
+    /// under another key.
+    async fn await_successor(
+        &self,
+        presented: &SecretString,
+        key: &ReplayKey,
+        coalesce: &Value,
+    ) -> StoreResult<Option<RefreshOutcome>> {
+        let (Some(account), Some(family), Some(successor), Some(rotated_at)) = (
+            coalesce["account"].as_str(),
+            coalesce["family"].as_str(),
+            coalesce["successor"].as_str(),
+            coalesce["rotated_at"].as_str().and_then(wire::parse_time),
+        ) else {
+            return Err(unexpected(Op::Rotate, "a successor to coalesce on"));
+        };
+        let arguments = json!({
+            "row": hex::encode(successor_row(presented)),
+            "successor": successor,
+        });
+        let waited = std::time::Instant::now();
+        let bound = self.config.query_timeout().min(REPLAY_WAIT);
+        loop {
+            let state = match self
+                .query(Op::SuccessorState, Bearer::Server, arguments.clone())
+                .await?
+            {
+                Answer::Data(state) => state,
+                other => return Err(unexpected_answer(Op::SuccessorState, &other)),
+            };
+            if !state.is_null() {
+                let stored = StoredSuccessor {
+                    account_id: AccountId::from_stored(account.to_owned()),
+                    family_id: FamilyId::from_stored(family.to_owned()),
+                    refresh_expires: state["refresh_expires"]
+                        .as_str()
+                        .and_then(wire::parse_time)
+                        .ok_or_else(|| unexpected(Op::SuccessorState, "expiries"))?,
+                    access_expires: state["access_expires"]
+                        .as_str()
+                        .and_then(wire::parse_time)
+                        .ok_or_else(|| unexpected(Op::SuccessorState, "expiries"))?,
+                };
+                let (sealed, ids) = sealed_from(&state["sealed"])
+                    .ok_or_else(|| unexpected(Op::SuccessorState, "a sealed pair"))?;
+                let pair = match key.open_successor_with_ids(presented, stored, ids, &sealed) {
+                    Ok(pair) => pair,
+                    // Sealed before the key changed: supersede it, as the postgres store does.
+                    Err(OpenError::OtherKey) => return Ok(None),
+                    Err(err) => {
+                        return Err(open_error(
+                            err,
+                            "the rotation's successor was sealed under another tokens.replay_key",
+                            "the rotation's sealed successor does not open: corrupt or forged",
+                        ));
+                    }
+                };
+                debug!(family_id = %pair.family_id, refresh_token_id = %pair.refresh.id, "fauna: replayed a rotation's sealed successor");
+                return Ok(Some(RefreshOutcome::Replayed { pair, rotated_at }));
+            }
+            let left = deadline::remaining().unwrap_or(bound);
+            if waited.elapsed() + REPLAY_POLL >= bound || left <= REPLAY_POLL * 2 {
+                return Ok(None);
+            }
+            tokio::time::sleep(REPLAY_POLL).await;
+        }
+    }
+
     /// Runs an issue query and reads its answer.
     async fn mint(&self, op: Op, arguments: Value) -> StoreResult<Answer> {
         self.query(op, Bearer::Server, arguments).await
@@ -471,55 +716,57 @@ impl FaunaStore {
 #[async_trait]
 impl TokenStore for FaunaStore {
     async fn issue(&self, session: NewSession) -> StoreResult<MintedPair> {
-        let mut arguments = json!({
-            "email": session.email.as_str(),
-            "cognito_sub": wire::opt_str(session.cognito_sub.as_deref()),
-            "client_id": wire::opt_str(session.client_id.as_deref()),
-            "nonce": &random_hex()[..16],
-            "retried": false,
-            "access_ttl": wire::int(session.access_ttl.as_secs()),
-            "refresh_ttl": wire::int(session.refresh_ttl.as_secs()),
-            "session_ttl": wire::int(session.session_ttl.max(session.refresh_ttl).as_secs()),
-            "metadata": wire::object(&session.metadata),
-        });
-        // Each query after the first is sent as a retry, in case an earlier one committed.
-        let mut retry = arguments.clone();
-        retry["retried"] = Value::Bool(true);
-        let answer = match &session.known_account {
-            Some(account) => {
-                arguments["account_id"] = Value::String(account.to_string());
-                match self.mint(Op::IssueForAccount, arguments).await? {
-                    // The cached account is gone (deleted by an operator): look it up again.
-                    Answer::QueryError(code) if code == "document_not_found" => {
-                        warn!(account_id = %account, "cached account not found in fauna");
-                        self.mint(Op::IssueByEmail, retry.clone()).await?
-                    }
-                    other => other,
-                }
-            }
-            None => self.mint(Op::IssueByEmail, arguments).await?,
-        };
-        let answer = match answer {
-            // A concurrent first sign-in of this email created the account after this
-            // transaction's snapshot; it committed, so issuing again finds it.
-            Answer::QueryError(code) if code == "constraint_failure" => {
-                debug!("the account was created concurrently; issuing again");
-                self.mint(Op::IssueByEmail, retry).await?
-            }
-            other => other,
-        };
-        match answer {
-            Answer::Data(value) => minted(Op::IssueByEmail, value),
-            Answer::QueryError(code) if code == "constraint_failure" => {
-                warn!("fauna's unique email kept conflicting");
-                Err(StoreError::new(
-                    StoreErrorKind::Unavailable,
-                    "fauna: the account's email kept conflicting",
-                    None,
-                ))
-            }
-            other => Err(unexpected_answer(Op::IssueByEmail, &other)),
+        let value = self.issue_query(&session, None).await?.0;
+        minted(Op::IssueByEmail, value)
+    }
+
+    async fn issue_once(
+        &self,
+        session: NewSession,
+        claim: &ReplayClaim,
+    ) -> StoreResult<Option<(MintedPair, bool)>> {
+        let row = hex::encode(claim.row);
+        let (mut value, nonce) = self
+            .issue_query(&session, Some((&row, claim.window)))
+            .await?;
+        if value.get("claim").is_none() {
+            // This call claimed the row: seal its pair into the claim (the second request).
+            let pair = minted(Op::IssueOnceByEmail, value)?;
+            self.seal_replay(&row, &nonce, claim, &pair).await;
+            return Ok(Some((pair, false)));
         }
+        // Another call (on any broker) claimed the row within its window: its pair, once it
+        // is sealed.
+        let mut state = value["claim"].take();
+        let waited = std::time::Instant::now();
+        let bound = self.config.query_timeout().min(REPLAY_WAIT);
+        loop {
+            if !state["sealed"].is_null() {
+                return open_replay(claim, &state).map(|pair| Some((pair, true)));
+            }
+            let left = deadline::remaining().unwrap_or(bound);
+            if waited.elapsed() + REPLAY_POLL >= bound || left <= REPLAY_POLL * 2 {
+                break;
+            }
+            tokio::time::sleep(REPLAY_POLL).await;
+            state = match self
+                .query(Op::ReplayState, Bearer::Server, json!({ "row": &row }))
+                .await?
+            {
+                // The claim's window closed while waiting.
+                Answer::Data(Value::Null) => break,
+                Answer::Data(state) => state,
+                other => return Err(unexpected_answer(Op::ReplayState, &other)),
+            };
+        }
+        // The claiming call never sealed its pair (its broker died between its two requests,
+        // or its second request failed): mint a pair of this call's own, outside the claim. A
+        // second session for one sign-in is a wasted session, not a weaker one.
+        warn!(
+            family_id = state["family"].as_str().unwrap_or_default(),
+            "fauna: the idempotency key's claim has no sealed pair; issuing a second pair"
+        );
+        self.issue(session).await.map(|pair| Some((pair, false)))
     }
 
     async fn refresh(
@@ -530,31 +777,46 @@ impl TokenStore for FaunaStore {
         if !plausible_secret(secret) {
             return Ok(RefreshOutcome::Inactive);
         }
-        let arguments = json!({
-            "access_ttl": wire::int(rotation.access_ttl.as_secs()),
-            "refresh_ttl": wire::int(rotation.refresh_ttl.as_secs()),
-            "grace": wire::int(rotation.grace.as_secs()),
-            "client_id": wire::opt_str(rotation.client.client_id()),
-            "any_client": rotation.client == ClientCheck::Any,
-            "session_ttl": wire::int(rotation.session_ttl.as_secs()),
-            // The same on every retry of this call, so a retry recognises its own commit.
-            "attempt": random_hex(),
-        });
-        let value = match self
-            .query(Op::Rotate, Bearer::Token(secret), arguments)
-            .await?
-        {
-            Answer::Data(value) => value,
-            // Unknown, expired or revoked: Fauna refused the bearer. An access token (or a
-            // Fauna token the broker did not mint) lacks the role that may call the function.
-            Answer::Unauthorized => return Ok(RefreshOutcome::Inactive),
-            Answer::QueryError(code) if code == "permission_denied" => {
-                return Ok(RefreshOutcome::Inactive);
-            }
-            other => return Err(unexpected_answer(Op::Rotate, &other)),
+        // Without a grace window nothing could answer a sealed successor.
+        let key = rotation
+            .replay
+            .clone()
+            .filter(|_| !rotation.grace.is_zero());
+        let mut value = match self.rotate(secret, &rotation, key.is_some()).await? {
+            Ok(value) => value,
+            Err(done) => return Ok(done),
         };
+        if outcome(&value) == "coalesce" {
+            // Another presentation rotated the token within the grace window: its successor,
+            // once its broker has sealed it.
+            let key = key
+                .as_ref()
+                .ok_or_else(|| unexpected(Op::Rotate, "an outcome"))?;
+            if let Some(replayed) = self.await_successor(secret, key, &value).await? {
+                return Ok(replayed);
+            }
+            // Never sealed (that broker died between its two requests, or its seal failed):
+            // rotate as without a replay key, superseding that successor.
+            warn!(
+                family_id = value["family"].as_str().unwrap_or_default(),
+                "fauna: the rotation's successor was never sealed; superseding it"
+            );
+            value = match self.rotate(secret, &rotation, false).await? {
+                Ok(value) => value,
+                Err(done) => return Ok(done),
+            };
+        }
         Ok(match outcome(&value) {
-            "rotated" => RefreshOutcome::Rotated(minted(Op::Rotate, value)?),
+            "rotated" => {
+                // Fauna's transaction time: the grace window counts from here at the latest.
+                let now = value["now"].as_str().and_then(wire::parse_time);
+                let pair = minted(Op::Rotate, value)?;
+                if let Some(key) = &key {
+                    let closes = now.unwrap_or(pair.refresh.expires_at).plus(rotation.grace);
+                    self.seal_successor(secret, key, &pair, closes).await;
+                }
+                RefreshOutcome::Rotated(pair)
+            }
             "inactive" => RefreshOutcome::Inactive,
             "wrong_client" => RefreshOutcome::WrongClient,
             "no_policy" => {
@@ -829,6 +1091,76 @@ fn minted(op: Op, value: Value) -> StoreResult<MintedPair> {
         refresh: token(minted.refresh)?,
         access: token(minted.access)?,
     })
+}
+
+/// How long a call that found another call's claim without its pair waits for it, at most (and
+/// at most the query timeout).
+const REPLAY_WAIT: Duration = Duration::from_secs(2);
+
+/// How often that call reads the claim again while it waits.
+const REPLAY_POLL: Duration = Duration::from_millis(50);
+
+/// A sealed pair as the queries store it: hex strings, and the ids it is bound to.
+fn sealed_json(sealed: &SealedPair, pair: &MintedPair) -> Value {
+    json!({
+        "key_id": sealed.key_id,
+        "nonce": hex::encode(&sealed.nonce),
+        "ciphertext": hex::encode(&sealed.ciphertext),
+        "refresh_id": pair.refresh.id.as_str(),
+        "access_id": pair.access.id.as_str(),
+    })
+}
+
+/// Reads a sealed pair stored by [`sealed_json`].
+fn sealed_from(sealed: &Value) -> Option<(SealedPair, (TokenId, TokenId))> {
+    let text = |field: &str| sealed[field].as_str().map(str::to_owned);
+    let bytes = |field: &str| hex::decode(sealed[field].as_str()?).ok();
+    Some((
+        SealedPair {
+            key_id: text("key_id")?,
+            nonce: bytes("nonce")?,
+            ciphertext: bytes("ciphertext")?,
+        },
+        (
+            TokenId::from_stored(text("refresh_id")?),
+            TokenId::from_stored(text("access_id")?),
+        ),
+    ))
+}
+
+fn open_error(err: OpenError, other_key: &str, corrupt: &str) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Internal,
+        match err {
+            OpenError::OtherKey => other_key,
+            OpenError::Corrupt => corrupt,
+        },
+        None,
+    )
+}
+
+/// Opens the sealed pair of a claim's state (`{ account, family, sealed }`).
+fn open_replay(claim: &ReplayClaim, state: &Value) -> StoreResult<MintedPair> {
+    let (Some(account), Some((sealed, ids))) =
+        (state["account"].as_str(), sealed_from(&state["sealed"]))
+    else {
+        return Err(unexpected(Op::ReplayState, "a sealed pair"));
+    };
+    claim
+        .key
+        .open_with_ids(
+            &claim.row,
+            AccountId::from_stored(account.to_owned()),
+            ids,
+            &sealed,
+        )
+        .map_err(|err| {
+            open_error(
+                err,
+                "the idempotency key's pair was sealed under another tokens.replay_key",
+                "the idempotency key's sealed pair does not open: corrupt or forged",
+            )
+        })
 }
 
 fn outcome(value: &Value) -> &str {

@@ -50,6 +50,13 @@
 /// 409 once Fauna's retries run out.
 macro_rules! mint_session {
     () => {
+        concat!(mint_tokens!(), minted_answer!())
+    };
+}
+
+/// The minting half of [`mint_session`]: binds `now`, `family`, `refresh` and `access`.
+macro_rules! mint_tokens {
+    () => {
         r#"
 let now = Time.now()
 let family = "fam_" + account.id + "_" + nonce
@@ -63,7 +70,14 @@ let access = Token.create({
   document: account,
   ttl: now.add(access_ttl, "seconds"),
   data: { kind: "access", family: family, parent: refresh.id, email: email, cognito_sub: account.cognito_sub, client_id: client_id, issued_at: now, session_ends: now.add(session_ttl, "seconds"), metadata: metadata }
-})
+})"#
+    };
+}
+
+/// The answer half of [`mint_session`]: the minted pair.
+macro_rules! minted_answer {
+    () => {
+        r#"
 {
   account: account.id,
   family: family,
@@ -93,12 +107,81 @@ pub const ISSUE_BY_EMAIL: &str = concat!(
 pub const ISSUE_FOR_ACCOUNT: &str =
     concat!("let account = Account.byId(account_id)!", mint_session!());
 
+/// The idempotency claim around an issue text, for a replay shared by replicas: `claim!(<the
+/// account's binding>)`. A live `Replay` document of the row (another call's, within its
+/// window) is answered as it is, `{ claim: { account, family, sealed } }` (`sealed` is null
+/// until that call has sealed its pair, [`SEAL_REPLAY`]), and nothing is written. Otherwise the
+/// row's old document (past its window, or this very call's own earlier attempt, by `nonce`,
+/// whose answer was lost) is deleted, the pair is minted as the issue texts do, and a new
+/// `Replay` document without a pair claims the row until `window` seconds from now (its ttl, so
+/// Fauna deletes it then). Two calls claiming one row at once contend on the unique `row`:
+/// Fauna runs the loser again, and it finds the winner's claim.
+macro_rules! claim {
+    ($account:expr) => {
+        concat!(
+            r#"let claim = Replay.byRow(row).first()
+if (claim != null && claim!.expires_at > Time.now() && claim!.nonce != nonce) {
+  { claim: { account: claim!.account, family: claim!.family, sealed: claim!.sealed } }
+} else {
+  if (claim != null) claim!.delete()
+"#,
+            $account,
+            mint_tokens!(),
+            r#"
+Replay.create({ row: row, nonce: nonce, account: account.id, family: family, expires_at: now.add(window, "seconds"), ttl: now.add(window, "seconds") })"#,
+            minted_answer!(),
+            "\n}"
+        )
+    };
+}
+
+/// [`ISSUE_BY_EMAIL`] under an idempotency claim ([`claim`]; server key).
+///
+/// Arguments: as [`ISSUE_BY_EMAIL`] plus `row` (string: the idempotency digest, hex) and
+/// `window` (int seconds). Result: as [`ISSUE_BY_EMAIL`], or `{ claim: { account, family,
+/// sealed } }`.
+pub const ISSUE_ONCE_BY_EMAIL: &str = claim!(
+    "let account = Account.byEmail(email).first() ?? Account.create({ email: email, cognito_sub: cognito_sub })"
+);
+
+/// [`ISSUE_FOR_ACCOUNT`] under an idempotency claim ([`claim`]; server key).
+///
+/// Arguments: as [`ISSUE_ONCE_BY_EMAIL`] plus `account_id`. Result: the same.
+pub const ISSUE_ONCE_FOR_ACCOUNT: &str = claim!("let account = Account.byId(account_id)!");
+
+/// Stores the sealed pair of a claim that this call made ([`claim`]; server key): the second
+/// request of an idempotent issue, since Fauna mints the secrets inside the first and a query
+/// cannot encrypt.
+///
+/// Arguments: `row`, `nonce` (the call's), `sealed` (`{ key_id, nonce, ciphertext }`, hex
+/// strings, and `refresh_id`, `access_id`, the token ids the ciphertext is bound to). Result:
+/// `true`, or `false` when the row is no longer this call's claim (its window closed).
+pub const SEAL_REPLAY: &str = r#"let claim = Replay.byRow(row).first()
+if (claim == null || claim!.nonce != nonce) {
+  false
+} else {
+  claim!.update({ sealed: sealed })
+  true
+}"#;
+
+/// The live claim of a row, for a call that found another call's claim still without its
+/// pair (server key). Arguments: `row`. Result: `{ account, family, sealed }`, or null when no
+/// claim of the row is within its window.
+pub const REPLAY_STATE: &str = r#"let claim = Replay.byRow(row).first()
+if (claim == null || claim!.expires_at <= Time.now()) {
+  null
+} else {
+  { account: claim!.account, family: claim!.family, sealed: claim!.sealed }
+}"#;
+
 /// Rotates the bearer refresh token (bearer: the refresh secret).
 ///
 /// Arguments: `access_ttl`, `refresh_ttl`, `grace` (int seconds), `client_id` (string or null),
 /// `any_client` (bool: skip the client check when no `client_id` is given), `session_ttl` (int
 /// seconds: the session of a family stored without `session_ends`, counted from now), `attempt`
-/// (string: the call's nonce, the same on each retry of the call). The function cuts the
+/// (string: the call's nonce, the same on each retry of the call), `coalesce` (bool: answer a
+/// retry within the grace window with `{ outcome: "coalesce", account, family, rotated_at,
+/// successor }`, writing nothing, instead of superseding). The function cuts the
 /// lifetimes, the grace and `session_ttl` to the `BrokerPolicy` ([`PUBLISH_POLICY`]) and lets
 /// `any_client` count only where the policy does. The new tokens' ttls end at `session_ends` at
 /// the latest. A retry of an attempt that committed replaces that attempt's undelivered pair.
@@ -106,7 +189,34 @@ pub const ISSUE_FOR_ACCOUNT: &str =
 /// `{ outcome: "inactive" }`, `{ outcome: "wrong_client" }`, or
 /// `{ outcome: "reuse", family, revoked }` (the family was deleted; `revoked` counts the tokens
 /// that were not consumed), or `{ outcome: "no_policy" }` (no policy was published).
-pub const ROTATE: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt)";
+pub const ROTATE: &str = "rotateRefreshToken(access_ttl, refresh_ttl, grace, client_id, any_client, session_ttl, attempt, coalesce)";
+
+/// Stores the sealed successor of a rotation for the grace window (server key): the second
+/// request of a rotation with a replay key, since Fauna mints the secrets inside [`ROTATE`].
+///
+/// Arguments: `row` (hex: the labelled digest of the consumed refresh secret), `successor` (the
+/// new refresh token's id), `sealed` (as [`SEAL_REPLAY`]'s), `refresh_expires`,
+/// `access_expires` (Time), `closes` (Time: the grace window's end, the document's ttl).
+/// Result: `true`.
+pub const SEAL_SUCCESSOR: &str = r#"let prior = Rotation.byRow(row).first()
+let fields = { row: row, successor: successor, sealed: sealed, refresh_expires: refresh_expires, access_expires: access_expires, ttl: closes }
+if (prior == null) Rotation.create(fields) else prior!.replace(fields)
+true"#;
+
+/// The sealed successor of a consumed refresh token, while that successor is the family's
+/// current refresh token (server key): what a presentation that [`ROTATE`] answered with
+/// `coalesce` answers.
+///
+/// Arguments: `row` (as [`SEAL_SUCCESSOR`]'s), `successor` (the id `coalesce` named). Result:
+/// `{ sealed, refresh_expires, access_expires }`, or null when none is sealed for that
+/// successor or it is no longer current.
+pub const SUCCESSOR_STATE: &str = r#"let rotation = Rotation.byRow(row).first()
+let current = if (rotation == null || rotation!.successor != successor) null else Token.byId(successor)
+if (current == null || current!.data.replaced_by != null || current!.data.superseded == true) {
+  null
+} else {
+  { sealed: rotation!.sealed, refresh_expires: rotation!.refresh_expires, access_expires: rotation!.access_expires }
+}"#;
 
 /// The bearer token's own document, read from the database (bearer: the secret), or null for a
 /// key or a token whose document is gone.
@@ -232,4 +342,10 @@ pub const ALL: &[(&str, &str)] = &[
     ("list_tokens", LIST_TOKENS),
     ("publish_policy", PUBLISH_POLICY),
     ("revoke_email", REVOKE_EMAIL),
+    ("issue_once_by_email", ISSUE_ONCE_BY_EMAIL),
+    ("issue_once_for_account", ISSUE_ONCE_FOR_ACCOUNT),
+    ("seal_replay", SEAL_REPLAY),
+    ("replay_state", REPLAY_STATE),
+    ("seal_successor", SEAL_SUCCESSOR),
+    ("successor_state", SUCCESSOR_STATE),
 ];
