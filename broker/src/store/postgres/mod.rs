@@ -75,6 +75,15 @@ use crate::model::{
     secret,
 };
 
+/// The SQL of the statement behind IssueTokens (`issue`, a sign-in without an idempotency key),
+/// exactly as the store prepares it. `tokenbroker-load pgbench-script` runs it under pgbench,
+/// as the database's own ceiling in `scripts/bench`.
+pub const ISSUE_SQL: &str = sql::ISSUE;
+
+/// The SQL of the statement behind Introspect (`introspect`), exactly as the store prepares it;
+/// see [`ISSUE_SQL`].
+pub const INTROSPECT_SQL: &str = sql::LOAD_TOKEN;
+
 /// The PostgreSQL store. See the module documentation.
 pub struct PostgresStore {
     pool: Pool,
