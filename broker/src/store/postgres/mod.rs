@@ -47,16 +47,19 @@ mod tests;
 mod tls;
 
 use std::{
+    collections::HashMap,
     fmt,
     sync::{
-        Arc,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, StatementCache,
+};
 use rand::Rng as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use tokio::time::Instant;
@@ -78,6 +81,15 @@ use crate::model::{
     secret,
 };
 
+/// The SQL of the statement behind IssueTokens (`issue`, a sign-in without an idempotency key),
+/// exactly as the store prepares it. `tokenbroker-load pgbench-script` runs it under pgbench,
+/// as the database's own ceiling in `scripts/bench`.
+pub const ISSUE_SQL: &str = sql::ISSUE;
+
+/// The SQL of the statement behind Introspect (`introspect`), exactly as the store prepares it;
+/// see [`ISSUE_SQL`].
+pub const INTROSPECT_SQL: &str = sql::LOAD_TOKEN;
+
 /// The PostgreSQL store. See the module documentation.
 pub struct PostgresStore {
     pool: Pool,
@@ -94,6 +106,10 @@ pub struct PostgresStore {
     swept_at: AtomicI64,
     /// When sealed successors whose grace window closed were last deleted (µs), likewise.
     rotations_swept_at: AtomicI64,
+    /// The `statement_timeout` (ms) each pooled connection was last given, keyed by the address
+    /// of its statement cache, which lives exactly as long as the connection (the `Weak` tells
+    /// a live entry from one whose connection is gone). See `PostgresStore::attempt`.
+    timeouts: Mutex<HashMap<usize, (Weak<StatementCache>, u128)>>,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -179,6 +195,7 @@ impl PostgresStore {
             retries: AtomicU64::new(0),
             swept_at: AtomicI64::new(0),
             rotations_swept_at: AtomicI64::new(0),
+            timeouts: Mutex::new(HashMap::new()),
         };
         store.migrate().await?;
         info!(target = %store.target, sslmode = ?settings.sslmode, "postgres store open");
@@ -323,6 +340,12 @@ impl PostgresStore {
     /// store's tests count the round trips). A `SET LOCAL` would need a transaction block
     /// around the statement, two more statements; a client-side timeout alone would leave the
     /// server working for a caller that gave up.
+    ///
+    /// The `SET` is skipped when the connection's timeout already fits the time left: at most
+    /// an eighth of it shorter, or at most `SERVER_MARGIN / 2` longer (the server still cancels
+    /// before the caller's deadline). Calls with similar deadlines, the usual case, then send
+    /// the statement alone: the `SET` is a transaction of its own on the server, a second one
+    /// for every call (`docs/performance.md`, "The PostgreSQL store").
     async fn attempt(
         &self,
         statement: &'static str,
@@ -339,13 +362,43 @@ impl PostgresStore {
             .max(left / 2)
             .as_millis()
             .clamp(1, i32::MAX as u128);
+        let cache = &client.statement_cache;
+        let key = Arc::as_ptr(cache) as usize;
+        let current = self
+            .lock_timeouts()
+            .get(&key)
+            .and_then(|(connection, current)| {
+                // Alive, so the same allocation as `cache`: this connection's entry.
+                (connection.strong_count() > 0).then_some(*current)
+            });
+        let fits = current.is_some_and(|current| {
+            current >= timeout_ms - timeout_ms / 8
+                && current <= timeout_ms + SERVER_MARGIN.as_millis() / 2
+        });
+        if fits {
+            return client.query(&prepared, params).await.map_err(Failure::Db);
+        }
         let set_timeout = format!("SET statement_timeout = {timeout_ms}");
         let (set, rows) = tokio::join!(
             client.batch_execute(&set_timeout),
             client.query(&prepared, params)
         );
         set.map_err(Failure::Db)?;
+        let mut timeouts = self.lock_timeouts();
+        if timeouts.len() > 2 * self.pool.status().max_size {
+            timeouts.retain(|_, (connection, _)| connection.strong_count() > 0);
+        }
+        timeouts.insert(key, (Arc::downgrade(cache), timeout_ms));
+        drop(timeouts);
         rows.map_err(Failure::Db)
+    }
+
+    fn lock_timeouts(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<usize, (Weak<StatementCache>, u128)>> {
+        self.timeouts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Deletes the replays whose window closed, at most once per `window` per broker: one

@@ -264,11 +264,14 @@ async fn issue_refresh_introspect_and_revocations_take_one_round_trip_each() {
         .unwrap();
     proxy.take();
 
+    // Every call here has the same budget (the statement timeout), so the connection keeps the
+    // `statement_timeout` the warm-up set, and no call sends a `SET` (see below for one that
+    // must).
     let one = Wire {
         round_trips: 1,
         executes: 1,
         parses: 0,
-        simple_queries: 1,
+        simple_queries: 0,
         // The server spoke last: the answer.
         last_from_client: false,
     };
@@ -346,6 +349,18 @@ async fn issue_refresh_introspect_and_revocations_take_one_round_trip_each() {
             .unwrap();
         assert_eq!(proxy.take(), one, "{what}");
     }
+
+    // A much shorter deadline needs a shorter timeout: the `SET` goes with the statement, in
+    // the same round trip (and the next call with the usual budget sets it back).
+    let soon = tokio::time::Instant::now() + Duration::from_secs(1);
+    deadline::scope(soon, store.introspect(&again.access.secret))
+        .await
+        .unwrap();
+    let with_set = Wire {
+        simple_queries: 1,
+        ..one
+    };
+    assert_eq!(proxy.take(), with_set, "introspect with a shorter deadline");
 }
 
 #[tokio::test]

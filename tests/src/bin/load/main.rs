@@ -11,6 +11,8 @@
 //! microseconds per call and sorted at the end: at the few tens of thousands of calls per second
 //! this machine manages, that is a few megabytes, and it avoids a histogram dependency.
 
+mod pg_prefill;
+mod pgbench;
 mod sampler;
 mod soak;
 
@@ -74,7 +76,8 @@ enum Command {
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50151")]
         listen: SocketAddr,
     },
-    /// Fills an embedded store with tokens through the store API, as fast as it can.
+    /// Fills an embedded store with tokens through the store API, as fast as it can; or, with
+    /// --postgres, a PostgreSQL store in bulk.
     Prefill(PrefillArgs),
     /// Drives one RPC against a target and prints one JSON line of results.
     Run(RunArgs),
@@ -82,13 +85,21 @@ enum Command {
     /// every second; prints a table and a JSON line, and exits non-zero if a call got an
     /// unexpected answer or RSS or open fds strayed after the warm-up.
     Soak(soak::SoakArgs),
+    /// Prints a pgbench script that runs the PostgreSQL store's own IssueTokens or Introspect
+    /// statement with fresh values per transaction (the database's ceiling).
+    PgbenchScript(pgbench::ScriptArgs),
 }
 
 #[derive(Debug, clap::Args)]
 struct PrefillArgs {
     /// Data directory of the embedded store (created if missing).
-    #[arg(long, value_name = "DIR")]
-    data_dir: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "postgres")]
+    data_dir: Option<PathBuf>,
+    /// Fill this PostgreSQL database instead, in bulk SQL (see `pg_prefill`): a libpq-style
+    /// connection string without TLS, such as "host=127.0.0.1 port=5432 user=postgres
+    /// dbname=tokenbroker".
+    #[arg(long, value_name = "CONNINFO", conflicts_with = "data_dir")]
+    postgres: Option<String>,
     /// How many tokens to create (half refresh, half access: N/2 sessions).
     #[arg(long, value_name = "N")]
     tokens: u64,
@@ -192,6 +203,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Prefill(args) => prefill(args).await,
         Command::Run(args) => load(args).await,
         Command::Soak(args) => return soak::soak(args).await,
+        Command::PgbenchScript(args) => {
+            print!("{}", pgbench::script(&args)?);
+            Ok(())
+        }
     }
     .map(|()| ExitCode::SUCCESS)
 }
@@ -212,13 +227,18 @@ async fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
     if args.tokens == 0 {
         bail!("--tokens must be at least 1");
     }
+    let data_dir = match (&args.data_dir, &args.postgres) {
+        (_, Some(conninfo)) => return pg_prefill::prefill(&args, conninfo).await,
+        (Some(dir), None) => dir.clone(),
+        (None, None) => bail!("prefill needs --data-dir or --postgres"),
+    };
     let pairs = args.tokens.div_ceil(2);
     let emails = args.emails.unwrap_or(args.tokens / 20).clamp(1, pairs);
     let stride = (pairs / args.sample.max(1)).max(1);
     let store = Arc::new(
         EmbeddedStore::open(
             &EmbeddedStoreConfig {
-                dir: args.data_dir.clone(),
+                dir: data_dir.clone(),
                 durability: Durability::Normal,
                 // Nothing expires during a prefill; keep the collector out of the way.
                 cleanup_interval: Duration::from_secs(3600),
@@ -231,7 +251,7 @@ async fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
     eprintln!(
         "prefill: {pairs} sessions ({} tokens) over {emails} emails into {}",
         pairs * 2,
-        args.data_dir.display()
+        data_dir.display()
     );
 
     let next = Arc::new(AtomicU64::new(0));
