@@ -247,6 +247,12 @@ fn fauna_manifests_load_and_declare_the_autoscalers_maximum() {
     let secret_file = config["store"]["fauna"]["secret_file"].as_str().unwrap();
     let secret = of_kind(&docs, &["Secret"]);
     assert_eq!(secret_file, mounted_secret(pod, secret, "server-key"));
+    // The replicas share idempotent replays and rotations, sealed with a key from the same
+    // Secret.
+    assert_eq!(
+        config["tokens"]["replay_key_file"].as_str().unwrap(),
+        mounted_secret(pod, secret, "replay-key")
+    );
 
     // That path does not exist here: point the override at a real file instead.
     let key = tempfile::NamedTempFile::new().unwrap();
