@@ -226,24 +226,15 @@ impl Application {
                      in memory"
                 );
             }
-            None if settings.store.backend == StoreBackend::Postgres && settings.replicas.0 > 1 => {
+            None if settings.store.backend != StoreBackend::Embedded && settings.replicas.0 > 1 => {
                 warn!(
                     replicas = settings.replicas.0,
+                    backend = ?settings.store.backend,
                     "no tokens.replay_key: each replica replays idempotent IssueTokens calls and \
                      coalesces parallel refreshes of one token from its own memory, so a retry \
                      that reaches another replica mints a second pair, and parallel refreshes \
                      spread over replicas supersede each other's successors; set \
-                     tokens.replay_key(_file) to share both through postgres"
-                );
-            }
-            None if settings.store.backend == StoreBackend::Fauna && settings.replicas.0 > 1 => {
-                warn!(
-                    replicas = settings.replicas.0,
-                    "no tokens.replay_key: each replica replays idempotent IssueTokens calls and \
-                     coalesces parallel refreshes of one token from its own memory, so a retry \
-                     that reaches another replica mints a second pair, and parallel refreshes \
-                     spread over replicas supersede each other's successors; set \
-                     tokens.replay_key(_file) to share both through fauna"
+                     tokens.replay_key(_file) to share both through the store"
                 );
             }
             None => {}

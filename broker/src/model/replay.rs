@@ -249,18 +249,7 @@ impl ReplayKey {
         refresh: &MintedToken,
         access: &MintedToken,
     ) -> SealedPair {
-        let placeholder = |token: &MintedToken| MintedToken {
-            id: token.id.clone(),
-            secret: token.secret.clone(),
-            expires_at: UnixMicros(0),
-        };
-        let pair = MintedPair {
-            account_id: AccountId::from_stored(String::new()),
-            family_id: FamilyId::from_stored(String::new()),
-            refresh: placeholder(refresh),
-            access: placeholder(access),
-        };
-        self.seal(&successor_row(presented), &pair)
+        self.seal(&successor_row(presented), &successor_pair(refresh, access))
     }
 
     /// Opens a successor sealed by [`ReplayKey::seal_successor`] for `presented`, completed with
@@ -292,18 +281,7 @@ impl ReplayKey {
         refresh: &MintedToken,
         access: &MintedToken,
     ) -> SealedPair {
-        let placeholder = |token: &MintedToken| MintedToken {
-            id: token.id.clone(),
-            secret: token.secret.clone(),
-            expires_at: UnixMicros(0),
-        };
-        let pair = MintedPair {
-            account_id: AccountId::from_stored(String::new()),
-            family_id: FamilyId::from_stored(String::new()),
-            refresh: placeholder(refresh),
-            access: placeholder(access),
-        };
-        self.seal_with_ids(&successor_row(presented), &pair)
+        self.seal_with_ids(&successor_row(presented), &successor_pair(refresh, access))
     }
 
     /// Opens a successor sealed by [`ReplayKey::seal_successor_with_ids`] for `presented`,
@@ -325,6 +303,22 @@ impl ReplayKey {
         pair.refresh.expires_at = stored.refresh_expires;
         pair.access.expires_at = stored.access_expires;
         Ok(pair)
+    }
+}
+
+/// A successor's secrets as a pair to seal: the family, account and expiries are left empty,
+/// since the store keeps them in the clear ([`StoredSuccessor`]).
+fn successor_pair(refresh: &MintedToken, access: &MintedToken) -> MintedPair {
+    let bare = |token: &MintedToken| MintedToken {
+        id: token.id.clone(),
+        secret: token.secret.clone(),
+        expires_at: UnixMicros(0),
+    };
+    MintedPair {
+        account_id: AccountId::from_stored(String::new()),
+        family_id: FamilyId::from_stored(String::new()),
+        refresh: bare(refresh),
+        access: bare(access),
     }
 }
 
