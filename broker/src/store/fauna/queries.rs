@@ -135,7 +135,7 @@ Replay.create({ row: row, nonce: nonce, account: account.id, family: family, exp
     };
 }
 
-/// [`ISSUE_BY_EMAIL`] under an idempotency claim ([`claim`]; server key).
+/// [`ISSUE_BY_EMAIL`] under an idempotency claim (`claim`; server key).
 ///
 /// Arguments: as [`ISSUE_BY_EMAIL`] plus `row` (string: the idempotency digest, hex) and
 /// `window` (int seconds). Result: as [`ISSUE_BY_EMAIL`], or `{ claim: { account, family,
@@ -144,12 +144,12 @@ pub const ISSUE_ONCE_BY_EMAIL: &str = claim!(
     "let account = Account.byEmail(email).first() ?? Account.create({ email: email, cognito_sub: cognito_sub })"
 );
 
-/// [`ISSUE_FOR_ACCOUNT`] under an idempotency claim ([`claim`]; server key).
+/// [`ISSUE_FOR_ACCOUNT`] under an idempotency claim (`claim`; server key).
 ///
 /// Arguments: as [`ISSUE_ONCE_BY_EMAIL`] plus `account_id`. Result: the same.
 pub const ISSUE_ONCE_FOR_ACCOUNT: &str = claim!("let account = Account.byId(account_id)!");
 
-/// Stores the sealed pair of a claim that this call made ([`claim`]; server key): the second
+/// Stores the sealed pair of a claim that this call made (`claim`; server key): the second
 /// request of an idempotent issue, since Fauna mints the secrets inside the first and a query
 /// cannot encrypt.
 ///
