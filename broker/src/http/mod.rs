@@ -49,6 +49,10 @@ use crate::{
 
 pub use self::serve::{ServeOptions, serve};
 
+/// Longest a refused call's body is read before the refusal is answered (see
+/// `HttpAdapter::or_drain`).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The connection a request came in on, which the listener puts in each request's extensions.
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
@@ -115,7 +119,8 @@ impl HttpAdapter {
 async fn introspect(State(adapter): State<HttpAdapter>, request: Request) -> Response {
     adapter
         .observed(Endpoint::Introspect, request, async |a, parts, body| {
-            let (_in_flight, caller) = a.admit_client(&parts).await?;
+            let ((_in_flight, caller), body) =
+                a.or_drain(a.admit_client(&parts).await, body).await?;
             let form = a.form(parts, body).await?;
             let secret = form.token()?;
             let client_id = form.client_id()?;
@@ -135,8 +140,15 @@ async fn introspect(State(adapter): State<HttpAdapter>, request: Request) -> Res
 async fn revoke(State(adapter): State<HttpAdapter>, request: Request) -> Response {
     adapter
         .observed(Endpoint::Revoke, request, async |a, parts, body| {
-            let (_in_flight, caller) = a.admit_client(&parts).await?;
-            require(caller.as_deref(), &[Role::Service, Role::Admin]).map_err(BrokerError::from)?;
+            let admitted = a
+                .admit_client(&parts)
+                .await
+                .and_then(|(in_flight, caller)| {
+                    require(caller.as_deref(), &[Role::Service, Role::Admin])
+                        .map_err(BrokerError::from)?;
+                    Ok((in_flight, caller))
+                });
+            let ((_in_flight, caller), body) = a.or_drain(admitted, body).await?;
             let form = a.form(parts, body).await?;
             if let Some(hint) = form.one("token_type_hint")?
                 && !matches!(hint.as_str(), "access_token" | "refresh_token")
@@ -341,6 +353,26 @@ impl HttpAdapter {
                 Ok(self
                     .within(&request.headers, async { Ok(work.await?) })
                     .await?)
+            }
+        }
+    }
+
+    /// Passes `body` on when the call was admitted; when it was refused, first reads what is left
+    /// of the body (at most `http.max_body_bytes`, for at most `DRAIN_TIMEOUT`) and drops it.
+    /// A refusal answered while an HTTP/2 client is still sending its body resets the stream
+    /// (`RST_STREAM` with `NO_ERROR`, as RFC 9113 allows), and some clients (curl 7.88) then
+    /// report a transport error instead of the answer.
+    async fn or_drain<T>(
+        &self,
+        admitted: Result<T, ApiError>,
+        body: Body,
+    ) -> Result<(T, Body), ApiError> {
+        match admitted {
+            Ok(admitted) => Ok((admitted, body)),
+            Err(err) => {
+                let read = axum::body::to_bytes(body, self.0.max_body_bytes);
+                let _ = tokio::time::timeout(DRAIN_TIMEOUT, read).await;
+                Err(err)
             }
         }
     }
