@@ -277,24 +277,7 @@ sha256 = "{admin}"
     /// Returns every token of `email`'s account, inactive ones included, through ListTokens on
     /// replica `replica`.
     async fn all_tokens(&self, replica: usize, email: &str) -> Vec<pb::TokenSummary> {
-        let mut tokens = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let page = self.admin[replica]
-                .list_tokens(pb::ListTokensRequest {
-                    account: Some(pb::list_tokens_request::Account::Email(email.into())),
-                    page_size: 100,
-                    page_token,
-                    include_inactive: true,
-                })
-                .await
-                .expect("ListTokens succeeds");
-            tokens.extend(page.tokens);
-            if page.next_page_token.is_empty() {
-                return tokens;
-            }
-            page_token = page.next_page_token;
-        }
+        tokenbroker_tests::all_tokens(&self.admin[replica], email).await
     }
 }
 

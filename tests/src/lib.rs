@@ -347,25 +347,7 @@ impl TestBroker {
     ///
     /// If a call fails.
     pub async fn all_tokens(&self, email: &str) -> Vec<pb::TokenSummary> {
-        let mut tokens = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let page = self
-                .admin
-                .list_tokens(pb::ListTokensRequest {
-                    account: Some(pb::list_tokens_request::Account::Email(email.into())),
-                    page_size: 100,
-                    page_token,
-                    include_inactive: true,
-                })
-                .await
-                .expect("ListTokens succeeds");
-            tokens.extend(page.tokens);
-            if page.next_page_token.is_empty() {
-                return tokens;
-            }
-            page_token = page.next_page_token;
-        }
+        all_tokens(&self.admin, email).await
     }
 
     /// Scrapes `GET /metrics` over HTTP and returns the body.
@@ -806,4 +788,31 @@ fn build_layout(exe: &Path) -> Result<(PathBuf, String, Option<String>), String>
         return Ok((target_dir.to_owned(), profile, Some(triple)));
     }
     Ok((above.to_owned(), profile, None))
+}
+
+/// Lists every token of the account with `email`, inactive ones included, page by page,
+/// through `admin` (a client with an admin key).
+///
+/// # Panics
+///
+/// If a call fails.
+pub async fn all_tokens(admin: &Client, email: &str) -> Vec<pb::TokenSummary> {
+    let mut tokens = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = admin
+            .list_tokens(pb::ListTokensRequest {
+                account: Some(pb::list_tokens_request::Account::Email(email.into())),
+                page_size: 100,
+                page_token,
+                include_inactive: true,
+            })
+            .await
+            .expect("ListTokens succeeds");
+        tokens.extend(page.tokens);
+        if page.next_page_token.is_empty() {
+            return tokens;
+        }
+        page_token = page.next_page_token;
+    }
 }
