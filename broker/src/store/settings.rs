@@ -77,6 +77,9 @@ pub struct PostgresSettings {
     pub ca_file: Option<PathBuf>,
     /// Most connections this broker keeps open.
     pub pool_size: usize,
+    /// Most token ids one Introspect statement carries: concurrent Introspect calls share
+    /// statements of up to this many lookups; 1 sends one statement per call.
+    pub introspect_batch: usize,
     /// Longest a connection attempt may take.
     pub connect_timeout_ms: u64,
     /// Longest an operation may take (with its retries) when the caller set no deadline.
@@ -95,6 +98,7 @@ impl Default for PostgresSettings {
             sslmode: SslMode::VerifyFull,
             ca_file: None,
             pool_size: 16,
+            introspect_batch: 64,
             connect_timeout_ms: 5000,
             statement_timeout_ms: 5000,
         }
@@ -122,10 +126,14 @@ impl PostgresSettings {
         if self.port == 0 {
             return Err(ConfigError("store.postgres.port must not be 0".into()));
         }
-        if self.pool_size == 0 || self.connect_timeout_ms == 0 || self.statement_timeout_ms == 0 {
+        if self.pool_size == 0
+            || self.introspect_batch == 0
+            || self.connect_timeout_ms == 0
+            || self.statement_timeout_ms == 0
+        {
             return Err(ConfigError(
-                "store.postgres.pool_size, connect_timeout_ms and statement_timeout_ms must be at \
-                 least 1"
+                "store.postgres.pool_size, introspect_batch, connect_timeout_ms and \
+                 statement_timeout_ms must be at least 1"
                     .into(),
             ));
         }

@@ -3,8 +3,8 @@
 //!
 //! tokio-postgres with a deadpool pool. Every operation is one prepared statement (`sql.rs`):
 //! issue, refresh, introspect, revoke by secret and revoke by email cost one round trip each,
-//! with the
-//! statement's timeout set in the same flush (see `PostgresStore::attempt`). Prepared
+//! with the statement's timeout set in the same flush (see `Database::attempt`); concurrent
+//! Introspect calls share their statements (`lookup.rs`). Prepared
 //! statements come from the pool's per-connection cache, so a connection parses each statement
 //! once.
 //!
@@ -14,7 +14,7 @@
 //! and writes both, and under READ COMMITTED a concurrent rotation's commit could be seen by
 //! one of those reads and not the other. Serializable is also what CockroachDB runs, so one
 //! retry path serves both engines. Its price is serialization failures (SQLSTATE 40001) under
-//! contention, which `PostgresStore::query` retries within the caller's deadline.
+//! contention, which `Database::query` retries within the caller's deadline.
 //!
 //! Retries are safe against commit ambiguity (a connection lost after the statement was sent,
 //! when nobody knows whether it committed): every attempt of one call sends the same token ids,
@@ -39,6 +39,7 @@
 //! clocks disagree by a few milliseconds disagree by as much on expiry, as any JWT verifier
 //! does.
 
+mod lookup;
 mod sql;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testing;
@@ -86,12 +87,20 @@ use crate::model::{
 /// as the database's own ceiling in `scripts/bench`.
 pub const ISSUE_SQL: &str = sql::ISSUE;
 
-/// The SQL of the statement behind Introspect (`introspect`), exactly as the store prepares it;
+/// The SQL of the statement behind Introspect (`introspect`), exactly as the store prepares it
+/// (`$1` the token ids of one or more concurrent calls);
 /// see [`ISSUE_SQL`].
-pub const INTROSPECT_SQL: &str = sql::LOAD_TOKEN;
+pub const INTROSPECT_SQL: &str = sql::LOAD_TOKENS;
 
 /// The PostgreSQL store. See the module documentation.
 pub struct PostgresStore {
+    db: Arc<Database>,
+    lookups: Arc<lookup::Lookups>,
+}
+
+/// The pool and what the statements share; behind an `Arc`, so that the tasks of shared
+/// lookups (`lookup.rs`) can run statements.
+struct Database {
     pool: Pool,
     clock: MonotonicClock,
     /// The budget of an operation whose caller set no deadline.
@@ -108,14 +117,14 @@ pub struct PostgresStore {
     rotations_swept_at: AtomicI64,
     /// The `statement_timeout` (ms) each pooled connection was last given, keyed by the address
     /// of its statement cache, which lives exactly as long as the connection (the `Weak` tells
-    /// a live entry from one whose connection is gone). See `PostgresStore::attempt`.
+    /// a live entry from one whose connection is gone). See `Database::attempt`.
     timeouts: Mutex<HashMap<usize, (Weak<StatementCache>, u128)>>,
 }
 
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
-            .field("target", &self.target)
+            .field("target", &self.db.target)
             .finish_non_exhaustive()
     }
 }
@@ -186,7 +195,7 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|err| internal("cannot build the postgres pool", err))?;
-        let store = Self {
+        let db = Database {
             pool,
             clock: MonotonicClock::new(clock, UnixMicros(0)),
             default_timeout: settings.statement_timeout(),
@@ -197,17 +206,29 @@ impl PostgresStore {
             rotations_swept_at: AtomicI64::new(0),
             timeouts: Mutex::new(HashMap::new()),
         };
-        store.migrate().await?;
-        info!(target = %store.target, sslmode = ?settings.sslmode, "postgres store open");
+        db.migrate().await?;
+        let store = Self {
+            db: Arc::new(db),
+            lookups: Arc::new(lookup::Lookups::new(settings.introspect_batch)),
+        };
+        info!(target = %store.db.target, sslmode = ?settings.sslmode, "postgres store open");
         Ok(store)
     }
 
     /// Returns how many attempts were retried (serialization failures, lost connections)
     /// since the store opened.
     pub fn retries(&self) -> u64 {
-        self.retries.load(Ordering::Relaxed)
+        self.db.retries.load(Ordering::Relaxed)
     }
 
+    /// Returns how many Introspect statements were sent and how many token ids they carried,
+    /// since the store opened (`lookup.rs`).
+    pub fn lookups(&self) -> (u64, u64) {
+        self.lookups.counts()
+    }
+}
+
+impl Database {
     /// Applies the migrations this database has not seen, in one transaction, and records
     /// them in `tokenbroker_schema`. Brokers that start together race on that table: the loser
     /// fails to serialize, to insert the same version, or to create the same table or its row
@@ -462,8 +483,11 @@ impl PostgresStore {
 #[async_trait]
 impl TokenStore for PostgresStore {
     async fn issue(&self, session: NewSession) -> StoreResult<MintedPair> {
-        let issue = Issue::new(&session, self.clock.stamp());
-        let row = self.query_one(sql::ISSUE, &issue.params(&session)).await?;
+        let issue = Issue::new(&session, self.db.clock.stamp());
+        let row = self
+            .db
+            .query_one(sql::ISSUE, &issue.params(&session))
+            .await?;
         Ok(issue.into_pair(AccountId::from_stored(get(&row, 0)?)))
     }
 
@@ -472,7 +496,7 @@ impl TokenStore for PostgresStore {
         session: NewSession,
         claim: &ReplayClaim,
     ) -> StoreResult<Option<(MintedPair, bool)>> {
-        let issue = Issue::new(&session, self.clock.stamp());
+        let issue = Issue::new(&session, self.db.clock.stamp());
         // The sealed pair does not name its account, which the statement decides; the row
         // keeps the account beside it.
         let sealed = claim.key.seal(
@@ -489,8 +513,8 @@ impl TokenStore for PostgresStore {
             &sealed.nonce,
             &sealed.ciphertext,
         ]);
-        let answer = self.query_one(sql::ISSUE_ONCE, &params).await?;
-        self.forget_replays(issue.now, claim.window).await;
+        let answer = self.db.query_one(sql::ISSUE_ONCE, &params).await?;
+        self.db.forget_replays(issue.now, claim.window).await;
         if let Some(account) = get::<Option<String>>(&answer, 0)? {
             return Ok(Some((
                 issue.into_pair(AccountId::from_stored(account)),
@@ -541,7 +565,7 @@ impl TokenStore for PostgresStore {
             secret: access_secret,
             expires_at: UnixMicros(0),
         };
-        let now = self.clock.stamp();
+        let now = self.db.clock.stamp();
         let nonce = random_hex();
         let (any_client, client) = client_params(&rotation.client);
         // Sealed once, before the first attempt: every attempt sends the same pair. Without a
@@ -560,6 +584,7 @@ impl TokenStore for PostgresStore {
             None => (None, None, None),
         };
         let rows = self
+            .db
             .query(
                 sql::REFRESH,
                 &[
@@ -583,7 +608,7 @@ impl TokenStore for PostgresStore {
             )
             .await?;
         if sealed.is_some() {
-            self.forget_rotations(now, rotation.grace).await;
+            self.db.forget_rotations(now, rotation.grace).await;
         }
         let Some(row) = rows.first() else {
             return Ok(RefreshOutcome::Inactive);
@@ -667,12 +692,11 @@ impl TokenStore for PostgresStore {
         let Some(parsed) = secret::parse(secret) else {
             return Ok(None);
         };
-        let now = self.clock.now();
-        let rows = self.query(sql::LOAD_TOKEN, &[&parsed.id.as_str()]).await?;
-        let Some(row) = rows.first() else {
+        let now = self.db.clock.now();
+        let Some((id, row)) = lookup::load(&self.db, &self.lookups, parsed.id.as_str()).await?
+        else {
             return Ok(None);
         };
-        let (id, row) = token_row(row)?;
         Ok(row.active_info(id, &parsed.digest, now))
     }
 
@@ -684,10 +708,11 @@ impl TokenStore for PostgresStore {
         let Some(parsed) = secret::parse(secret) else {
             return Ok(SecretRevocation::NotActive);
         };
-        let now = self.clock.stamp();
+        let now = self.db.clock.stamp();
         let nonce = random_hex();
         let (any_client, client) = client_params(client);
         let row = self
+            .db
             .query_one(
                 sql::REVOKE_SECRET,
                 &[
@@ -714,19 +739,22 @@ impl TokenStore for PostgresStore {
     }
 
     async fn revoke(&self, target: RevokeTarget) -> StoreResult<u64> {
-        let now = self.clock.stamp();
+        let now = self.db.clock.stamp();
         let nonce = random_hex();
         let row = match &target {
             RevokeTarget::Token(id) => {
-                self.query_one(sql::REVOKE_TOKEN, &[&id.as_str(), &now.0, &nonce])
+                self.db
+                    .query_one(sql::REVOKE_TOKEN, &[&id.as_str(), &now.0, &nonce])
                     .await?
             }
             RevokeTarget::Family(family) => {
-                self.query_one(sql::REVOKE_FAMILY, &[&family.as_str(), &now.0, &nonce])
+                self.db
+                    .query_one(sql::REVOKE_FAMILY, &[&family.as_str(), &now.0, &nonce])
                     .await?
             }
             RevokeTarget::Account(account) => {
-                self.query_one(sql::REVOKE_ACCOUNT, &[&account.as_str(), &now.0])
+                self.db
+                    .query_one(sql::REVOKE_ACCOUNT, &[&account.as_str(), &now.0])
                     .await?
             }
         };
@@ -734,8 +762,9 @@ impl TokenStore for PostgresStore {
     }
 
     async fn revoke_email(&self, email: &Email) -> StoreResult<Option<(AccountId, u64)>> {
-        let now = self.clock.stamp();
+        let now = self.db.clock.stamp();
         let row = self
+            .db
             .query_one(sql::REVOKE_EMAIL, &[&email.as_str(), &now.0])
             .await?;
         let account: Option<String> = get(&row, 1)?;
@@ -745,6 +774,7 @@ impl TokenStore for PostgresStore {
 
     async fn account_by_email(&self, email: &Email) -> StoreResult<Option<AccountId>> {
         let rows = self
+            .db
             .query(sql::ACCOUNT_BY_EMAIL, &[&email.as_str()])
             .await?;
         rows.first()
@@ -753,7 +783,7 @@ impl TokenStore for PostgresStore {
     }
 
     async fn list_tokens(&self, account: &AccountId, page: PageRequest) -> StoreResult<TokenPage> {
-        let now = self.clock.now();
+        let now = self.db.clock.now();
         // Newest first; the cursor is the last (issued_at, id) of the previous page.
         let (after_at, after_id) = match &page.after {
             Some(cursor) => (cursor.issued_at.0, cursor.id.as_str().to_owned()),
@@ -761,6 +791,7 @@ impl TokenStore for PostgresStore {
         };
         let limit = i64::from(page.size) + 1;
         let rows = self
+            .db
             .query(
                 sql::LIST_TOKENS,
                 &[
@@ -782,8 +813,16 @@ impl TokenStore for PostgresStore {
 
     async fn close(&self) -> StoreResult<()> {
         // Every acknowledged write is already committed: closing only ends the connections.
-        self.closed.store(true, Ordering::Release);
-        self.pool.close();
+        self.db.closed.store(true, Ordering::Release);
+        self.db.pool.close();
+        let (statements, ids) = self.lookups.counts();
+        info!(
+            target = %self.db.target,
+            retries = self.retries(),
+            introspect_statements = statements,
+            introspect_ids = ids,
+            "postgres store closed"
+        );
         Ok(())
     }
 }
@@ -877,6 +916,9 @@ impl Issue {
     }
 }
 
+/// The token id's column in `sql::token_columns!()`.
+const ID_COLUMN: usize = 17;
+
 /// Reads a row of `sql::token_columns!()`.
 fn token_row(row: &Row) -> StoreResult<(TokenId, TokenRow)> {
     let kind: String = get(row, 0)?;
@@ -909,7 +951,7 @@ fn token_row(row: &Row) -> StoreResult<(TokenId, TokenRow)> {
         session_ends_at: micros(15)?,
         superseded_at: micros(16)?,
     };
-    Ok((TokenId::from_stored(get(row, 17)?), token))
+    Ok((TokenId::from_stored(get(row, ID_COLUMN)?), token))
 }
 
 /// Reads column `index` of `row`; a type mismatch is a bug or a foreign schema.

@@ -192,11 +192,18 @@ FROM (SELECT 1) AS one LEFT JOIN existing e ON TRUE"
 /// Forgets the replays whose window closed: `$1` now.
 pub(super) const FORGET_REPLAYS: &str = "DELETE FROM replays WHERE expires_at <= $1::bigint";
 
-/// A token's row with its account, by id: `$1` id.
-pub(super) const LOAD_TOKEN: &str = concat!(
+/// The rows of tokens with their accounts, by id: `$1` the ids (Introspect's lookups, several
+/// callers' at once; see `lookup.rs`). Ids not stored answer no row.
+///
+/// The account is a `LATERAL` subquery with `LIMIT 1`, which the planner cannot flatten into
+/// a join: each token's account is one primary-key lookup. As a plain join, the plan for an
+/// array of unknown length hashes the whole `accounts` table whenever it is small, several
+/// times the cost of the lookups.
+pub(super) const LOAD_TOKENS: &str = concat!(
     "SELECT ",
     token_columns!(),
-    " FROM tokens t JOIN accounts a ON a.id = t.account_id WHERE t.id = $1::text"
+    " FROM tokens t JOIN LATERAL (SELECT not_before, email, cognito_sub FROM accounts \
+     WHERE id = t.account_id LIMIT 1) a ON TRUE WHERE t.id = ANY($1::text[])"
 );
 
 /// Rotates a refresh token with reuse detection: the embedded store's `rotate`, as one

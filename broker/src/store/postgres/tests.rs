@@ -3,7 +3,10 @@
 //! lost connections, migrations, settings and a Unix socket.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -117,6 +120,10 @@ struct CountingProxy {
     port: u16,
     wire: Arc<Mutex<Wire>>,
     tasks: JoinSet<()>,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicU64>,
+    /// The connections numbered below this forward nothing more (`freeze`).
+    frozen_below: Arc<AtomicU64>,
 }
 
 impl CountingProxy {
@@ -124,18 +131,40 @@ impl CountingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("bound").port();
         let wire = Arc::new(Mutex::new(Wire::default()));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let frozen_below = Arc::new(AtomicU64::new(0));
         let mut tasks = JoinSet::new();
-        let shared = Arc::clone(&wire);
+        let (shared, count, frozen) = (
+            Arc::clone(&wire),
+            Arc::clone(&accepted),
+            Arc::clone(&frozen_below),
+        );
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
                 let server = TcpStream::connect(("127.0.0.1", upstream))
                     .await
                     .expect("the cluster accepts");
-                connections.spawn(relay(client, server, Arc::clone(&shared)));
+                let number = count.fetch_add(1, Ordering::SeqCst);
+                let frozen = Arc::clone(&frozen);
+                let is_frozen = move || number < frozen.load(Ordering::SeqCst);
+                connections.spawn(relay(client, server, Arc::clone(&shared), is_frozen));
             }
         });
-        Self { port, wire, tasks }
+        Self {
+            port,
+            wire,
+            tasks,
+            accepted,
+            frozen_below,
+        }
+    }
+
+    /// From now on, the connections accepted so far forward nothing in either direction, as if
+    /// the network between broker and server had gone silent; new connections work.
+    fn freeze(&self) {
+        self.frozen_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     fn take(&self) -> Wire {
@@ -156,7 +185,12 @@ impl CountingProxy {
 
 /// Relays one connection, parsing the client's messages (the first one, the startup message,
 /// has no type byte).
-async fn relay(mut client: TcpStream, mut server: TcpStream, wire: Arc<Mutex<Wire>>) {
+async fn relay(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    wire: Arc<Mutex<Wire>>,
+    is_frozen: impl Fn() -> bool,
+) {
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
     let upstream = async {
@@ -167,6 +201,9 @@ async fn relay(mut client: TcpStream, mut server: TcpStream, wire: Arc<Mutex<Wir
             let n = client_read.read(&mut buf).await.unwrap_or(0);
             if n == 0 {
                 break;
+            }
+            if is_frozen() {
+                std::future::pending::<()>().await;
             }
             pending.extend_from_slice(&buf[..n]);
             {
@@ -209,6 +246,9 @@ async fn relay(mut client: TcpStream, mut server: TcpStream, wire: Arc<Mutex<Wir
             let n = server_read.read(&mut buf).await.unwrap_or(0);
             if n == 0 {
                 break;
+            }
+            if is_frozen() {
+                std::future::pending::<()>().await;
             }
             wire.lock()
                 .expect("the wire lock is never poisoned")
@@ -369,7 +409,7 @@ async fn a_retried_statement_recognises_its_own_committed_attempt() {
     // parameters: the statements must answer as the first attempt did and change nothing more.
     let store = open_store(&cluster().create_database().await).await;
     let first = store.issue(session("bea@example.com")).await.unwrap();
-    let now = store.clock.stamp();
+    let now = store.db.clock.stamp();
     let (refresh_id, _, refresh_digest) = secret::mint(TokenKind::Refresh);
     let (access_id, _, access_digest) = secret::mint(TokenKind::Access);
     let presented = secret::parse(&first.refresh.secret).unwrap();
@@ -405,8 +445,8 @@ async fn a_retried_statement_recognises_its_own_committed_attempt() {
             get(row, 4).unwrap(),
         )
     };
-    let once = answer(store.query(sql::REFRESH, &params).await.unwrap());
-    let again = answer(store.query(sql::REFRESH, &params).await.unwrap());
+    let once = answer(store.db.query(sql::REFRESH, &params).await.unwrap());
+    let again = answer(store.db.query(sql::REFRESH, &params).await.unwrap());
     assert_eq!(once.0, "rotate");
     assert_eq!(again, once, "the retry answers the committed rotation");
     let family = store
@@ -436,7 +476,7 @@ async fn a_retried_statement_recognises_its_own_committed_attempt() {
     // Revocation by secret: the retry counts what the committed attempt revoked.
     let presented = secret::parse(&first.access.secret).unwrap();
     let nonce = random_hex();
-    let now = store.clock.stamp();
+    let now = store.db.clock.stamp();
     let params: [&(dyn ToSql + Sync); 6] = [
         &presented.id.as_str(),
         &now.0,
@@ -447,11 +487,11 @@ async fn a_retried_statement_recognises_its_own_committed_attempt() {
     ];
     let revoked = |rows: Vec<Row>| -> i64 { get(&rows[0], 2).unwrap() };
     assert_eq!(
-        revoked(store.query(sql::REVOKE_SECRET, &params).await.unwrap()),
+        revoked(store.db.query(sql::REVOKE_SECRET, &params).await.unwrap()),
         1
     );
     assert_eq!(
-        revoked(store.query(sql::REVOKE_SECRET, &params).await.unwrap()),
+        revoked(store.db.query(sql::REVOKE_SECRET, &params).await.unwrap()),
         1,
         "the retry reports the committed revocation, not 'nothing to revoke'"
     );
@@ -552,6 +592,146 @@ async fn a_lost_connection_is_unavailable_not_inactive() {
         "{err}"
     );
     assert!(store.retries() > 0, "the lost connection was retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_introspects_share_statements_and_each_gets_its_own_answer() {
+    let settings = cluster().create_database().await;
+    let store = Arc::new(open_store(&settings).await);
+    let mut secrets = Vec::new();
+    for n in 0..20 {
+        let pair = store
+            .issue(session(&format!("batch{n}@example.com")))
+            .await
+            .unwrap();
+        secrets.push(pair.access.secret.clone());
+        secrets.push(pair.refresh.secret.clone());
+        if n % 5 == 0 {
+            store
+                .revoke_secret(&pair.access.secret, &ClientCheck::Any)
+                .await
+                .unwrap();
+        }
+    }
+    // A secret of a stored token with the wrong random part, one of no stored token, and one
+    // that does not parse.
+    let stored = secrets[1].expose_secret();
+    let (prefix, last) = stored.split_at(stored.len() - 1);
+    let other = if last == "A" { "B" } else { "A" };
+    secrets.push(SecretString::from(format!("{prefix}{other}")));
+    secrets.push(SecretString::from(format!(
+        "tba_{}_{}",
+        "0".repeat(32),
+        "a".repeat(43)
+    )));
+    secrets.push(SecretString::from("not a token"));
+    // Every secret twice, so that one statement carries the same id for two calls.
+    let calls: Vec<SecretString> = secrets.iter().chain(&secrets).cloned().collect();
+    // One at a time: each call its own statement.
+    let mut expected = Vec::new();
+    for secret in &calls {
+        expected.push(store.introspect(secret).await.unwrap());
+    }
+    let active = expected.iter().filter(|info| info.is_some()).count();
+    assert!(active > 0 && active < calls.len(), "{active} active");
+    assert!(
+        expected[40..43].iter().all(Option::is_none),
+        "the forged secrets are inactive"
+    );
+    // The same calls at once, on this store and on one with `introspect_batch = 1`. The
+    // unparsable secret never reaches the database.
+    let reaching = calls.len() as u64 - 2;
+    let (shared, _) = concurrent_introspects(&store, &calls, &expected).await;
+    assert!(
+        shared < reaching,
+        "{shared} statements for {reaching} concurrent lookups"
+    );
+    let single = Arc::new(
+        open_store(&PostgresSettings {
+            introspect_batch: 1,
+            ..settings
+        })
+        .await,
+    );
+    let (statements, ids) = concurrent_introspects(&single, &calls, &expected).await;
+    assert_eq!(
+        (statements, ids),
+        (reaching, reaching),
+        "one statement per call"
+    );
+}
+
+/// Runs Introspect of every one of `calls` at once and checks the answers against `expected`;
+/// returns how many statements the store sent for them, and how many ids those carried.
+async fn concurrent_introspects(
+    store: &Arc<PostgresStore>,
+    calls: &[SecretString],
+    expected: &[Option<TokenInfo>],
+) -> (u64, u64) {
+    let (statements_before, ids_before) = store.lookups();
+    let mut tasks = JoinSet::new();
+    for (n, secret) in calls.iter().cloned().enumerate() {
+        let store = Arc::clone(store);
+        tasks.spawn(async move { (n, store.introspect(&secret).await.unwrap()) });
+    }
+    let mut answers: Vec<Option<TokenInfo>> = (0..calls.len()).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        let (n, answer) = joined.unwrap();
+        answers[n] = answer;
+    }
+    for (n, (answer, expected)) in answers.iter().zip(expected).enumerate() {
+        assert_eq!(
+            answer.as_ref().map(|info| (&info.id, &info.email)),
+            expected.as_ref().map(|info| (&info.id, &info.email)),
+            "call {n}"
+        );
+    }
+    let (statements, ids) = store.lookups();
+    (statements - statements_before, ids - ids_before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_introspect_statement_lets_the_next_one_go() {
+    let mut settings = cluster().create_database().await;
+    let proxy = CountingProxy::start(settings.port).await;
+    settings.port = proxy.port;
+    settings.connect_timeout_ms = 1000;
+    let store = Arc::new(open_store(&settings).await);
+    let pair = store.issue(session("stall@example.com")).await.unwrap();
+    assert_eq!(
+        proxy.accepted.load(Ordering::SeqCst),
+        1,
+        "one pooled connection"
+    );
+    // The pool's one connection goes silent: the next statement sent on it never answers.
+    proxy.freeze();
+    let stalled = {
+        let store = Arc::clone(&store);
+        let secret = pair.access.secret.clone();
+        tokio::spawn(deadline::scope(
+            tokio::time::Instant::now() + Duration::from_secs(3),
+            async move { store.introspect(&secret).await },
+        ))
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let started = std::time::Instant::now();
+    let answer = deadline::scope(
+        tokio::time::Instant::now() + Duration::from_secs(3),
+        store.introspect(&pair.access.secret),
+    )
+    .await
+    .expect("the second statement goes on a new connection");
+    let waited = started.elapsed();
+    assert_eq!(answer.map(|info| info.id), Some(pair.access.id.clone()));
+    assert!(
+        waited < Duration::from_secs(2),
+        "the second lookup waited {waited:?} for the stalled statement"
+    );
+    let err = stalled
+        .await
+        .unwrap()
+        .expect_err("the silent connection never answers");
+    assert_eq!(err.kind(), StoreErrorKind::Timeout, "{err}");
 }
 
 #[tokio::test]
@@ -1024,7 +1204,7 @@ async fn a_retried_sealed_rotation_answers_its_own_pair_and_leaves_one_sealed_su
         &token(&access_id, &access_secret),
     );
     let presented = secret::parse(&first.refresh.secret).unwrap();
-    let now = store.clock.stamp();
+    let now = store.db.clock.stamp();
     let nonce = random_hex();
     let grace = micros(Duration::from_secs(10));
     let ttl = micros(Duration::from_secs(600));
@@ -1052,8 +1232,8 @@ async fn a_retried_sealed_rotation_answers_its_own_pair_and_leaves_one_sealed_su
         let row = rows.first().expect("one row");
         (get(row, 0).unwrap(), get(row, 3).unwrap())
     };
-    let once = action(store.query(sql::REFRESH, &params).await.unwrap());
-    let again = action(store.query(sql::REFRESH, &params).await.unwrap());
+    let once = action(store.db.query(sql::REFRESH, &params).await.unwrap());
+    let again = action(store.db.query(sql::REFRESH, &params).await.unwrap());
     assert_eq!(once.0, "rotate");
     assert_eq!(again, once, "the retry answers the committed rotation");
 

@@ -8,7 +8,8 @@
 //! ids in the broker's time-ordered format, and SHA-256 digests; every call is a first sign-in
 //! (no known account), like `run --rpc issue --returning 0`. Introspect: the id of one of the
 //! sampled access tokens of `prefill --postgres` (`--tokens-file`), picked at random per
-//! transaction, as `run --tokens-file` picks one of the same secrets.
+//! transaction, as `run --tokens-file` picks one of the same secrets, as an array of one: the
+//! statement takes the ids of concurrent calls, and pgbench runs one call per transaction.
 //!
 //! The server evaluates these expressions (a few `md5`, `sha256` and `to_hex` calls per
 //! IssueTokens), which the broker computes on its own side: a few microseconds per transaction
@@ -138,8 +139,12 @@ fn introspect_script(secrets: &str) -> anyhow::Result<String> {
             "the secrets' ids are not evenly spaced"
         );
     }
-    let id = format!("'tok_{prefix}' || lpad(to_hex({first} + (:k)::bigint * {step}), 20, '0')");
-    let statement = substitute(INTROSPECT_SQL, &[id])?;
+    // The statement takes an array of ids, the lookups of concurrent calls; pgbench's
+    // transactions each look up one, as the broker's statement for a call that finds no other
+    // in flight.
+    let ids =
+        format!("ARRAY['tok_{prefix}' || lpad(to_hex({first} + (:k)::bigint * {step}), 20, '0')]");
+    let statement = substitute(INTROSPECT_SQL, &[ids])?;
     Ok(format!(
         "\\set k random(0, {})\n{statement};\n",
         numbers.len() - 1
@@ -217,7 +222,10 @@ mod tests {
         let script = introspect_script(&good).unwrap();
         assert!(script.starts_with("\\set k random(0, 2)\n"), "{script}");
         assert!(
-            script.contains("'tok_0123456789ab' || lpad(to_hex(1 + (:k)::bigint * 100), 20, '0')")
+            script.contains(
+                "(ARRAY['tok_0123456789ab' || lpad(to_hex(1 + (:k)::bigint * 100), 20, '0')])"
+            ),
+            "{script}"
         );
         let uneven = [1, 101, 202].map(|n| secret("0123456789ab", n)).join("\n");
         assert!(introspect_script(&uneven).is_err());
