@@ -2,11 +2,13 @@
 //! broker against.
 //!
 //! It uses the same generated service, codec, messages and tonic/hyper/h2 stack as the broker
-//! (a plain `Server::builder()` over a `TcpIncoming` with `TCP_NODELAY`, like
-//! `Application::run_until_stopped`), but answers every call with a constant. Whatever the broker
+//! (a plain `Server::builder()` over a `TcpIncoming` with `TCP_NODELAY` and the broker's
+//! `CoalescedWrites`, like `Application::run_until_stopped`), but answers every call with a
+//! constant. Whatever the broker
 //! is slower than this, it spends on authentication, validation, the store and logging.
 
 use prost_types::Timestamp;
+use tokenbroker::app::coalesce::CoalescedWrites;
 use tokenbroker_proto::v1::{
     IntrospectRequest, IntrospectResponse, IssueTokensRequest, IssueTokensResponse, IssuedToken,
     ListTokensRequest, ListTokensResponse, RefreshTokensRequest, RefreshTokensResponse,
@@ -14,6 +16,7 @@ use tokenbroker_proto::v1::{
     token_broker_server::{TokenBroker, TokenBrokerServer},
 };
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tonic::{
     Request, Response, Status,
     transport::{Server, server::TcpIncoming},
@@ -118,7 +121,9 @@ impl TokenBroker for EchoBroker {
 ///
 /// When the server fails (accepting or serving connections).
 pub async fn serve_echo(listener: TcpListener) -> Result<(), tonic::transport::Error> {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|accepted| accepted.map(CoalescedWrites::new));
     Server::builder()
         .add_service(TokenBrokerServer::new(EchoBroker::new()))
         .serve_with_incoming(incoming)

@@ -28,6 +28,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
+use super::coalesce::CoalescedWrites;
+
 use crate::obs::metrics::{Counter, Family, MetricSet, Zeros};
 
 crate::label! {
@@ -131,10 +133,11 @@ impl ConnectionLimits {
 /// The accepted connections an accept loop hands to tonic.
 pub type Incoming<IO> = ReceiverStream<io::Result<Limited<IO>>>;
 
-/// A connection that holds its permit of the connection cap until it is dropped.
+/// A connection that holds its permit of the connection cap until it is dropped, and whose
+/// writes are coalesced (see [`CoalescedWrites`]).
 #[derive(Debug)]
 pub struct Limited<IO> {
-    io: IO,
+    io: CoalescedWrites<IO>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -142,7 +145,7 @@ impl<IO> Limited<IO> {
     /// Wraps `io`, which keeps `permit` for as long as it lives.
     pub fn new(io: IO, permit: OwnedSemaphorePermit) -> Self {
         Self {
-            io,
+            io: CoalescedWrites::new(io),
             _permit: permit,
         }
     }

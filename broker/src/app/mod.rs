@@ -1,7 +1,8 @@
 //! The application: settings, start-up and shutdown, the command line, dev mode and the
-//! listener's caps and TLS.
+//! listener's caps, TLS and write coalescing.
 
 pub mod cli;
+pub mod coalesce;
 pub mod dev;
 pub mod listener;
 pub mod settings;

@@ -29,9 +29,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use hyper_util::rt::TokioIo;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use secrecy::{ExposeSecret as _, SecretString};
 use tokenbroker::{
+    app::coalesce::CoalescedWrites,
     model::clock::SystemClock,
     model::{Email, Metadata, NewSession},
     store::{Durability, EmbeddedStore, EmbeddedStoreConfig, TokenStore as _},
@@ -391,14 +393,21 @@ async fn load(args: RunArgs) -> anyhow::Result<()> {
     }
     let endpoint = Endpoint::from_shared(format!("http://{}", args.target))
         .context("bad target")?
-        .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5));
     let mut channels = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
-        // One `connect()` per channel: each Channel owns one HTTP/2 connection.
+        // One connection per channel, its writes coalesced as the broker's are: calls that
+        // finish together send their next requests in one write, so the load tool, which shares
+        // the machine with the servers it measures, spends less of it per call.
+        let target = args.target;
+        let connect = tower::service_fn(move |_: tonic::codegen::http::Uri| async move {
+            let tcp = tokio::net::TcpStream::connect(target).await?;
+            tcp.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(TokioIo::new(CoalescedWrites::new(tcp)))
+        });
         channels.push(
             endpoint
-                .connect()
+                .connect_with_connector(connect)
                 .await
                 .with_context(|| format!("failed to connect to {}", args.target))?,
         );
