@@ -4,8 +4,8 @@
 //! It uses the same generated service, codec, messages and tonic/hyper/h2 stack as the broker
 //! (a plain `Server::builder()` over a `TcpIncoming` with `TCP_NODELAY` and the broker's
 //! `CoalescedWrites`, like `Application::run_until_stopped`), but answers every call with a
-//! constant. Whatever the broker
-//! is slower than this, it spends on authentication, validation, the store and logging.
+//! constant. Whatever the broker is slower than this, it spends on authentication, validation,
+//! the store and logging.
 
 use prost_types::Timestamp;
 use tokenbroker::app::coalesce::CoalescedWrites;
